@@ -1,0 +1,166 @@
+"""The ``mtrank`` command. Subcommands import their stage lazily: serving never loads torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _synth(a: argparse.Namespace) -> None:
+    from training.synth import generate
+
+    generate(a.out, rows=a.rows, seed=a.seed)
+    print(f"wrote {a.out}/{{train,valid,test}}.parquet and {a.out}/spec.yaml")
+
+
+def _train(a: argparse.Namespace) -> None:
+    from training.trainer import train
+
+    report = train(
+        a.model, a.data, a.out, config_path=a.config, epochs=a.epochs, seed=a.seed,
+        baseline=a.baseline, spec_path=a.spec,
+    )
+    _print_summary(report)
+    print(f"wrote {a.out}/metrics.json")
+
+
+def _evaluate(a: argparse.Namespace) -> None:
+    from training.evaluate import evaluate_run
+
+    report = evaluate_run(a.run, a.data, split=a.split, baseline=a.baseline, stem_pair=a.stem_pair)
+    _print_summary(report)
+    print(f"wrote {a.run}/metrics.json")
+
+
+def _export(a: argparse.Namespace) -> None:
+    from export.exporter import export_run
+
+    version_dir = export_run(a.run, a.repo, name=a.name, fp16=a.fp16)
+    print(f"wrote {version_dir}")
+
+
+def _load_embeddings(a: argparse.Namespace) -> None:
+    from export.redis_loader import load_embeddings
+
+    load_embeddings(a.repo, a.model, a.redis, version=a.version, prune=a.prune)
+
+
+def _serve(a: argparse.Namespace) -> None:
+    from service.main import serve
+
+    serve(repo=a.repo, host=a.host, port=a.port, redis_url=a.redis)
+
+
+def _bench(a: argparse.Namespace) -> None:
+    from loadtests.bench import run_bench
+
+    run_bench(a)
+
+
+def _demo(a: argparse.Namespace) -> None:
+    from mtrank.demo import run_demo
+
+    run_demo(a.workdir, host=a.host, port=a.port, rows=a.rows, model=a.model)
+
+
+def _print_summary(report: dict) -> None:
+    line = [f"avg_auc={report.get('avg_auc')}"]
+    if report.get("avg_oracle_auc") is not None:
+        line.append(f"avg_oracle_auc={report['avg_oracle_auc']}")
+    for name, m in report.get("tasks", {}).items():
+        value = m.get("auc", m.get("mse"))
+        line.append(f"{name}={value:.4f}" if isinstance(value, float) else f"{name}={value}")
+    print(" ".join(line))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtrank", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="generate a synthetic short-video data set")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--rows", type=int, default=200_000)
+    s.add_argument("--seed", type=int, default=1)
+    s.set_defaults(func=_synth)
+
+    s = sub.add_parser("train", help="train a model on a data directory")
+    s.add_argument("--model", required=True)
+    s.add_argument("--data", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--config", type=Path)
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--baseline", type=Path, help="a `single` run directory, for MTL gain")
+    s.add_argument("--spec", type=Path, help="feature spec (default DATA/spec.yaml)")
+    s.set_defaults(func=_train)
+
+    s = sub.add_parser("evaluate", help="recompute a run's metrics.json")
+    s.add_argument("--run", type=Path, required=True)
+    s.add_argument("--data", type=Path, required=True)
+    s.add_argument("--split", default="test")
+    s.add_argument("--baseline", type=Path)
+    s.add_argument("--stem-pair", help="TASK_A,TASK_B: report the STEM paper's subsets for two tasks")
+    s.set_defaults(func=_evaluate)
+
+    s = sub.add_parser("export", help="export a run to the model repository")
+    s.add_argument("--run", type=Path, required=True)
+    s.add_argument("--repo", type=Path, required=True)
+    s.add_argument("--name")
+    s.add_argument("--fp16", action="store_true")
+    s.set_defaults(func=_export)
+
+    s = sub.add_parser("load-embeddings", help="load a version's store-held tables into Redis")
+    s.add_argument("--repo", type=Path, required=True)
+    s.add_argument("--model", required=True)
+    s.add_argument("--version", type=int)
+    s.add_argument("--redis", required=True)
+    s.add_argument("--prune", action="store_true")
+    s.set_defaults(func=_load_embeddings)
+
+    s = sub.add_parser("serve", help="serve the model repository over HTTP")
+    s.add_argument("--repo", type=Path)
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--redis")
+    s.set_defaults(func=_serve)
+
+    s = sub.add_parser("bench", help="benchmark engine, service, naive server and lookups")
+    s.add_argument("--repo", type=Path, required=True)
+    s.add_argument("--model", required=True)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--redis", default="redis://127.0.0.1:6379/15")
+    s.add_argument("--quick", action="store_true")
+    s.set_defaults(func=_bench)
+
+    s = sub.add_parser("demo", help="synth → train → export → serve on 127.0.0.1:8000")
+    s.add_argument("--workdir", type=Path, default=Path("mtrank-demo"))
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--rows", type=int, default=100_000)
+    s.add_argument("--model", default="mfh")
+    s.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mtrank.spec import SpecError
+
+    try:
+        args.func(args)
+    except (CLIError, SpecError, FileNotFoundError, ValueError) as e:
+        print(f"mtrank {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

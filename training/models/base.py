@@ -1,0 +1,104 @@
+"""The interface every multi-task model implements.
+
+A model maps tensors to tensors: ``dense`` (float32 ``[B, n_dense]``, already normalised) and
+``sparse`` (int64 ``[B, n_sparse]``, vocabulary indices in spec order, 0 = out of vocabulary) to
+logits ``[B, len(heads)]``. The embedding lookup is a separate step (:meth:`embed`) so that the
+exporter can move store-held tables out of the graph and feed their vectors as inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mtrank.spec import FeatureSpec
+from training.models.blocks import FieldEmbeddings
+
+
+@dataclass(frozen=True)
+class Head:
+    """One output column: a task, for one user group when the model splits tasks by group."""
+
+    name: str
+    task: str
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class InputShape:
+    """What the preprocessor fitted: dense width and the vocabulary size of each sparse field."""
+
+    n_dense: int
+    vocab_sizes: tuple[int, ...]
+
+
+class MultiTaskModel(nn.Module):
+    """Base class: embeddings + a network over ``concat(dense, field vectors)``.
+
+    ``embedding_views`` is 1 for models with one shared table per field; STEM and the
+    independent ``single`` baseline keep several views (shared, per task) side by side in one
+    table row, so one lookup per id serves every task.
+    """
+
+    heads: list[Head]
+    groups: list[str] | None = None
+    """User groups with their own graph (MFH); None: one graph serves every user."""
+
+    def __init__(self, spec: FeatureSpec, shape: InputShape, embedding_dim: int, embedding_views: int = 1):
+        super().__init__()
+        self.spec = spec
+        self.shape = shape
+        self.embedding_dim = embedding_dim
+        self.embedding_views = embedding_views
+        self.embeddings = FieldEmbeddings(shape.vocab_sizes, embedding_dim * embedding_views)
+
+    @property
+    def n_fields(self) -> int:
+        return len(self.shape.vocab_sizes)
+
+    @property
+    def input_dim(self) -> int:
+        """Width of ``concat(dense, one view of every field)``."""
+        return self.shape.n_dense + self.n_fields * self.embedding_dim
+
+    def embed(self, sparse: torch.Tensor) -> list[torch.Tensor]:
+        """Per field, ``[B, embedding_dim * embedding_views]``."""
+        return self.embeddings(sparse)
+
+    def view(self, dense: torch.Tensor, field_vectors: list[torch.Tensor], view: int = 0) -> torch.Tensor:
+        """``concat(dense, view ``view`` of every field)``: ``[B, input_dim]``."""
+        d = self.embedding_dim
+        return torch.cat([dense, *(v[:, view * d : (view + 1) * d] for v in field_vectors)], dim=1)
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor, group: str | None = None) -> torch.Tensor:
+        return self.forward_embedded(dense, self.embed(sparse), group=group)
+
+    def forward_embedded(
+        self, dense: torch.Tensor, field_vectors: list[torch.Tensor], group: str | None = None
+    ) -> torch.Tensor:
+        """Logits ``[B, len(heads)]``, or ``[B, len(group_heads(group))]`` in group mode."""
+        raise NotImplementedError
+
+    def group_heads(self, group: str | None) -> list[Head]:
+        """The heads computed in group mode (all heads when the model has no groups)."""
+        if group is None or self.groups is None:
+            return list(self.heads)
+        return [h for h in self.heads if h.group == group]
+
+    def head_row_mask(self, row_group: torch.Tensor) -> torch.Tensor:
+        """``[B, len(heads)]`` bool: which heads a row trains (all; MFH widens new/low users' rows)."""
+        return torch.ones(row_group.shape[0], len(self.heads), dtype=torch.bool, device=row_group.device)
+
+    def own_task_logits(self, logits: torch.Tensor, row_group: torch.Tensor) -> torch.Tensor:
+        """``[B, n_tasks]`` in spec task order: each row's prediction from its own group's heads."""
+        return logits
+
+    def gate_weights(self) -> dict[str, torch.Tensor]:
+        """Gate weights ``[B, n_experts]`` of the last forward, by gate name (empty if no gates)."""
+        return {}
+
+
+def task_heads(spec: FeatureSpec) -> list[Head]:
+    return [Head(name=t.name, task=t.name) for t in spec.tasks]
