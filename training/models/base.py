@@ -55,6 +55,13 @@ class MultiTaskModel(nn.Module):
         self.embeddings = FieldEmbeddings(shape.vocab_sizes, embedding_dim * embedding_views)
 
     @property
+    def view_names(self) -> list[str]:
+        """Name of each embedding view, in table-row order (``shared``, or one per task)."""
+        if self.embedding_views == 1:
+            return ["shared"]
+        return [f"view{i}" for i in range(self.embedding_views)]
+
+    @property
     def n_fields(self) -> int:
         return len(self.shape.vocab_sizes)
 

@@ -32,6 +32,10 @@ class SingleTask(MultiTaskModel):
         self.bottoms = nn.ModuleList(MLP(self.input_dim, cfg.bottom_hidden, cfg.dropout) for _ in self.heads)
         self.towers = nn.ModuleList(Tower(b.out_dim, cfg.tower_hidden, cfg.dropout) for b in self.bottoms)
 
+    @property
+    def view_names(self) -> list[str]:
+        return [h.task for h in self.heads]
+
     def forward_embedded(self, dense, field_vectors, group=None):
         outs = [
             tower(bottom(self.view(dense, field_vectors, k)))
