@@ -1,0 +1,58 @@
+"""Multi-seed experiment runs behind the tables in ``docs/``: resumable, one run dir per (model, seed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_ROOT = REPO_ROOT / "data"
+RUNS_ROOT = REPO_ROOT / "runs"
+CONFIGS = REPO_ROOT / "configs"
+
+
+def ensure_data(seed: int, rows: int = 200_000) -> Path:
+    """``data/synth-<rows/1000>k-s<seed>``, generated once (into a temp dir, then renamed)."""
+    from training.synth import generate
+
+    out = DATA_ROOT / f"synth-{rows // 1000}k-s{seed}"
+    if not (out / "spec.yaml").is_file():
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        generate(tmp, rows=rows, seed=seed)
+        if not (out / "spec.yaml").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        else:
+            shutil.rmtree(tmp)
+    return out
+
+
+def ensure_run(
+    model: str, seed: int, data_dir: Path, baseline: Path | None = None, tag: str = ""
+) -> dict[str, Any]:
+    """Train ``model`` with ``configs/<model>.yaml`` on ``data_dir`` unless its metrics.json exists."""
+    from training.trainer import train
+
+    run_dir = RUNS_ROOT / f"{data_dir.name}" / f"{model}{tag}"
+    metrics = run_dir / "metrics.json"
+    if not metrics.is_file():
+        config = CONFIGS / f"{model}.yaml"
+        train(
+            model, data_dir, run_dir, config_path=config if config.is_file() else None, seed=seed,
+            baseline=baseline, progress=False,
+        )
+        print(f"trained {model} seed {seed}: {json.loads(metrics.read_text())['train_seconds']} s", flush=True)
+    return json.loads(metrics.read_text())
+
+
+def mean_std(values: list[float | None], digits: int = 4) -> str:
+    xs = [v for v in values if v is not None and not math.isnan(v)]
+    if not xs:
+        return "–"
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / max(len(xs) - 1, 1))
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
