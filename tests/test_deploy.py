@@ -1,0 +1,974 @@
+"""Deploy files as specifications: the dashboard and the alerts use only exported metrics, the
+Prometheus files pass promtool, and the compose file, the Kubernetes manifests and the Dockerfile
+name only images, targets, ports, settings and paths that exist."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deploy_refs import (
+    ALERTS,
+    COUNTERS,
+    DASHBOARD,
+    HISTOGRAMS,
+    METRIC_LABELS,
+    ROOT,
+    TARGET_LABELS,
+    alert_exprs,
+    dashboard_exprs,
+    family_of,
+    referenced_exprs,
+    referenced_metric_families,
+    series_names,
+    series_occurrences,
+)
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+GRAFANA = ROOT / "deploy" / "grafana"
+K8S = ROOT / "deploy" / "k8s"
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DEPLOY_README = ROOT / "deploy" / "README.md"
+
+# DESIGN.md section 6 plus the process settings; every one must be a field of the service's Settings.
+CONTRACT_SETTINGS = frozenset(
+    {
+        "MTRANK_MODEL_REPO",
+        "MTRANK_REDIS_URL",
+        "MTRANK_DEVICE",
+        "MTRANK_MAX_BATCH_ROWS",
+        "MTRANK_MAX_QUEUE_DELAY_MS",
+        "MTRANK_MAX_QUEUE_ROWS",
+        "MTRANK_MAX_CANDIDATES",
+        "MTRANK_REQUEST_TIMEOUT_MS",
+        "MTRANK_ADMIN_TOKEN",
+        "MTRANK_BUCKETS",
+        "MTRANK_BUCKET_SALT",
+        "MTRANK_HOST",
+        "MTRANK_PORT",
+        "MTRANK_LOG_LEVEL",
+        "MTRANK_RELOAD_INTERVAL_S",
+        "MTRANK_DRAIN_TIMEOUT_S",
+    }
+)
+SERVICE_PORT = 8000
+# Public images the stack may use, by repository; each must carry an explicit version tag.
+PUBLIC_IMAGES = {"redis", "prom/prometheus", "grafana/grafana", "locustio/locust"}
+# Environment variables of the public images themselves, per compose service.
+IMAGE_ENV = {"grafana": re.compile(r"GF_[A-Z0-9_]+"), "locust": re.compile(r"PYTHONPATH|LOCUST_[A-Z0-9_]+")}
+# pip extras of the images: the README's install commands.
+SERVING_EXTRAS = {"cpu": "cpu", "gpu": "gpu"}
+TRAINER_EXTRAS = "cpu,train"
+
+
+def _need(tool: str) -> str:
+    """Path of ``tool``; a missing tool fails in CI and skips on a developer machine."""
+    path = shutil.which(tool)
+    if path is None:
+        reason = f"{tool} is not on PATH (Debian: apt-get install -y --no-install-recommends prometheus)"
+        if IN_CI:
+            pytest.fail(f"{reason}; CI=true: a missing dependency is a failure")
+        pytest.skip(reason)
+    return path
+
+
+def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def _known_settings() -> frozenset[str]:
+    """The environment variables the service reads: its Settings fields with their prefix."""
+    from service.settings import Settings
+
+    prefix = Settings.model_config["env_prefix"]
+    return frozenset(prefix + name.upper() for name in Settings.model_fields)
+
+
+def _parse_cli(tokens: list[str]) -> None:
+    """Parse ``mtrank`` arguments with the real CLI parser; argparse exits on an unknown flag."""
+    from mtrank.cli import build_parser
+
+    build_parser().parse_args(tokens)
+
+
+def _load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def _image_repo(image: str) -> str:
+    """``registry/name:tag`` → ``registry/name``."""
+    name, _, tag = image.rpartition(":")
+    return name if name and "/" not in tag else image
+
+
+def _image_tag(image: str) -> str | None:
+    name, sep, tag = image.rpartition(":")
+    return tag if sep and name and "/" not in tag else None
+
+
+def _check_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service's own settings validation accepts ``env`` (types, ranges, bucket shares...)."""
+    from service.settings import load_settings
+
+    for name in list(os.environ):
+        if name.startswith("MTRANK_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    settings = load_settings()
+    buckets = json.loads(env["MTRANK_BUCKETS"])
+    assert settings.buckets and len(settings.buckets) == len(buckets) >= 2
+    assert all(b["weights"] and b["model"] for b in buckets)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics referenced by the dashboard and the alert rules
+
+
+def test_every_referenced_series_belongs_to_an_exported_metric():
+    unknown = {name: expr for expr in referenced_exprs() for name in series_names(expr) if family_of(name) is None}
+    assert not unknown, f"series that no exported metric produces: {unknown}"
+
+
+def test_referenced_families_are_the_metric_contract():
+    assert referenced_metric_families() <= set(METRIC_LABELS)
+
+
+def test_counters_and_histogram_series_are_only_read_through_rate_or_increase():
+    bad = []
+    for expr in referenced_exprs():
+        if expr.startswith("label_values("):
+            continue
+        for name, start in series_occurrences(expr):
+            family = family_of(name)
+            is_counter = family in COUNTERS or family in HISTOGRAMS
+            wrapper = re.search(r"(\w+)\(\s*$", expr[:start])
+            in_rate = wrapper is not None and wrapper.group(1) in ("rate", "increase", "irate")
+            if is_counter != in_rate:
+                bad.append((name, expr))
+    assert not bad, f"counters must be read with rate()/increase(), gauges without: {bad}"
+
+
+def test_label_names_in_selectors_and_groupings_exist_on_the_metrics():
+    bad = []
+    for expr in referenced_exprs():
+        names = series_names(expr)
+        allowed = set(TARGET_LABELS)
+        for name in names:
+            allowed |= METRIC_LABELS.get(family_of(name) or "", frozenset())
+            if name.endswith("_bucket"):
+                allowed.add("le")
+        used = set()
+        for selector in re.findall(r"mtrank_\w+\s*\{([^}]*)\}", expr):
+            used |= set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector))
+        for grouping in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+            used |= {label.strip() for label in grouping.split(",") if label.strip()}
+        for variable_query in re.findall(r"label_values\(\s*mtrank_\w+\s*,\s*(\w+)\s*\)", expr):
+            used.add(variable_query)
+        if used - allowed:
+            bad.append((sorted(used - allowed), expr))
+    assert not bad, f"labels the metrics do not have: {bad}"
+
+
+def test_dashboard_shows_what_the_issue_asks_for():
+    families = {family_of(name) for expr in dashboard_exprs() for name in series_names(expr)}
+    assert {
+        "mtrank_requests_total",
+        "mtrank_request_duration_seconds",
+        "mtrank_queue_wait_seconds",
+        "mtrank_batch_rows",
+        "mtrank_inference_duration_seconds",
+        "mtrank_embedding_cache_hits_total",
+        "mtrank_embedding_cache_misses_total",
+        "mtrank_embedding_missing_total",
+        "mtrank_model_info",
+        "mtrank_inflight_requests",
+    } <= families
+
+
+def test_alerts_cover_latency_errors_rejections_embeddings_redis_and_models():
+    families = {family_of(name) for expr in alert_exprs().values() for name in series_names(expr)}
+    assert {
+        "mtrank_request_duration_seconds",
+        "mtrank_requests_total",
+        "mtrank_rejected_total",
+        "mtrank_embedding_missing_total",
+        "mtrank_redis_errors_total",
+        "mtrank_embedding_store_degraded",
+        "mtrank_models_loaded",
+    } <= families
+    assert any('status=~"5..' in expr for expr in alert_exprs().values())
+
+
+# --------------------------------------------------------------------------------------------
+# Grafana
+
+
+def _panels(dashboard: dict) -> list[dict]:
+    out = []
+    for panel in dashboard["panels"]:
+        out.append(panel)
+        out.extend(panel.get("panels", []))
+    return [p for p in out if p["type"] != "row"]
+
+
+def test_dashboard_uses_the_templated_datasource():
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for panel in _panels(dashboard):
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+def test_dashboard_panels_have_units_matching_their_queries():
+    for panel in _panels(json.loads(DASHBOARD.read_text())):
+        if panel["type"] in ("heatmap", "table"):
+            continue
+        unit = panel["fieldConfig"]["defaults"]["unit"]
+        exprs = " ".join(t["expr"] for t in panel["targets"])
+        if "histogram_quantile" in exprs and "_seconds_bucket" in exprs:
+            assert unit == "s", panel["title"]
+        if re.search(r"rate\(mtrank_requests_total", exprs) and "/" not in exprs:
+            assert unit == "reqps", panel["title"]
+
+
+def test_dashboard_layout_is_well_formed():
+    dashboard = json.loads(DASHBOARD.read_text())
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+    assert dashboard["uid"] and dashboard["title"]
+    for panel in _panels(dashboard):
+        assert panel["targets"] and all(t["expr"] for t in panel["targets"]), panel["title"]
+
+
+def test_grafana_provisioning_points_at_prometheus_and_the_dashboard_folder():
+    compose = _load_yaml(COMPOSE)["services"]
+    datasources = [
+        ds
+        for path in sorted((GRAFANA / "provisioning" / "datasources").glob("*.yml"))
+        for ds in _load_yaml(path)["datasources"]
+    ]
+    prometheus = [ds for ds in datasources if ds["type"] == "prometheus"]
+    assert len(prometheus) == 1 and prometheus[0]["isDefault"]
+    assert prometheus[0]["url"] == "http://prometheus:9090"
+    assert "prometheus" in compose
+    assert any(p.endswith(":9090") for p in compose["prometheus"]["ports"])
+
+    providers = [
+        p
+        for path in sorted((GRAFANA / "provisioning" / "dashboards").glob("*.yml"))
+        for p in _load_yaml(path)["providers"]
+    ]
+    grafana_mounts = dict(_bind_mounts(compose["grafana"]))
+    for provider in providers:
+        source = grafana_mounts.get(provider["options"]["path"])
+        assert source is not None, f"nothing mounted at {provider['options']['path']}"
+        assert (ROOT / source / DASHBOARD.name).is_file()
+    assert grafana_mounts["/etc/grafana/provisioning"] == "deploy/grafana/provisioning"
+
+
+# --------------------------------------------------------------------------------------------
+# Prometheus: promtool
+
+
+def _promql_as_rules(exprs: list[str]) -> dict:
+    """Dashboard queries as recording rules, Grafana's variables replaced, for promtool to parse."""
+    rules = []
+    for i, expr in enumerate(exprs):
+        if expr.startswith("label_values("):
+            continue
+        expr = expr.replace("$__rate_interval", "1m").replace("$__interval", "1m")
+        expr = re.sub(r"\$\w+", ".*", expr)
+        rules.append({"record": f"dashboard:query_{i}", "expr": expr})
+    return {"groups": [{"name": "dashboard", "rules": rules}]}
+
+
+def test_prometheus_config_passes_promtool():
+    promtool = _need("promtool")
+    result = _run(promtool, "check", "config", str(PROMETHEUS_CONFIG))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout
+
+
+def test_alert_rules_pass_promtool():
+    promtool = _need("promtool")
+    result = _run(promtool, "check", "rules", str(ALERTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path):
+    promtool = _need("promtool")
+    rules = tmp_path / "dashboard-rules.yml"
+    rules.write_text(yaml.safe_dump(_promql_as_rules(dashboard_exprs())))
+    result = _run(promtool, "check", "rules", str(rules))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _alert_unit_tests() -> list[dict]:
+    """promtool unit tests: each alert fires on a bad series and stays quiet on a healthy one."""
+    rank = 'route="/v1/rank", job="mtrank", instance="r1"'
+    return [
+        {
+            "interval": "1m",
+            "input_series": [
+                {"series": 'mtrank_embedding_store_degraded{instance="r1", job="mtrank"}', "values": "1x10"},
+                {"series": 'mtrank_embedding_store_degraded{instance="r2", job="mtrank"}', "values": "0x10"},
+                {"series": 'mtrank_models_loaded{instance="r1", job="mtrank"}', "values": "0x10"},
+                {"series": 'mtrank_models_loaded{instance="r2", job="mtrank"}', "values": "2x10"},
+                {"series": 'up{instance="r1", job="mtrank"}', "values": "1x10"},
+            ],
+            "alert_rule_test": [
+                {
+                    "eval_time": "5m",
+                    "alertname": "MtrankEmbeddingStoreDegraded",
+                    "exp_alerts": [{"exp_labels": {"instance": "r1", "severity": "critical"}}],
+                },
+                {
+                    "eval_time": "6m",
+                    "alertname": "MtrankNoModelLoaded",
+                    "exp_alerts": [{"exp_labels": {"instance": "r1", "severity": "critical"}}],
+                },
+                {"eval_time": "6m", "alertname": "MtrankTargetDown", "exp_alerts": []},
+            ],
+        },
+        {
+            # 100 rank requests/min, 10 of them 503; every request between 50 ms and 250 ms.
+            "interval": "1m",
+            "input_series": [
+                {"series": f'mtrank_requests_total{{{rank}, status="200", bucket="control"}}', "values": "0+90x30"},
+                {"series": f'mtrank_requests_total{{{rank}, status="503", bucket="control"}}', "values": "0+10x30"},
+                {
+                    "series": 'mtrank_rejected_total{reason="overloaded", job="mtrank", instance="r1"}',
+                    "values": "0+10x30",
+                },
+                {
+                    "series": f'mtrank_request_duration_seconds_bucket{{{rank}, bucket="control", le="0.05"}}',
+                    "values": "0x30",
+                },
+                {
+                    "series": f'mtrank_request_duration_seconds_bucket{{{rank}, bucket="control", le="0.25"}}',
+                    "values": "0+100x30",
+                },
+                {
+                    "series": f'mtrank_request_duration_seconds_bucket{{{rank}, bucket="control", le="+Inf"}}',
+                    "values": "0+100x30",
+                },
+                {"series": 'mtrank_candidates_per_request_sum{job="mtrank", instance="r1"}', "values": "0+1000x30"},
+                {
+                    "series": 'mtrank_embedding_missing_total{table="item", job="mtrank", instance="r1"}',
+                    "values": "0+200x30",
+                },
+                {
+                    "series": 'mtrank_embedding_missing_total{table="user", job="mtrank", instance="r1"}',
+                    "values": "0+1x30",
+                },
+                {"series": 'mtrank_redis_errors_total{job="mtrank", instance="r1"}', "values": "0+60x30"},
+            ],
+            "alert_rule_test": [
+                {
+                    "eval_time": "20m",
+                    "alertname": "MtrankRankLatencyP99OverSLO",
+                    "exp_alerts": [{"exp_labels": {"severity": "warning"}}],
+                },
+                {
+                    "eval_time": "20m",
+                    "alertname": "MtrankHigh5xxRate",
+                    "exp_alerts": [{"exp_labels": {"severity": "critical"}}],
+                },
+                {
+                    "eval_time": "20m",
+                    "alertname": "MtrankHighRejectionRate",
+                    "exp_alerts": [{"exp_labels": {"severity": "warning"}}],
+                },
+                {
+                    "eval_time": "30m",
+                    "alertname": "MtrankEmbeddingMissingRate",
+                    "exp_alerts": [{"exp_labels": {"table": "item", "severity": "warning"}}],
+                },
+                {
+                    "eval_time": "20m",
+                    "alertname": "MtrankRedisErrors",
+                    "exp_alerts": [{"exp_labels": {"instance": "r1", "severity": "warning"}}],
+                },
+            ],
+        },
+        {
+            # Healthy: fast, no errors, no rejections, no missing ids.
+            "interval": "1m",
+            "input_series": [
+                {"series": f'mtrank_requests_total{{{rank}, status="200", bucket="control"}}', "values": "0+100x30"},
+                {"series": 'mtrank_rejected_total{reason="overloaded", job="mtrank", instance="r1"}', "values": "0x30"},
+                {
+                    "series": f'mtrank_request_duration_seconds_bucket{{{rank}, bucket="control", le="0.05"}}',
+                    "values": "0+100x30",
+                },
+                {
+                    "series": f'mtrank_request_duration_seconds_bucket{{{rank}, bucket="control", le="+Inf"}}',
+                    "values": "0+100x30",
+                },
+                {"series": 'mtrank_candidates_per_request_sum{job="mtrank", instance="r1"}', "values": "0+1000x30"},
+                {
+                    "series": 'mtrank_embedding_missing_total{table="item", job="mtrank", instance="r1"}',
+                    "values": "0+1x30",
+                },
+                {"series": 'mtrank_redis_errors_total{job="mtrank", instance="r1"}', "values": "0x30"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "25m", "alertname": name, "exp_alerts": []}
+                for name in (
+                    "MtrankRankLatencyP99OverSLO",
+                    "MtrankHigh5xxRate",
+                    "MtrankHighRejectionRate",
+                    "MtrankEmbeddingMissingRate",
+                    "MtrankRedisErrors",
+                )
+            ],
+        },
+    ]
+
+
+def test_alerts_fire_on_bad_series_and_stay_quiet_on_healthy_ones(tmp_path):
+    promtool = _need("promtool")
+    # promtool compares annotations too; the unit tests are about expressions and labels.
+    rules = _load_yaml(ALERTS)
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
+    tests = {"rule_files": ["alerts.yml"], "evaluation_interval": "1m", "tests": _alert_unit_tests()}
+    (tmp_path / "alerts_test.yml").write_text(yaml.safe_dump(tests))
+    result = subprocess.run(
+        [promtool, "test", "rules", "alerts_test.yml"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_is_unit_tested():
+    tested = {case["alertname"] for test in _alert_unit_tests() for case in test["alert_rule_test"]}
+    assert tested == set(alert_exprs())
+
+
+def test_prometheus_scrapes_the_compose_ranker_on_the_service_port():
+    config = _load_yaml(PROMETHEUS_CONFIG)
+    [job] = [j for j in config["scrape_configs"] if j["job_name"] == "mtrank"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    [dns] = job["dns_sd_configs"]
+    assert dns["names"] == ["ranker"] and dns["port"] == SERVICE_PORT
+    assert 'up{job="mtrank"}' in alert_exprs()["MtrankTargetDown"]
+    services = _load_yaml(COMPOSE)["services"]
+    assert "ranker" in services
+    prometheus_mounts = dict(_bind_mounts(services["prometheus"]))
+    config_flag = next(a for a in services["prometheus"]["command"] if a.startswith("--config.file="))
+    config_in_container = Path(config_flag.split("=", 1)[1])
+    assert prometheus_mounts[str(config_in_container.parent)] == "deploy/prometheus"
+    assert (ROOT / "deploy" / "prometheus" / config_in_container.name).is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Commands and settings the deploy files rely on
+
+
+def test_the_service_reads_every_contract_setting():
+    assert not CONTRACT_SETTINGS - _known_settings()
+
+
+def _compose_cli_commands() -> list[list[str]]:
+    script = _load_yaml(COMPOSE)["services"]["model-init"]["command"][0].replace("\\\n", " ")
+    commands = []
+    for line in script.splitlines():
+        tokens = shlex.split(line)
+        if tokens and tokens[0] == "mtrank":
+            commands.append(tokens[1:])
+    return commands
+
+
+def test_compose_one_shot_job_runs_valid_cli_commands():
+    commands = _compose_cli_commands()
+    assert [c[0] for c in commands] == ["synth", "train", "export", "load-embeddings"]
+    for command in commands:
+        _parse_cli(command)
+        if "--config" in command:
+            config = command[command.index("--config") + 1]
+            assert (ROOT / config).is_file(), f"{config} is not in the repository (the trainer image copies configs/)"
+    assert "--redis redis://redis:6379/0" in " ".join(" ".join(c) for c in commands)
+
+
+def test_images_and_k8s_run_valid_cli_commands():
+    _, stages = _dockerfile()
+    for stage in ("serve-common", "trainer"):
+        [cmd] = [json.loads(args) for kw, args in stages[stage]["instructions"] if kw == "CMD"]
+        [entrypoint] = [json.loads(args) for kw, args in stages[stage]["instructions"] if kw == "ENTRYPOINT"]
+        assert entrypoint == ["mtrank"]
+        if cmd != ["--help"]:
+            _parse_cli(cmd)
+    _, container = _ranker()
+    _parse_cli(container["args"])
+    [job] = _k8s("Job")
+    [loader] = job["spec"]["template"]["spec"]["containers"]
+    _parse_cli([re.sub(r"\$\((\w+)\)", "placeholder", arg) for arg in loader["args"]])
+
+
+# --------------------------------------------------------------------------------------------
+# Dockerfile
+
+
+def _dockerfile() -> tuple[dict[str, str], dict[str, dict]]:
+    """(global ARG defaults, stage name → {"from": base, "instructions": [(keyword, args)]})."""
+    logical: list[str] = []
+    pending = ""
+    for line in DOCKERFILE.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        logical.append(pending + stripped)
+        pending = ""
+    global_args: dict[str, str] = {}
+    stages: dict[str, dict] = {}
+    current: dict | None = None
+    for line in logical:
+        keyword, _, args = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            match = re.fullmatch(r"(\S+)\s+AS\s+(\S+)", args.strip(), flags=re.IGNORECASE)
+            assert match, f"every stage is named: FROM {args}"
+            current = {"from": match.group(1), "instructions": []}
+            stages[match.group(2)] = current
+        elif current is None:
+            assert keyword == "ARG", line
+            name, _, default = args.partition("=")
+            global_args[name.strip()] = default.strip()
+        else:
+            current["instructions"].append((keyword, args))
+    return global_args, stages
+
+
+def _expand(text: str, variables: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}", lambda m: variables[m.group(1)], text)
+
+
+def _lineage(stage: str, variant: str) -> list[str]:
+    """Stages that end up in ``stage``'s image: its FROM chain and every COPY --from source."""
+    global_args, stages = _dockerfile()
+    variables = {**global_args, "VARIANT": variant}
+    seen: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in seen or name not in stages:
+            return
+        seen.append(name)
+        visit(_expand(stages[name]["from"], variables))
+        for keyword, args in stages[name]["instructions"]:
+            match = re.search(r"--from=(\S+)", args)
+            if keyword == "COPY" and match:
+                visit(_expand(match.group(1), variables))
+
+    visit(stage)
+    return seen
+
+
+def _instructions(stages_in: list[str], keyword: str) -> list[str]:
+    _, stages = _dockerfile()
+    return [args for name in stages_in for kw, args in stages[name]["instructions"] if kw == keyword]
+
+
+def _pip_installs() -> dict[str, list[str]]:
+    """Stage → the targets of its ``pip install`` commands (options dropped)."""
+    _, stages = _dockerfile()
+    installs: dict[str, list[str]] = {}
+    for name, stage in stages.items():
+        for keyword, args in stage["instructions"]:
+            if keyword != "RUN" or "pip install" not in args:
+                continue
+            for command in re.split(r"&&|;", args):
+                tokens = shlex.split(command)
+                if "pip" in tokens and "install" in tokens:
+                    rest = tokens[tokens.index("install") + 1 :]
+                    installs.setdefault(name, []).extend(t for t in rest if not t.startswith("-"))
+    return installs
+
+
+def test_dockerfile_has_the_serving_trainer_and_baked_targets():
+    _, stages = _dockerfile()
+    assert {"serve", "serve-baked", "trainer", "base-cpu", "base-gpu"} <= set(stages)
+    assert list(stages)[-1] == "serve", "a plain `docker build .` builds the serving image"
+
+
+def test_dockerfile_installs_with_the_readme_extras():
+    installs = _pip_installs()
+    assert installs == {
+        "builder-cpu": [f".[{SERVING_EXTRAS['cpu']}]"],
+        "builder-gpu": [f".[{SERVING_EXTRAS['gpu']}]"],
+        "trainer": [f".[{TRAINER_EXTRAS}]"],
+    }
+    deploy_readme = DEPLOY_README.read_text()
+    for extras in SERVING_EXTRAS.values():
+        assert f"pip install '.[{extras}]'" in deploy_readme
+    assert f"pip install -e '.[{TRAINER_EXTRAS}]'" in deploy_readme
+
+
+def test_readme_and_ci_install_what_the_images_install():
+    readme = (ROOT / "README.md").read_text()
+    assert f"pip install -e '.[{TRAINER_EXTRAS}]'" in readme
+    if "## Deploy" in readme:
+        for extras in SERVING_EXTRAS.values():
+            assert f"pip install '.[{extras}]'" in readme
+    ci = ROOT / ".ci" / "run"
+    if ci.is_file():
+        ci_extras = set()
+        for spec in re.findall(r"pip install[^\n]*?'\.\[([a-z,]+)\]'", ci.read_text()):
+            ci_extras |= set(spec.split(","))
+        assert set(TRAINER_EXTRAS.split(",")) <= ci_extras, "CI tests the trainer image's install"
+
+
+@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+def test_serving_image_has_no_torch_and_one_onnxruntime(variant):
+    lineage = _lineage("serve", variant)
+    assert f"builder-{variant}" in lineage and f"base-{variant}" in lineage
+    other = "gpu" if variant == "cpu" else "cpu"
+    assert f"builder-{other}" not in lineage and "trainer" not in lineage
+    _, stages = _dockerfile()
+    text = " ".join(args for name in lineage for _, args in stages[name]["instructions"])
+    assert "torch" not in text and "train]" not in text and "onnxruntime" not in text
+    assert _pip_installs()[f"builder-{variant}"] == [f".[{variant}]"]
+
+
+@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+def test_serving_image_runs_as_non_root_with_a_healthcheck(variant):
+    lineage = _lineage("serve", variant)
+    # The image's user is the last USER on the way from the base to the final stage.
+    users = _instructions(list(reversed(lineage)), "USER")
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    [healthcheck] = _instructions(lineage, "HEALTHCHECK")
+    assert "/healthz" in healthcheck
+    assert f"{SERVICE_PORT}" in " ".join(_instructions(lineage, "EXPOSE"))
+    env = " ".join(_instructions(lineage, "ENV"))
+    assert f"MTRANK_PORT={SERVICE_PORT}" in env and "MTRANK_MODEL_REPO=/models" in env
+    assert set(re.findall(r"\b(MTRANK_\w+)=", env)) <= _known_settings()
+
+
+def test_gpu_variant_builds_on_a_cuda_runtime_image():
+    global_args, stages = _dockerfile()
+    base = _expand(stages["base-gpu"]["from"], global_args)
+    assert base.startswith("nvidia/cuda:") and "runtime" in base
+    assert global_args["VARIANT"] == "cpu"
+
+
+def test_trainer_runs_as_non_root():
+    users = _instructions(list(reversed(_lineage("trainer", "cpu"))), "USER")
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+
+
+def test_dockerfile_copies_only_files_that_exist_and_the_context_keeps():
+    kept = {
+        line[1:].strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    sources = set()
+    for args in _instructions(list(_dockerfile()[1]), "COPY"):
+        if "--from=" in args:
+            continue
+        parts = [p for p in args.split() if not p.startswith("--")]
+        sources.update(parts[:-1])
+    for source in sources:
+        assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
+        assert source.split("/")[0] in kept, f"COPY {source}: excluded by .dockerignore"
+
+
+# --------------------------------------------------------------------------------------------
+# docker-compose.yml
+
+
+def _bind_mounts(service: dict) -> list[tuple[str, str]]:
+    """(container path, repository-relative source) of a compose service's ``./`` bind mounts."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith("./"):
+            mounts.append((target, source[2:].rstrip("/")))
+    return mounts
+
+
+def test_compose_has_the_stack():
+    services = _load_yaml(COMPOSE)["services"]
+    assert {"redis", "model-init", "ranker", "prometheus", "grafana"} <= set(services)
+    assert services["locust"]["profiles"] == ["load"]
+
+
+def test_compose_images_are_dockerfile_targets_or_pinned_public_images():
+    _, stages = _dockerfile()
+    for name, service in _load_yaml(COMPOSE)["services"].items():
+        if "build" in service:
+            build = service["build"]
+            assert build["context"] == "." and build.get("dockerfile", "Dockerfile") == "Dockerfile"
+            assert build["target"] in stages, f"{name}: no stage {build['target']!r}"
+            assert set(build.get("args", {})) <= {"VARIANT", "PYTHON_IMAGE", "CUDA_IMAGE", "TORCH_INDEX_URL"}
+            assert _image_repo(service["image"]).startswith("mtrank")
+        else:
+            image = service["image"]
+            assert _image_repo(image) in PUBLIC_IMAGES, f"{name}: {image}"
+            tag = _image_tag(image)
+            assert tag and tag != "latest" and re.match(r"v?\d", tag), f"{name}: pin a version ({image})"
+
+
+def test_compose_bind_mounts_exist_and_named_volumes_are_declared():
+    compose = _load_yaml(COMPOSE)
+    declared = set(compose.get("volumes") or {})
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name}: {source} does not exist"
+            else:
+                assert source in declared, f"{name}: volume {source} is not declared"
+
+
+def test_compose_environment_names_only_known_settings():
+    for name, service in _load_yaml(COMPOSE)["services"].items():
+        for variable in service.get("environment", {}):
+            if variable.startswith("MTRANK_"):
+                assert variable in _known_settings(), f"{name}: unknown setting {variable}"
+            else:
+                pattern = IMAGE_ENV.get(name)
+                assert pattern and pattern.fullmatch(variable), f"{name}: unexpected variable {variable}"
+
+
+def test_compose_ranker_serves_on_the_service_port_from_the_shared_model_repo():
+    services = _load_yaml(COMPOSE)["services"]
+    ranker = services["ranker"]
+    env = ranker["environment"]
+    assert env["MTRANK_PORT"] == str(SERVICE_PORT)
+    assert any(p.split(":")[-1] == str(SERVICE_PORT) for p in ranker["ports"])
+    assert env["MTRANK_REDIS_URL"].startswith("redis://redis:")
+    assert f"/{SERVICE_PORT}/readyz" not in " ".join(ranker["healthcheck"]["test"])
+    assert f":{SERVICE_PORT}/readyz" in " ".join(ranker["healthcheck"]["test"])
+    assert "ranker:8000" in " ".join(services["locust"]["command"])
+    repo_volume = next(v for v in ranker["volumes"] if v.split(":")[1] == env["MTRANK_MODEL_REPO"])
+    assert repo_volume.endswith(":ro")
+    init_volumes = {v.split(":")[0]: v.split(":")[1] for v in services["model-init"]["volumes"]}
+    assert init_volumes[repo_volume.split(":")[0]] == env["MTRANK_MODEL_REPO"]
+    assert ranker["depends_on"]["model-init"]["condition"] == "service_completed_successfully"
+    grace = int(ranker["stop_grace_period"].rstrip("s"))
+    assert grace > int(env["MTRANK_DRAIN_TIMEOUT_S"])
+
+
+def test_compose_ranker_settings_pass_the_service_validation(monkeypatch):
+    _check_settings(_load_yaml(COMPOSE)["services"]["ranker"]["environment"], monkeypatch)
+
+
+def test_compose_depends_only_on_its_own_services():
+    services = _load_yaml(COMPOSE)["services"]
+    for name, service in services.items():
+        assert set(service.get("depends_on", [])) <= set(services), name
+
+
+def test_compose_file_passes_docker_compose_config():
+    docker = shutil.which("docker")
+    if docker is None or _run(docker, "compose", "version").returncode != 0:
+        pytest.skip("no docker compose plugin here; the YAML checks above still run")
+    result = _run(docker, "compose", "-f", str(COMPOSE), "config", "-q")
+    assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Kubernetes
+
+
+def _k8s_documents() -> list[tuple[Path, dict]]:
+    docs = []
+    for path in sorted(K8S.rglob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs.extend((path, doc) for doc in yaml.safe_load_all(path.read_text()) if doc)
+    return docs
+
+
+def _k8s(kind: str) -> list[dict]:
+    return [doc for _, doc in _k8s_documents() if doc["kind"] == kind]
+
+
+def _kustomizations() -> list[tuple[Path, dict]]:
+    return [(path, _load_yaml(path)) for path in sorted(K8S.rglob("kustomization.yaml"))]
+
+
+def _ranker() -> tuple[dict, dict]:
+    [deployment] = [d for d in _k8s("Deployment") if d["metadata"]["name"] == "mtrank"]
+    [container] = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "ranker"]
+    return deployment, container
+
+
+def _configmap() -> dict[str, str]:
+    [configmap] = [c for c in _k8s("ConfigMap") if c["metadata"]["name"] == "mtrank-config"]
+    return configmap["data"]
+
+
+def test_k8s_manifests_have_the_needed_kinds():
+    kinds = {doc["kind"] for _, doc in _k8s_documents()}
+    assert {"Deployment", "Service", "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Job"} <= kinds
+    for _, doc in _k8s_documents():
+        assert doc["apiVersion"] and doc["metadata"].get("name") or doc["metadata"].get("generateName")
+
+
+def test_kustomizations_reference_existing_resources_and_patch_existing_objects():
+    objects = {(doc["kind"], doc["metadata"].get("name")) for _, doc in _k8s_documents()}
+    for path, kustomization in _kustomizations():
+        for resource in kustomization.get("resources", []):
+            target = (path.parent / resource).resolve()
+            assert target.is_file() or (target / "kustomization.yaml").is_file(), f"{path}: {resource}"
+            # kustomize refuses a base that contains the overlay (a cycle).
+            assert not path.parent.resolve().is_relative_to(target), f"{path}: {resource} contains it"
+        for patch in kustomization.get("patches", []):
+            body = yaml.safe_load(patch["patch"])
+            assert (patch["target"]["kind"], patch["target"]["name"]) in objects
+            assert (body["kind"], body["metadata"]["name"]) in objects
+        for image in kustomization.get("images", []):
+            assert image["name"] == _image_repo(_ranker()[1]["image"])
+
+
+def test_probes_hit_the_health_endpoints_on_the_container_port():
+    _, container = _ranker()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": SERVICE_PORT}
+    expected = {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+    for probe, path in expected.items():
+        http = container[probe]["httpGet"]
+        assert http["path"] == path, probe
+        assert ports.get(http["port"], http["port"]) == SERVICE_PORT, probe
+    assert _configmap()["MTRANK_PORT"] == str(SERVICE_PORT)
+
+
+def test_termination_grace_period_covers_prestop_and_drain():
+    deployment, container = _ranker()
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    prestop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert prestop[0] == "sleep"
+    drain = int(_configmap()["MTRANK_DRAIN_TIMEOUT_S"])
+    assert grace > int(prestop[1]) + drain
+
+
+def test_k8s_environment_names_only_known_settings():
+    names = set(_configmap())
+    for kind in ("Deployment", "Job"):
+        for doc in _k8s(kind):
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                names |= {e["name"] for e in container.get("env", [])}
+    for _, kustomization in _kustomizations():
+        for patch in kustomization.get("patches", []):
+            names |= set(re.findall(r"name:\s*(MTRANK_\w+)", patch["patch"]))
+    assert names <= _known_settings(), names - _known_settings()
+
+
+def test_k8s_pods_do_not_get_service_link_variables():
+    # A Service named "mtrank" would inject MTRANK_PORT=tcp://... into every pod.
+    for kind in ("Deployment", "Job"):
+        for doc in _k8s(kind):
+            assert doc["spec"]["template"]["spec"]["enableServiceLinks"] is False, doc["metadata"]
+
+
+def test_k8s_references_resolve():
+    configmaps = {c["metadata"]["name"] for c in _k8s("ConfigMap")}
+    claims = {c["metadata"]["name"] for c in _k8s("PersistentVolumeClaim")}
+    for kind in ("Deployment", "Job"):
+        for doc in _k8s(kind):
+            spec = doc["spec"]["template"]["spec"]
+            for volume in spec.get("volumes", []):
+                if "persistentVolumeClaim" in volume:
+                    assert volume["persistentVolumeClaim"]["claimName"] in claims
+            for container in spec["containers"]:
+                for source in container.get("envFrom", []):
+                    assert source["configMapRef"]["name"] in configmaps
+                for env in container.get("env", []):
+                    ref = env.get("valueFrom", {}).get("configMapKeyRef")
+                    if ref:
+                        assert ref["name"] in configmaps and ref["key"] in _configmap()
+                mounts = {m["name"] for m in container.get("volumeMounts", [])}
+                assert mounts <= {v["name"] for v in spec.get("volumes", [])}
+
+
+def test_service_and_hpa_target_the_ranker():
+    deployment, container = _ranker()
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    [service] = [s for s in _k8s("Service") if s["metadata"]["name"] == "mtrank"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    [port] = service["spec"]["ports"]
+    assert port["targetPort"] in {p["name"] for p in container["ports"]}
+    [hpa] = _k8s("HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "mtrank"}
+    assert hpa["spec"]["minReplicas"] >= 2
+    assert "cpu" in container["resources"]["requests"]
+    [pdb] = _k8s("PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_k8s_images_match_the_compose_images():
+    services = _load_yaml(COMPOSE)["services"]
+    _, container = _ranker()
+    assert _image_repo(container["image"]) == _image_repo(services["ranker"]["image"])
+    [job] = _k8s("Job")
+    [loader] = job["spec"]["template"]["spec"]["containers"]
+    assert _image_repo(loader["image"]) == _image_repo(services["model-init"]["image"])
+    assert loader["args"][0] == "load-embeddings"
+    redis_images = {
+        c["image"]
+        for d in _k8s("Deployment")
+        for c in d["spec"]["template"]["spec"]["containers"]
+        if _image_repo(c["image"]) == "redis"
+    }
+    assert redis_images == {services["redis"]["image"]}
+
+
+def test_onnx_runtime_threads_match_the_cpu_request():
+    _, container = _ranker()
+    assert _configmap()["MTRANK_INTRA_OP_THREADS"] == str(container["resources"]["requests"]["cpu"])
+    [(_, gpu)] = [(p, k) for p, k in _kustomizations() if p.parent.name == "gpu"]
+    [patch] = [yaml.safe_load(p["patch"]) for p in gpu["patches"] if p["target"]["kind"] == "Deployment"]
+    [gpu_container] = patch["spec"]["template"]["spec"]["containers"]
+    threads = {e["name"]: e["value"] for e in gpu_container["env"]}["MTRANK_INTRA_OP_THREADS"]
+    assert threads == str(gpu_container["resources"]["requests"]["cpu"])
+
+
+def test_k8s_settings_pass_the_service_validation(monkeypatch):
+    _check_settings({**_configmap(), "MTRANK_ADMIN_TOKEN": "from-the-secret"}, monkeypatch)
+
+
+def test_gpu_overlay_requests_a_gpu_and_the_gpu_image():
+    [(_, gpu)] = [(p, k) for p, k in _kustomizations() if p.parent.name == "gpu"]
+    [image] = gpu["images"]
+    assert image["name"] == "mtrank" and image["newTag"].endswith("-gpu")
+    [deployment_patch] = [yaml.safe_load(p["patch"]) for p in gpu["patches"] if p["target"]["kind"] == "Deployment"]
+    [container] = deployment_patch["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"name": "MTRANK_DEVICE", "value": "cuda"} in container["env"]
+
+
+@pytest.mark.parametrize("overlay", ["", "gpu"])
+def test_kustomize_builds(overlay):
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed; the manifest checks above still run")
+    result = _run(kubectl, "kustomize", str(K8S / overlay))
+    assert result.returncode == 0, result.stderr
+    kinds = {doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc}
+    assert {"Deployment", "Service", "ConfigMap", "HorizontalPodAutoscaler"} <= kinds
