@@ -411,9 +411,14 @@ def _alert_unit_tests() -> list[dict]:
             ],
         },
         {
-            # Healthy: fast, no errors, no rejections, no missing ids.
+            # Healthy: fast, no rank errors, no rejections, no missing ids; /readyz 503s while a
+            # replica drains are not errors.
             "interval": "1m",
             "input_series": [
+                {
+                    "series": 'mtrank_requests_total{route="/readyz", status="503", bucket="", job="mtrank"}',
+                    "values": "0+12x30",
+                },
                 {"series": f'mtrank_requests_total{{{rank}, status="200", bucket="control"}}', "values": "0+100x30"},
                 {"series": 'mtrank_rejected_total{reason="overloaded", job="mtrank", instance="r1"}', "values": "0x30"},
                 {
