@@ -1,0 +1,338 @@
+"""The FastAPI app (DESIGN.md §5): thin routes over :class:`service.ranking.Ranker`.
+
+``create_app(settings)`` builds the app; its lifespan owns the :class:`Engine` (store,
+repository, batchers). Routes parse, call one function and format; errors map to JSON bodies
+``{"error": message, "detail": [...]}`` with 413/422/503/504, never a 500 for bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import metrics
+from service.batcher import DeadlineExceeded, Overloaded
+from service.ranking import NotReady, Ranker, RequestError
+from service.repository import Repository
+from service.schemas import RankRequest, TooManyCandidates, check_candidate_count
+from service.settings import Settings, load_settings
+from service.stores import EmbeddingStore, InProcessStore, RedisStore
+
+log = logging.getLogger("mtrank.app")
+
+RANK_ROUTE = "/v1/rank"
+ROUTES = (RANK_ROUTE, "/v1/models", "/healthz", "/readyz", "/metrics", "/admin/reload")
+
+
+class BodyTooLarge(ValueError):
+    """Request body over MTRANK_MAX_BODY_BYTES: 413."""
+
+
+class MalformedBody(ValueError):
+    """Not JSON: 422."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+class Engine:
+    """Everything a running service owns: the embedding store, the repository and the ranker."""
+
+    def __init__(self, settings: Settings, store: EmbeddingStore, repository: Repository):
+        self.settings = settings
+        self.store = store
+        self.repository = repository
+        self.ranker = Ranker(settings, repository, store)
+        self.draining = False
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Engine:
+        """Load the repository. Raises StartupError / DeviceError for configuration problems."""
+        if settings.redis_url:
+            store: EmbeddingStore = RedisStore(
+                settings.redis_url, prefix=settings.redis_prefix, timeout_s=settings.redis_timeout_ms / 1000.0,
+                retry_s=settings.redis_retry_s, cache_size=settings.embedding_cache_size,
+                cache_ttl_s=settings.embedding_cache_ttl_s,
+            )
+        else:
+            store = InProcessStore()
+        repository = Repository(settings, store)
+        try:
+            await repository.start()
+        except BaseException:
+            await repository.close()
+            await store.close()
+            raise
+        metrics.LOOKUP_DURATION.labels(store.name)
+        return cls(settings, store, repository)
+
+    async def not_ready_reason(self) -> str | None:
+        if self.draining:
+            return "shutting down"
+        reason = self.repository.not_ready_reason()
+        if reason:
+            return reason
+        return await self.store.health()
+
+    def describe(self) -> dict[str, Any]:
+        repo = self.repository
+        models: dict[str, dict[str, Any]] = {}
+        for lv in sorted(repo.loaded_versions(), key=lambda v: (v.name, v.version)):
+            entry = models.setdefault(lv.name, {"name": lv.name, "kind": lv.manifest.kind,
+                                                "newest": repo.newest(lv.name), "versions": []})
+            facet = lv.plan.group_facet
+            entry["versions"].append({
+                "version": lv.version,
+                "device": lv.device,
+                "provider": lv.provider,
+                "user_groups": list(facet.values) if facet else [],
+                "graphs": {k: g.info.tasks for k, g in lv.graphs.items()},
+                "tasks": lv.task_names,
+                "store_tables": sorted(lv.tables),
+                "created_at": lv.manifest.created_at,
+            })
+        buckets = [b.model_dump() for b in repo.buckets.buckets] if repo.buckets else []
+        return {
+            "models": list(models.values()),
+            "buckets": buckets,
+            "bucket_salt_set": self.settings.bucket_salt != "mtrank",
+            "store": {"kind": self.store.name, "degraded": self.store.degraded},
+            "batching": self.settings.batching,
+            "errors": repo.errors,
+        }
+
+    async def close(self) -> None:
+        await self.repository.close()
+        await self.store.close()
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def _error(status: int, message: str, detail: list | None = None, headers: dict[str, str] | None = None) -> Response:
+    body: dict[str, Any] = {"error": message}
+    if detail:
+        body["detail"] = detail
+    return _json(body, status, headers)
+
+
+def _validation_detail(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Pydantic errors as ``{"loc", "msg"}`` without echoing the (possibly huge) input."""
+    out: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for err in errors:
+        loc = [p for p in err.get("loc", ()) if p not in ("body",)]
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "body"
+        if where in seen:
+            continue
+        seen.add(where)
+        out.append({"loc": where, "msg": msg})
+        if len(out) >= 20:
+            break
+    return out
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise BodyTooLarge(f"request body of {length} bytes is over the limit of {limit} (MTRANK_MAX_BODY_BYTES)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body is over the limit of {limit} bytes (MTRANK_MAX_BODY_BYTES)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Run ``work``; if the client disconnects first, cancel it (its queued rows are then
+    dropped by the batcher) and raise ClientGone."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+    if task.cancelled() or not task.done():
+        raise ClientGone("client disconnected")
+    return task.result()
+
+
+class RequestMetrics:
+    """Pure ASGI middleware: requests_total, request_duration_seconds, inflight_requests."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        route = path if path in ROUTES else "other"
+        is_rank = route == RANK_ROUTE
+        status = 500
+        started = time.perf_counter()
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        if is_rank:
+            metrics.INFLIGHT.inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            if is_rank:
+                metrics.INFLIGHT.dec()
+            bucket = scope.get("state", {}).get("bucket", "none") if is_rank else ""
+            metrics.REQUESTS.labels(route, str(status), bucket).inc()
+            metrics.REQUEST_DURATION.labels(route, bucket).observe(time.perf_counter() - started)
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """The app. With ``engine`` (already started, as ``mtrank serve`` does to report start-up
+    errors in one line) the lifespan takes it over; without, the lifespan starts one."""
+    settings = settings or load_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.engine = engine or await Engine.start(settings)
+        try:
+            yield
+        finally:
+            await app.state.engine.close()
+
+    app = FastAPI(title="mtrank", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(RequestMetrics)
+    timeout_s = settings.request_timeout_ms / 1000.0
+    admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
+
+    @app.post(RANK_ROUTE)
+    async def rank(request: Request) -> Response:
+        started = time.monotonic()
+        body = await _read_body(request, settings.max_body_bytes)
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise MalformedBody(f"malformed JSON: {e}") from None
+        check_candidate_count(payload, settings.max_candidates)
+        req = RankRequest.model_validate(payload)
+        ranker: Ranker = request.app.state.engine.ranker
+        bucket = ranker.bucket_for(req.user.user_id)
+        request.state.bucket = bucket.name
+        deadline = started + timeout_s
+        async with asyncio.timeout_at(asyncio.get_running_loop().time() + timeout_s):
+            result = await _unless_disconnected(request, ranker.rank(req, bucket, deadline))
+        return _json(result)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        return _json(request.app.state.engine.describe())
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> Response:
+        reason = await request.app.state.engine.not_ready_reason()
+        if reason:
+            return _json({"ready": False, "reason": reason}, 503)
+        return _json({"ready": True})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    @app.post("/admin/reload")
+    async def admin_reload(request: Request) -> Response:
+        if admin_token is None:
+            return _error(403, "admin endpoints are disabled: set MTRANK_ADMIN_TOKEN")
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), admin_token.encode()):
+            return _error(401, "missing or wrong admin token (Authorization: Bearer <MTRANK_ADMIN_TOKEN>)",
+                          headers={"WWW-Authenticate": "Bearer"})
+        report = await request.app.state.engine.repository.reload()
+        return _json(report.to_dict(), 200 if not report.errors else 409)
+
+    _install_error_handlers(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def rejected(reason: str, status: int, message: str, detail: list | None = None,
+                 headers: dict[str, str] | None = None) -> Response:
+        metrics.REJECTED.labels(reason).inc()
+        return _error(status, message, detail, headers)
+
+    @app.exception_handler(ValidationError)
+    async def on_validation(_: Request, e: ValidationError) -> Response:
+        detail = _validation_detail(e.errors())
+        return rejected("invalid", 422, f"invalid request: {detail[0]['loc']}: {detail[0]['msg']}", detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_request_validation(_: Request, e: RequestValidationError) -> Response:
+        detail = _validation_detail(list(e.errors()))
+        return rejected("invalid", 422, f"invalid request: {detail[0]['loc']}: {detail[0]['msg']}", detail)
+
+    @app.exception_handler(MalformedBody)
+    @app.exception_handler(RequestError)
+    async def on_bad_input(_: Request, e: ValueError) -> Response:
+        return rejected("invalid", 422, str(e))
+
+    @app.exception_handler(BodyTooLarge)
+    @app.exception_handler(TooManyCandidates)
+    async def on_too_large(_: Request, e: ValueError) -> Response:
+        return rejected("too_large", 413, str(e))
+
+    @app.exception_handler(Overloaded)
+    async def on_overloaded(_: Request, e: Overloaded) -> Response:
+        return rejected("overloaded", 503, f"overloaded: {e}", headers={"Retry-After": str(e.retry_after_s)})
+
+    @app.exception_handler(NotReady)
+    async def on_not_ready(_: Request, e: NotReady) -> Response:
+        return rejected("not_ready", 503, f"not ready: {e}", headers={"Retry-After": "1"})
+
+    @app.exception_handler(TimeoutError)
+    async def on_deadline(_: Request, e: TimeoutError) -> Response:
+        return rejected("deadline", 504, "deadline exceeded: the request took longer than MTRANK_REQUEST_TIMEOUT_MS")
+
+    @app.exception_handler(DeadlineExceeded)
+    async def on_deadline_queued(_: Request, e: DeadlineExceeded) -> Response:
+        return rejected("deadline", 504, f"deadline exceeded: {e}")
+
+    @app.exception_handler(ClientGone)
+    async def on_client_gone(_: Request, e: ClientGone) -> Response:
+        return rejected("client_gone", 499, "client closed the request")
+
+    @app.exception_handler(Exception)
+    async def on_internal(_: Request, e: Exception) -> Response:
+        log.exception("internal error", exc_info=e)
+        return _error(500, f"internal error: {type(e).__name__}")

@@ -1,0 +1,84 @@
+"""``mtrank serve``: settings, start-up, uvicorn with one worker and a draining shutdown.
+
+Start-up problems (bad settings, a CUDA device that is not there, buckets that do not fit the
+models) end the process with one line naming the variable and exit status 2.
+
+On SIGTERM (or SIGINT) readiness turns 503 at once, the listening socket closes, requests in
+flight finish (up to ``MTRANK_DRAIN_TIMEOUT_S``), then the lifespan releases the models, the
+batchers and the Redis client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from service.app import Engine, create_app
+from service.repository import StartupError
+from service.runner import DeviceError
+from service.settings import ConfigError, Settings, load_settings
+
+log = logging.getLogger("mtrank.main")
+
+
+class _DrainingServer(uvicorn.Server):
+    """A uvicorn server that marks the engine as draining before it stops accepting."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine):
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig: int, frame) -> None:  # noqa: ANN001 - signal handler signature
+        if not self.engine.draining:
+            log.info("signal %d: draining in-flight requests (up to %.0f s)", sig,
+                     self.engine.settings.drain_timeout_s)
+        self.engine.draining = True
+        super().handle_exit(sig, frame)
+
+
+def serve(repo: str | Path | None = None, host: str | None = None, port: int | None = None,
+          redis_url: str | None = None) -> None:
+    """Serve the model repository; arguments given here override the environment."""
+    try:
+        settings = load_settings(model_repo=repo, host=host, port=port, redis_url=redis_url)
+    except ConfigError as e:
+        _die(str(e))
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> None:
+    try:
+        engine = await Engine.start(settings)
+    except (StartupError, DeviceError, ConfigError) as e:
+        _die(str(e))
+    app = create_app(settings, engine=engine)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, workers=1, lifespan="on", access_log=False,
+        log_level=settings.log_level, timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        timeout_keep_alive=5,
+    )
+    reason = await engine.not_ready_reason()
+    log.info("serving %s on http://%s:%d (%s)", settings.model_repo, settings.host, settings.port,
+             "ready" if reason is None else f"not ready: {reason}")
+    await _DrainingServer(config, engine).serve()
+
+
+def _die(message: str) -> None:
+    print(f"mtrank serve: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    serve()

@@ -1,0 +1,275 @@
+"""Model repository loading and hot reload.
+
+For each model the newest complete version is served, plus any version a bucket pins. A version
+is verified (checksums), its sessions created and warmed, and its store tables checked before it
+is served; then the whole ``{model: versions}`` map is swapped in one assignment. A version that
+fails to load is reported and the previous one stays served. Requests hold a reference to the
+version they started with; a replaced version's batchers are stopped only after a grace period
+longer than any request can live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mtrank.manifest import ManifestError, list_models, list_versions, load_manifest, version_dir
+from service import metrics
+from service.batcher import Batcher
+from service.buckets import BucketTable
+from service.ranking import FeaturePlan, GroupGraph, LoadedVersion
+from service.runner import DeviceError, GraphRunner
+from service.settings import BucketConfig, Settings
+from service.stores import EmbeddingStore, LocalTable
+
+log = logging.getLogger("mtrank.repository")
+
+
+class StartupError(RuntimeError):
+    """A configuration problem found while loading: the process must not start."""
+
+
+class LoadError(RuntimeError):
+    """One version could not be loaded; the message says why."""
+
+
+class BucketMismatch(LoadError):
+    """A bucket's fusion weights name tasks the version does not have."""
+
+
+@dataclass
+class ReloadReport:
+    served: dict[str, list[int]] = field(default_factory=dict)
+    loaded: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"served": self.served, "loaded": self.loaded, "errors": self.errors}
+
+
+class Repository:
+    def __init__(self, settings: Settings, store: EmbeddingStore):
+        self.settings = settings
+        self.store = store
+        self.root = Path(settings.model_repo) if settings.model_repo else None
+        self._models: dict[str, dict[int, LoadedVersion]] = {}
+        self._newest: dict[str, int] = {}
+        self.buckets: BucketTable | None = None
+        self.errors: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task] = set()
+        self._poller: asyncio.Task | None = None
+
+    # -- serving side -----------------------------------------------------------------------
+
+    def resolve(self, model: str, version: int | None) -> LoadedVersion | None:
+        versions = self._models.get(model)
+        if not versions:
+            return None
+        return versions.get(version if version is not None else self._newest[model])
+
+    @property
+    def ready(self) -> bool:
+        return self.buckets is not None and all(
+            self.resolve(b.model, b.version) is not None for b in self.buckets.buckets
+        )
+
+    def not_ready_reason(self) -> str | None:
+        if self.root is None:
+            return "no model repository configured (MTRANK_MODEL_REPO)"
+        if not self._models:
+            detail = "; ".join(f"{k}: {v}" for k, v in self.errors.items())
+            return f"no model version loaded from {self.root}" + (f" ({detail})" if detail else "")
+        if self.buckets is None:
+            return "buckets not resolved"
+        for b in self.buckets.buckets:
+            if self.resolve(b.model, b.version) is None:
+                pin = f" v{b.version}" if b.version else ""
+                return f"bucket {b.name!r}: model {b.model}{pin} not loaded"
+        return None
+
+    def loaded_versions(self) -> list[LoadedVersion]:
+        return [lv for versions in self._models.values() for lv in versions.values()]
+
+    def newest(self, model: str) -> int | None:
+        return self._newest.get(model)
+
+    # -- loading ---------------------------------------------------------------------------
+
+    async def start(self) -> ReloadReport:
+        """First load. Raises StartupError for configuration problems; a version that merely
+        fails to load leaves the service up but not ready (with the reason)."""
+        if self.root is not None and not self.root.is_dir():
+            raise StartupError(f"MTRANK_MODEL_REPO: {self.root} is not a directory")
+        report = await self.reload(startup=True)
+        interval = self.settings.reload_interval_s
+        self._poller = asyncio.get_running_loop().create_task(self._poll(interval), name="mtrank-reload")
+        return report
+
+    async def _poll(self, interval: float) -> None:
+        """Reload every ``interval`` s; with polling off, retry every 2 s only while not ready."""
+        while True:
+            await asyncio.sleep(interval if interval > 0 else 2.0)
+            if interval > 0 or not self.ready:
+                try:
+                    await self.reload()
+                except Exception:
+                    log.exception("repository poll failed")
+
+    async def reload(self, startup: bool = False) -> ReloadReport:
+        async with self._lock:
+            return await self._reload(startup)
+
+    def _bucket_configs(self, models: list[str]) -> list[BucketConfig]:
+        configured = self.settings.buckets
+        if configured is None:
+            if not models:
+                return []
+            return [BucketConfig(name="default", share=100.0, model=models[0])]
+        if not models:
+            return list(configured)
+        return [b if b.model is not None else b.model_copy(update={"model": models[0]}) for b in configured]
+
+    async def _reload(self, startup: bool) -> ReloadReport:
+        report = ReloadReport()
+        models = list_models(self.root) if self.root is not None else []
+        buckets = self._bucket_configs(models)
+        for b in buckets:
+            if models and b.model not in models:
+                msg = f"MTRANK_BUCKETS: bucket {b.name!r} serves model {b.model!r}, not in {self.root} (has {models})"
+                if startup:
+                    raise StartupError(msg)
+                report.errors[b.name] = msg
+        new_models: dict[str, dict[int, LoadedVersion]] = {}
+        new_newest: dict[str, int] = {}
+        for model in models:
+            versions = list_versions(self.root, model)
+            wanted = {versions[-1]} | {b.version for b in buckets if b.model == model and b.version is not None}
+            served: dict[int, LoadedVersion] = {}
+            for v in sorted(wanted):
+                current = self._models.get(model, {}).get(v)
+                if current is not None:
+                    served[v] = current
+                    continue
+                try:
+                    served[v] = await self._load(model, v, buckets, is_newest=v == versions[-1])
+                    report.loaded.append(f"{model} v{v}")
+                except BucketMismatch as e:
+                    if startup:
+                        raise StartupError(str(e)) from None
+                    report.errors[f"{model} v{v}"] = str(e)
+                except DeviceError as e:
+                    if startup:
+                        raise StartupError(f"MTRANK_DEVICE: {e}") from None
+                    report.errors[f"{model} v{v}"] = str(e)
+                except LoadError as e:
+                    report.errors[f"{model} v{v}"] = str(e)
+            newest = versions[-1]
+            if newest not in served and model in self._newest:
+                # The new version failed: keep serving the previous newest.
+                newest = self._newest[model]
+                served.setdefault(newest, self._models[model][newest])
+            if newest in served:
+                new_models[model] = served
+                new_newest[model] = newest
+        for key, reason in report.errors.items():
+            log.error("not serving %s: %s", key, reason)
+        old = self.loaded_versions()
+        self._models, self._newest = new_models, new_newest
+        if models:
+            self.buckets = BucketTable(tuple(buckets), self.settings.bucket_salt)
+        self.errors = report.errors
+        report.served = {m: sorted(vs) for m, vs in new_models.items()}
+        kept = {id(lv) for lv in self.loaded_versions()}
+        retired = [lv for lv in old if id(lv) not in kept]
+        self._update_metrics(retired)
+        for lv in retired:
+            self._retire(lv)
+        return report
+
+    async def _load(self, model: str, version: int, buckets: list[BucketConfig], is_newest: bool) -> LoadedVersion:
+        try:
+            vdir = version_dir(self.root, model, version)
+        except ManifestError as e:
+            raise LoadError(str(e)) from None
+        started = time.perf_counter()
+        lv = await asyncio.to_thread(self._load_sync, vdir)
+        for b in buckets:
+            if b.model == model and (b.version == version or (b.version is None and is_newest)) and b.weights:
+                unknown = sorted(set(b.weights) - set(lv.task_names))
+                if unknown:
+                    await lv.close()
+                    raise BucketMismatch(
+                        f"MTRANK_BUCKETS: bucket {b.name!r} weighs tasks {unknown} that {model} v{version} "
+                        f"does not have (tasks: {lv.task_names})"
+                    )
+        problem = await self.store.version_problem(list(lv.tables.values()))
+        if problem:
+            await lv.close()
+            raise LoadError(problem)
+        log.info("loaded %s v%d on %s (%s) in %.2f s: groups %s, tasks %s", model, version, lv.device, lv.provider,
+                 time.perf_counter() - started, sorted(lv.graphs), lv.task_names)
+        return lv
+
+    def _load_sync(self, vdir: Path) -> LoadedVersion:
+        s = self.settings
+        try:
+            manifest = load_manifest(vdir, verify=True)
+        except (ManifestError, OSError) as e:
+            raise LoadError(str(e)) from None
+        try:
+            tables = {f: LocalTable(manifest.name, manifest.version, info, vdir) for f, info in manifest.tables.items()}
+            for t in tables.values():
+                t.default  # noqa: B018 - opens the vectors and checks their shape
+            plan = FeaturePlan.build(manifest, tables)
+            graphs: dict[str, GroupGraph] = {}
+            for key, info in manifest.graphs.items():
+                runner = GraphRunner(vdir / info.file, s.device, s.intra_op_threads)
+                plan.check_graph(key, info, runner)
+                runner.warm_up((1, s.max_batch_rows))
+                batcher = Batcher(
+                    runner.run, runner.output_names, manifest.name, key, runner.device,
+                    max_batch_rows=s.max_batch_rows, max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
+                    max_queue_rows=s.max_queue_rows, batching=s.batching,
+                )
+                graphs[key] = GroupGraph(key, info, runner, batcher)
+        except DeviceError:
+            raise
+        except Exception as e:  # ORT, numpy and contract errors: this version is unusable
+            raise LoadError(f"{vdir}: {type(e).__name__}: {e}") from None
+        return LoadedVersion(manifest, vdir, graphs, plan, tables)
+
+    def _update_metrics(self, retired: list[LoadedVersion]) -> None:
+        for lv in retired:
+            for device in {g.runner.device for g in lv.graphs.values()}:
+                with contextlib.suppress(KeyError):
+                    metrics.MODEL_INFO.remove(lv.name, str(lv.version), device)
+        for lv in self.loaded_versions():
+            metrics.MODEL_INFO.labels(lv.name, str(lv.version), lv.device).set(1)
+        metrics.MODELS_LOADED.set(len(self.loaded_versions()))
+
+    def _retire(self, lv: LoadedVersion) -> None:
+        """Stop a replaced version once every request that may still hold it has ended."""
+        grace = self.settings.request_timeout_ms / 1000.0 + 1.0
+
+        async def later() -> None:
+            await asyncio.sleep(grace)
+            await lv.close()
+            log.info("unloaded %s v%d", lv.name, lv.version)
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        for task in list(self._retiring):
+            task.cancel()
+        for lv in self.loaded_versions():
+            await lv.close()
+        self._models = {}

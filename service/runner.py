@@ -1,0 +1,77 @@
+"""ONNX Runtime sessions: device choice, provider check, tuned options and warm-up.
+
+ONNX Runtime falls back to the CPU silently when the CUDA provider cannot start (it only logs
+to stderr), so the provider actually active is read back from the session after creation.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger("mtrank.runner")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot be used (MTRANK_DEVICE=cuda without a usable GPU)."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: type
+    width: int | None
+    """Size of the second axis; None for a 1-D input."""
+
+
+class GraphRunner:
+    """One ONNX graph in one InferenceSession; ``run`` is thread-safe and releases the GIL."""
+
+    def __init__(self, path: Path, device: str = "auto", intra_op_threads: int = 0):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.inter_op_num_threads = 1
+        if intra_op_threads > 0:
+            opts.intra_op_num_threads = intra_op_threads
+        opts.log_severity_level = 3
+        wants_cuda = device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers())
+        providers = [CUDA, CPU] if wants_cuda else [CPU]
+        self.path = path
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        active = self.session.get_providers()
+        if device == "cuda" and CUDA not in active:
+            raise DeviceError(
+                f"MTRANK_DEVICE=cuda but ONNX Runtime could not use the GPU for {path.name} "
+                f"(active providers: {active}; available: {ort.get_available_providers()}); "
+                "install onnxruntime-gpu with CUDA/cuDNN, or set MTRANK_DEVICE=auto or cpu"
+            )
+        if wants_cuda and CUDA not in active:
+            log.warning("CUDA provider listed but not usable for %s; running on the CPU", path.name)
+        self.device = "cuda" if CUDA in active else "cpu"
+        self.provider = active[0]
+        self.inputs = [
+            InputSpec(i.name, _DTYPES[i.type], i.shape[1] if len(i.shape) > 1 else None)
+            for i in self.session.get_inputs()
+        ]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Outputs in graph order for a batch of rows."""
+        return self.session.run(self.output_names, feed)
+
+    def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
+        """Run zero inputs at each batch size so the first real request pays no allocation."""
+        for n in batch_sizes:
+            feed = {
+                i.name: np.zeros((n, i.width) if i.width is not None else (n,), dtype=i.dtype) for i in self.inputs
+            }
+            self.run(feed)

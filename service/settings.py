@@ -1,0 +1,203 @@
+"""Service configuration: environment variables with the ``MTRANK_`` prefix (DESIGN.md §6).
+
+Every field has a default and a one-line doc. :func:`load_settings` turns any validation error
+into a :class:`ConfigError` whose one-line message names the variable, e.g.
+``MTRANK_BUCKETS: shares add up to 90, not 100``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+ENV_PREFIX = "MTRANK_"
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message is one line and starts with the variable's name."""
+
+
+class LengthFn(BaseModel):
+    """The video-length factor f(video_len) of the fusion score (see :mod:`service.fusion`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["none", "log1p", "sigmoid", "power"] = "none"
+    alpha: float = Field(1.0, ge=0.0, le=4.0)
+    """log1p: exponent of (1 + log1p(len / scale))."""
+    scale: float = Field(1.0, gt=0.0, le=86400.0)
+    """log1p: seconds per unit of length."""
+    center: float = Field(30.0, ge=0.0, le=86400.0)
+    """sigmoid: length in seconds where f = 0.5."""
+    width: float = Field(10.0, ge=-86400.0, le=86400.0)
+    """sigmoid: seconds per logit unit; negative favours short videos. Must not be 0."""
+    beta: float = Field(0.3, ge=-4.0, le=4.0)
+    """power: exponent of (len + offset)."""
+    offset: float = Field(1.0, gt=0.0, le=86400.0)
+    """power: seconds added to the length so that f(0) is finite."""
+
+    @field_validator("width")
+    @classmethod
+    def _width_not_zero(cls, v: float) -> float:
+        if v == 0.0:
+            raise ValueError("length_fn.width must not be 0")
+        return v
+
+
+class BucketConfig(BaseModel):
+    """One A/B bucket: its traffic share, the model it serves and its fusion parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    share: float = Field(gt=0.0, le=100.0)
+    """Percent of users, resolution 0.01."""
+    model: str | None = None
+    """Model name in the repository; None = the repository's first model."""
+    version: int | None = Field(None, ge=1)
+    """Pinned version; None = the newest."""
+    weights: dict[str, float] | None = None
+    """Fusion exponent per task; None = 1 for every task; tasks not listed get 0."""
+    length_fn: LengthFn = LengthFn()
+
+    @field_validator("weights")
+    @classmethod
+    def _finite_weights(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for task, w in (v or {}).items():
+            if not math.isfinite(w) or abs(w) > 100:
+                raise ValueError(f"weight of task {task!r} must be finite and within [-100, 100], got {w}")
+        return v
+
+
+class Settings(BaseSettings):
+    """All service settings; read from ``MTRANK_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    model_repo: Path | None = None
+    """Model repository root (``REPO/<model>/<version>/``)."""
+    redis_url: str | None = None
+    """Redis (``redis://``, ``redis+cluster://``) holding the embedding tables; None = in-process store."""
+    redis_prefix: str = Field("mtrank", min_length=1, max_length=128)
+    """Key prefix of the embedding tables in Redis."""
+    redis_timeout_ms: float = Field(100.0, gt=0.0, le=10_000.0)
+    """Socket connect/read timeout of Redis calls, milliseconds."""
+    redis_retry_s: float = Field(1.0, gt=0.0, le=300.0)
+    """After a Redis failure, seconds before the next attempt (answers are degraded meanwhile)."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """ONNX Runtime device: auto = CUDA when usable, else CPU; cuda without a GPU is a start-up error."""
+    max_batch_rows: int = Field(4096, ge=1, le=1_000_000)
+    """Most rows (candidates) one inference call concatenates."""
+    max_queue_delay_ms: float = Field(2.0, ge=0.0, le=1000.0)
+    """Longest time the oldest waiting request waits for a batch to fill, milliseconds."""
+    max_queue_rows: int = Field(65536, ge=1, le=100_000_000)
+    """Rows allowed waiting per graph; beyond it requests get 503 + Retry-After."""
+    max_candidates: int = Field(2000, ge=1, le=100_000)
+    """Most candidates per request; more is a 413."""
+    request_timeout_ms: float = Field(1000.0, gt=0.0, le=600_000.0)
+    """Deadline of a ranking request, milliseconds; past it the answer is 504."""
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=1 << 30)
+    """Largest request body, bytes; more is a 413."""
+    admin_token: SecretStr | None = None
+    """Bearer token for /admin/*; None disables the admin endpoints (403)."""
+    buckets: list[BucketConfig] | None = None
+    """A/B buckets as JSON; None = one bucket "default" (100 %, first model, weights 1, f none)."""
+    bucket_salt: str = Field("mtrank", max_length=256)
+    """Salt of the user-id hash that assigns buckets; changing it reshuffles users."""
+    host: str = "127.0.0.1"
+    """Listen address."""
+    port: int = Field(8000, ge=1, le=65535)
+    """Listen port."""
+    reload_interval_s: float = Field(0.0, ge=0.0, le=86400.0)
+    """Poll the repository for new versions every N seconds; 0 = only on POST /admin/reload."""
+    drain_timeout_s: float = Field(20.0, ge=0.0, le=3600.0)
+    """On SIGTERM, seconds to let in-flight requests finish."""
+    intra_op_threads: int = Field(0, ge=0, le=1024)
+    """ONNX Runtime intra-op threads per session; 0 = ONNX Runtime's default (one per core)."""
+    embedding_cache_size: int = Field(200_000, ge=0, le=100_000_000)
+    """Entries of the in-process cache in front of Redis; 0 disables it."""
+    embedding_cache_ttl_s: float = Field(60.0, ge=0.0, le=86400.0)
+    """Seconds a cached Redis value is reused."""
+    batching: bool = True
+    """Dynamic batching; false = one inference per request (the naive baseline)."""
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    """Log level of the service and uvicorn."""
+
+    @field_validator("log_level", "device", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+    @field_validator("redis_url", "admin_token", "model_repo", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str | None) -> str | None:
+        if v is not None and v.split("://", 1)[0] not in (
+            "redis", "rediss", "unix", "redis+cluster", "rediss+cluster"
+        ):
+            raise ValueError(f"not a Redis URL: {v!r} (redis://host:port/db or redis+cluster://host:port)")
+        return v
+
+    @field_validator("buckets")
+    @classmethod
+    def _bucket_shares(cls, v: list[BucketConfig] | None) -> list[BucketConfig] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("at least one bucket is needed")
+        names = [b.name for b in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"bucket names must be unique, got {names}")
+        total = sum(b.share for b in v)
+        if abs(total - 100.0) > 1e-6:
+            raise ValueError(f"shares add up to {total:g}, not 100")
+        for b in v:
+            if abs(round(b.share * 100) - b.share * 100) > 1e-6:
+                raise ValueError(f"bucket {b.name!r}: share {b.share} has a finer resolution than 0.01")
+        return v
+
+    @model_validator(mode="after")
+    def _queue_holds_a_request(self) -> Settings:
+        if self.max_queue_rows < self.max_candidates:
+            raise ValueError(
+                f"max_queue_rows ({self.max_queue_rows}) is smaller than max_candidates ({self.max_candidates}):"
+                " a full-size request could never be queued"
+            )
+        return self
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment; ``overrides`` (not None) win. Raises :class:`ConfigError`."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+    except SettingsError as e:
+        # pydantic-settings: a complex field (MTRANK_BUCKETS) that is not valid JSON.
+        field = str(e).split('"')[1] if '"' in str(e) else "*"
+        raise ConfigError(f"{ENV_PREFIX}{field.upper()}: not valid JSON ({e.__cause__ or e})") from None
+
+
+def _one_line(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = [str(p) for p in err.get("loc", ())]
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    if not loc:
+        # A model-level check: its message names the fields; map the first one to its variable.
+        name = next((f for f in Settings.model_fields if msg.startswith(f)), None)
+        var = f"{ENV_PREFIX}{name.upper()}" if name else "MTRANK_*"
+        return f"{var}: {msg}"
+    var = f"{ENV_PREFIX}{loc[0].upper()}"
+    where = ".".join(loc[1:])
+    if err.get("type") == "list_type" and isinstance(err.get("input"), str):
+        msg = "not a JSON list"  # pydantic-settings hands non-JSON text through as a string
+    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"{var}: {where + ': ' if where else ''}{msg}{more}"

@@ -1,0 +1,257 @@
+"""Test helpers for the service: a real server process and a tiny hand-built model repository.
+
+:class:`RemoteServer` starts ``mtrank serve`` in a subprocess on a free port, waits for
+``/readyz`` and stops it with SIGTERM (like vLLM's ``RemoteOpenAIServer``); the benchmark and the
+deploy tests reuse it. :func:`build_toy_version` writes a model version that follows the
+manifest contract exactly (ONNX graphs made with ``onnx.helper``, store tables, checksums) in a
+fraction of a second, for tests that need a model but not a trained one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from mtrank.manifest import (
+    DenseInfo,
+    GraphInfo,
+    Manifest,
+    SparseInfo,
+    TableInfo,
+    TensorInfo,
+    facet_dict,
+    write_manifest,
+)
+from mtrank.spec import Facet, FacetRule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RemoteServer:
+    """``mtrank serve`` in a subprocess. Use as a context manager; ``url`` is its base URL."""
+
+    def __init__(
+        self,
+        repo: Path | str | None,
+        env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
+        port: int | None = None,
+        ready_timeout_s: float = 60.0,
+        wait_ready: bool = True,
+    ):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("MTRANK_")}
+        full_env.update({"MTRANK_DEVICE": "cpu", "MTRANK_INTRA_OP_THREADS": "1", "MTRANK_LOG_LEVEL": "warning"})
+        full_env.update(env or {})
+        cmd = [sys.executable, "-m", "mtrank.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        if repo is not None:
+            cmd += ["--repo", str(repo)]
+        self.proc = subprocess.Popen(
+            [*cmd, *args], env=full_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.client = httpx.Client(base_url=self.url, timeout=30.0)
+        if wait_ready:
+            self.wait_ready(ready_timeout_s)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                r = self.client.get("/readyz", timeout=2.0)
+                if r.status_code == 200:
+                    return
+                last = r.text
+            except httpx.HTTPError as e:
+                last = repr(e)
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"server not ready after {timeout_s} s (last: {last}):\n{self.output()}")
+
+    def output(self) -> str:
+        """Everything the process printed (only once it has exited)."""
+        if self.proc.poll() is None or self.proc.stdout is None:
+            return ""
+        return self.proc.stdout.read()
+
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.client.post(path, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.client.get(path, **kwargs)
+
+    def metrics(self) -> str:
+        return self.get("/metrics").text
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM, wait for the drain; SIGKILL if it hangs. Returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.client.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> RemoteServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- a tiny model repository ---------------------------------------------------------------
+
+TOY_TASKS = (("vtr", "binary"), ("vcr", "regression"), ("like", "binary"))
+TOY_GROUPS = Facet(
+    column="user_group",
+    values=("new", "low", "high"),
+    rules=(FacetRule("new", "account_age_days", "lt", 7.0), FacetRule("low", "watch_minutes_30d", "lt", 60.0)),
+    default="high",
+)
+TOY_DENSE = (
+    DenseInfo("account_age_days", "user", "log1p", 4.0, 1.5, 0.0),
+    DenseInfo("watch_minutes_30d", "user", "log1p", 4.5, 1.2, 0.0),
+    DenseInfo("video_len", "item", "log1p", 3.4, 1.0, 30.0),
+    DenseInfo("item_age_days", "item", "log1p", 2.5, 1.1, 0.0),
+)
+TOY_DEVICES = ["android", "ios", "web"]
+TOY_CATEGORIES = [f"c{i}" for i in range(10)]
+TOY_DIM = 8
+TOY_USERS = [f"u{i}" for i in range(200)]
+TOY_ITEMS = [f"v{i}" for i in range(500)]
+TOY_AUTHORS = [f"a{i}" for i in range(60)]
+TOY_STORE_FIELDS = (("user_id", "user", TOY_USERS), ("item_id", "item", TOY_ITEMS), ("author_id", "item", TOY_AUTHORS))
+
+
+def _toy_graph(path: Path, seed: int, tasks: Sequence[str]) -> None:
+    """dense ‖ emb(ids) ‖ store vectors → MLP(16) → sigmoid per task; batch axis symbolic."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    graph_dim = 4
+    n_in = len(TOY_DENSE) + 2 * graph_dim + len(TOY_STORE_FIELDS) * TOY_DIM
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.5, (len(TOY_DEVICES) + 1, graph_dim)).astype(np.float32), "t_device"),
+        numpy_helper.from_array(rng.normal(0, 0.5, (len(TOY_CATEGORIES) + 1, graph_dim)).astype(np.float32), "t_cat"),
+        numpy_helper.from_array(rng.normal(0, 0.4, (n_in, 16)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (16,)).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.normal(0, 0.6, (16, len(tasks))).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (len(tasks),)).astype(np.float32), "b2"),
+        numpy_helper.from_array(np.array(0, dtype=np.int64), "i0"),
+        numpy_helper.from_array(np.array(1, dtype=np.int64), "i1"),
+    ]
+    for k in range(len(tasks)):
+        inits.append(numpy_helper.from_array(np.array(k, dtype=np.int64), f"k{k}"))
+    nodes = [
+        helper.make_node("Gather", ["ids", "i0"], ["id_device"], axis=1),
+        helper.make_node("Gather", ["ids", "i1"], ["id_cat"], axis=1),
+        helper.make_node("Gather", ["t_device", "id_device"], ["e_device"], axis=0),
+        helper.make_node("Gather", ["t_cat", "id_cat"], ["e_cat"], axis=0),
+        helper.make_node(
+            "Concat", ["dense", "e_device", "e_cat"] + [f"emb.{f}" for f, _, _ in TOY_STORE_FIELDS], ["x"], axis=1
+        ),
+        helper.make_node("MatMul", ["x", "w1"], ["h0"]),
+        helper.make_node("Add", ["h0", "b1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["h"]),
+        helper.make_node("MatMul", ["h", "w2"], ["z0"]),
+        helper.make_node("Add", ["z0", "b2"], ["z"]),
+        helper.make_node("Sigmoid", ["z"], ["p"]),
+    ]
+    nodes += [helper.make_node("Gather", ["p", f"k{k}"], [t], axis=1) for k, t in enumerate(tasks)]
+    inputs = [
+        helper.make_tensor_value_info("dense", TensorProto.FLOAT, ["batch", len(TOY_DENSE)]),
+        helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 2]),
+    ]
+    inputs += [
+        helper.make_tensor_value_info(f"emb.{f}", TensorProto.FLOAT, ["batch", TOY_DIM]) for f, _, _ in TOY_STORE_FIELDS
+    ]
+    outputs = [helper.make_tensor_value_info(t, TensorProto.FLOAT, ["batch"]) for t in tasks]
+    graph = helper.make_graph(nodes, "toy", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def build_toy_version(
+    repo: Path, name: str = "toy", version: int = 1, grouped: bool = False, seed: int = 0,
+    tasks: Sequence[tuple[str, str]] = TOY_TASKS,
+) -> Path:
+    """Write ``repo/name/version`` with one graph (``all``) or one per user group (new/low/high),
+    whose weights differ by group. Store tables hold TOY_USERS / TOY_ITEMS / TOY_AUTHORS."""
+    vdir = Path(repo) / name / str(version)
+    vdir.mkdir(parents=True)
+    rng = np.random.default_rng(seed + 1000)
+    tables = {}
+    for f, _, ids in TOY_STORE_FIELDS:
+        vectors = rng.normal(0, 1, (len(ids) + 1, TOY_DIM)).astype(np.float32)
+        vectors[0] = 0.05  # a recognisable default row
+        (vdir / "tables").mkdir(exist_ok=True)
+        (vdir / "tables" / f"{f}.ids").write_text("".join(f"{i}\n" for i in ids))
+        np.save(vdir / "tables" / f"{f}.npy", vectors)
+        tables[f] = TableInfo(f, f"tables/{f}.ids", f"tables/{f}.npy", len(ids) + 1, TOY_DIM, ["shared"])
+    task_names = [t for t, _ in tasks]
+    inputs = [TensorInfo("dense", "float32", ["batch", len(TOY_DENSE)]), TensorInfo("ids", "int64", ["batch", 2])]
+    inputs += [TensorInfo(f"emb.{f}", "float32", ["batch", TOY_DIM]) for f, _, _ in TOY_STORE_FIELDS]
+    graphs = {}
+    for g, key in enumerate(TOY_GROUPS.values if grouped else ("all",)):
+        (vdir / "graphs").mkdir(exist_ok=True)
+        _toy_graph(vdir / "graphs" / f"{key}.onnx", seed * 10 + g, task_names)
+        graphs[key] = GraphInfo(
+            file=f"graphs/{key}.onnx", inputs=inputs,
+            outputs=[TensorInfo(t, "float32", ["batch"]) for t in task_names], tasks=task_names,
+        )
+    sparse = [
+        SparseInfo("user_id", "user", "store"),
+        SparseInfo("device", "user", "graph", vocab=TOY_DEVICES),
+        SparseInfo("item_id", "item", "store"),
+        SparseInfo("author_id", "item", "store"),
+        SparseInfo("category", "item", "graph", vocab=TOY_CATEGORIES),
+    ]
+    manifest = Manifest(
+        name=name, kind="toy", version=version,
+        tasks=[{"name": t, "type": kind, "behaviour": t} for t, kind in tasks],
+        dense=list(TOY_DENSE), sparse=sparse, graphs=graphs, tables=tables,
+        user_groups=facet_dict(TOY_GROUPS), created_at="2026-01-01T00:00:00Z",
+    )
+    write_manifest(vdir, manifest)
+    return vdir
+
+
+def rank_body(user_id: str = "u1", n: int = 20, offset: int = 0, **user_features: Any) -> dict[str, Any]:
+    """A /v1/rank body with ``n`` candidates taken from the toy (and synthetic) id ranges."""
+    features = {"account_age_days": 400, "watch_minutes_30d": 300.0, "device": "ios", **user_features}
+    return {
+        "request_id": f"r-{user_id}-{n}-{offset}",
+        "user": {"user_id": user_id, "features": features},
+        "candidates": [
+            {"item_id": f"v{offset + i}", "video_len": float(5 + (offset + i) * 7 % 300),
+             "features": {"author_id": f"a{(offset + i) % 70}", "category": f"c{(offset + i) % 12}",
+                          "item_age_days": float((offset + i) % 30)}}
+            for i in range(n)
+        ],
+        "return_task_scores": True,
+    }

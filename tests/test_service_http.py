@@ -1,0 +1,513 @@
+"""The service as a real process (``mtrank serve``) over HTTP, with real Redis and ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mtrank.manifest import load_manifest, version_dir, write_manifest
+from service.buckets import BucketTable
+from service.fusion import length_factor
+from service.settings import BucketConfig, LengthFn
+from tests.server import ROOT, RemoteServer, free_port, rank_body
+
+ADMIN_TOKEN = "test-admin-token"
+SALT = "http-test-salt"
+METRIC_NAMES = (  # DESIGN.md §7, plus the store health metrics the dashboard uses
+    "mtrank_requests_total", "mtrank_request_duration_seconds", "mtrank_candidates_per_request",
+    "mtrank_queue_wait_seconds", "mtrank_batch_rows", "mtrank_inference_duration_seconds",
+    "mtrank_embedding_lookup_duration_seconds", "mtrank_embedding_cache_hits_total",
+    "mtrank_embedding_cache_misses_total", "mtrank_embedding_missing_total", "mtrank_rejected_total",
+    "mtrank_inflight_requests", "mtrank_model_info", "mtrank_redis_errors_total",
+    "mtrank_embedding_store_degraded", "mtrank_models_loaded",
+)
+
+
+def _buckets(tasks: list[str]) -> list[dict]:
+    """Two buckets on model ``ple`` with different weights and length factors."""
+    return [
+        {"name": "control", "share": 50, "model": "ple",
+         "weights": {tasks[0]: 1.0, tasks[1]: 1.0}, "length_fn": {"kind": "none"}},
+        {"name": "treatment", "share": 50, "model": "ple",
+         "weights": {tasks[0]: 1.0, tasks[1]: 2.0, tasks[-1]: -0.5},
+         "length_fn": {"kind": "sigmoid", "center": 20.0, "width": 15.0}},
+    ]
+
+
+@pytest.fixture(scope="module")
+def ple_repo(exported_repo, tmp_path_factory) -> Path:
+    """A private copy of the exported PLE repository (tests add versions to it)."""
+    repo = tmp_path_factory.mktemp("served-repo")
+    shutil.copytree(exported_repo("ple") / "ple", repo / "ple")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def ple_tasks(ple_repo) -> list[str]:
+    return load_manifest(version_dir(ple_repo, "ple")).task_names
+
+
+@pytest.fixture(scope="module")
+def server(ple_repo, ple_tasks):
+    env = {
+        "MTRANK_BUCKETS": json.dumps(_buckets(ple_tasks)),
+        "MTRANK_BUCKET_SALT": SALT,
+        "MTRANK_ADMIN_TOKEN": ADMIN_TOKEN,
+        "MTRANK_MAX_CANDIDATES": "300",
+        "MTRANK_MAX_QUEUE_DELAY_MS": "25",
+        "MTRANK_MAX_BODY_BYTES": str(256 * 1024),
+    }
+    with RemoteServer(ple_repo, env=env) as s:
+        yield s
+
+
+def _metric_samples(text: str, name: str) -> list:
+    return [s for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name]
+
+
+def _fused(item: dict, bucket: dict, video_len: float) -> float:
+    weights = bucket["weights"]
+    log_score = sum(w * math.log(min(max(item["tasks"][t], 1e-6), 1.0)) for t, w in weights.items())
+    return math.exp(log_score) * float(length_factor(np.array([video_len]), LengthFn(**bucket["length_fn"]))[0])
+
+
+# -- ranking -------------------------------------------------------------------------------
+
+
+def test_order_equals_fusion_score_recomputed_from_task_scores(server, ple_tasks):
+    buckets = {b["name"]: b for b in _buckets(ple_tasks)}
+    seen = set()
+    for u in range(12):
+        body = rank_body(user_id=f"u{u}", n=60, offset=u * 11)
+        r = server.post("/v1/rank", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        seen.add(out["bucket"])
+        lengths = {c["item_id"]: c["video_len"] for c in body["candidates"]}
+        recomputed = [_fused(it, buckets[out["bucket"]], lengths[it["item_id"]]) for it in out["items"]]
+        assert [it["rank"] for it in out["items"]] == list(range(1, 61))
+        assert all(a >= b * (1 - 1e-9) for a, b in zip(recomputed, recomputed[1:], strict=False))
+        np.testing.assert_allclose([it["score"] for it in out["items"]], recomputed, rtol=1e-9)
+        assert set(lengths) == {it["item_id"] for it in out["items"]}
+    assert seen == {"control", "treatment"}
+
+
+def test_response_has_the_design_fields_and_top_k(server):
+    body = rank_body(user_id="u3", n=30)
+    body["top_k"] = 5
+    body["return_task_scores"] = False
+    out = server.post("/v1/rank", json=body).json()
+    assert set(out) == {"request_id", "model", "bucket", "user_group", "degraded", "items"}
+    assert out["request_id"] == body["request_id"] and out["model"] == {"name": "ple", "version": 1}
+    assert out["degraded"] is False and len(out["items"]) == 5
+    assert set(out["items"][0]) == {"item_id", "rank", "score"}
+
+
+def test_bucket_is_the_salted_hash_of_the_user_and_labels_the_metrics(server, ple_tasks):
+    table = BucketTable(tuple(BucketConfig(**b) for b in _buckets(ple_tasks)), SALT)
+    for u in range(20):
+        out = server.post("/v1/rank", json=rank_body(user_id=f"user-{u}", n=3)).json()
+        assert out["bucket"] == table.assign(f"user-{u}").name
+    samples = _metric_samples(server.metrics(), "mtrank_requests_total")
+    labelled = {(s.labels["route"], s.labels["status"], s.labels["bucket"]) for s in samples}
+    assert {("/v1/rank", "200", "control"), ("/v1/rank", "200", "treatment")} <= labelled
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(server):
+    bodies = [rank_body(user_id=f"u{40 + i}", n=20, offset=100 + 20 * i) for i in range(12)]
+    alone = [server.post("/v1/rank", json=b).json() for b in bodies]
+    before = _metric_samples(server.metrics(), "mtrank_batch_requests_sum")
+    barrier = threading.Barrier(len(bodies))
+
+    def send(body):
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            barrier.wait()
+            return c.post("/v1/rank", json=body).json()
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(send, bodies))
+    for body, a, t in zip(bodies, alone, together, strict=True):
+        assert [it["item_id"] for it in t["items"]] == [it["item_id"] for it in a["items"]]
+        assert {it["item_id"] for it in t["items"]} == {c["item_id"] for c in body["candidates"]}
+        for ia, it in zip(a["items"], t["items"], strict=True):
+            for task, p in ia["tasks"].items():
+                assert abs(it["tasks"][task] - p) <= 1e-6
+    text = server.metrics()
+    rows_le_20 = sum(s.value for s in _metric_samples(text, "mtrank_batch_rows_bucket") if s.labels["le"] == "20.0")
+    rows_total = sum(s.value for s in _metric_samples(text, "mtrank_batch_rows_count"))
+    assert rows_total > rows_le_20, "no inference call had more rows than one request"
+    after = _metric_samples(text, "mtrank_batch_requests_sum")
+    calls = sum(s.value for s in _metric_samples(text, "mtrank_batch_requests_count"))
+    assert sum(s.value for s in after) - sum(s.value for s in before) == len(bodies)
+    assert calls < sum(s.value for s in after), "every batch held one request"
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+def _body(**changes):
+    b = rank_body(n=3)
+    b.update(changes)
+    return b
+
+
+def _cand(**changes):
+    c = {"item_id": "v1", "video_len": 10.0}
+    c.update(changes)
+    return c
+
+
+BAD_INPUTS = [
+    ("malformed JSON", b'{"user": {"user_id": "u1"}, "candidates": [', 422, "malformed JSON"),
+    ("not an object", b"[1, 2, 3]", 422, "invalid request"),
+    ("NaN literal", b'{"user": {"user_id": "u1"}, "candidates": [{"item_id": "v", "video_len": NaN}]}', 422, "JSON"),
+    ("null user", _body(user=None), 422, "user"),
+    ("no user key", {"candidates": [_cand()]}, 422, "user"),
+    ("negative video_len", _body(candidates=[_cand(video_len=-1.0)]), 422, "video_len"),
+    ("huge video_len", _body(candidates=[_cand(video_len=1e12)]), 422, "video_len"),
+    ("string video_len", _body(candidates=[_cand(video_len="31")]), 422, "video_len"),
+    ("infinite video_len", b'{"user": {"user_id": "u"}, "candidates": [{"item_id": "v", "video_len": 1e999}]}',
+     422, "infinity"),
+    ("zero candidates", _body(candidates=[]), 422, "candidates"),
+    ("too many candidates", _body(candidates=[_cand(item_id=f"v{i}") for i in range(301)]), 413,
+     "MTRANK_MAX_CANDIDATES"),
+    ("numeric user_id", _body(user={"user_id": 42}), 422, "user_id"),
+    ("list feature", _body(user={"user_id": "u", "features": {"device": ["ios"]}}), 422, "device"),
+    ("string for a number feature", _body(user={"user_id": "u", "features": {"account_age_days": "old"}}),
+     422, "account_age_days"),
+    ("duplicate item ids", _body(candidates=[_cand(), _cand()]), 422, "duplicate item_id"),
+    ("unknown field", _body(candidate_count=3), 422, "candidate_count"),
+    ("huge item id", _body(candidates=[_cand(item_id="x" * 5000)]), 422, "item_id"),
+    ("huge feature string", _body(user={"user_id": "u", "features": {"device": "y" * 5000}}), 422, "device"),
+    ("body over the limit", _body(request_id="z" * 300_000), 413, "MTRANK_MAX_BODY_BYTES"),
+    ("unknown user group", _body(user={"user_id": "u", "group": "martians"}), 422, "martians"),
+    ("top_k zero", _body(top_k=0), 422, "top_k"),
+    ("bool top_k", _body(top_k=True), 422, "top_k"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "words"), [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gets_a_4xx_with_a_message(server, body, status, words):
+    if isinstance(body, bytes):
+        r = server.post("/v1/rank", content=body, headers={"content-type": "application/json"})
+    else:
+        r = server.post("/v1/rank", json=body)
+    assert r.status_code == status, r.text
+    message = r.json()["error"] + json.dumps(r.json().get("detail", []))
+    assert words in message, message
+
+
+def test_bad_input_never_crashes_the_server(server):
+    assert server.get("/healthz").status_code == 200
+    assert server.proc.poll() is None
+
+
+# -- endpoints and metrics ----------------------------------------------------------------
+
+
+def test_every_design_metric_is_exported(server):
+    server.post("/v1/rank", json=rank_body(n=4))
+    text = server.metrics()
+    for name in METRIC_NAMES:
+        assert f"\n{name}" in text, name
+    info = _metric_samples(text, "mtrank_model_info")
+    assert {(s.labels["model"], s.labels["version"], s.labels["device"]) for s in info} == {("ple", "1", "cpu")}
+    buckets = {s.labels["le"] for s in _metric_samples(text, "mtrank_request_duration_seconds_bucket")}
+    assert {"0.0005", "0.001", "0.002", "0.005"} <= buckets  # millisecond resolution
+
+
+def test_models_endpoint_lists_versions_groups_tasks_device_and_buckets(server, ple_tasks):
+    out = server.get("/v1/models").json()
+    (model,) = out["models"]
+    (version,) = model["versions"]
+    assert model["name"] == "ple" and version["version"] == 1 and version["tasks"] == ple_tasks
+    assert version["device"] == "cpu" and version["provider"] == "CPUExecutionProvider"
+    assert [b["name"] for b in out["buckets"]] == ["control", "treatment"]
+    assert out["store"] == {"kind": "inprocess", "degraded": False}
+
+
+def test_health_and_readiness(server):
+    assert server.get("/healthz").json() == {"status": "ok"}
+    assert server.get("/readyz").json() == {"ready": True}
+
+
+def test_admin_reload_needs_the_token(server):
+    assert server.post("/admin/reload").status_code == 401
+    assert server.post("/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    r = server.post("/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert r.status_code == 200 and r.json()["served"] == {"ple": [1]}
+
+
+def test_import_keeps_torch_out():
+    code = "import service.app, service.main, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# -- hot reload, restarts, shutdown ---------------------------------------------------------
+
+
+def _add_version(repo: Path, model: str, version: int) -> Path:
+    """A copy of version 1 published as ``version`` (manifest rewritten with its number)."""
+    src = repo / model / "1"
+    dst = repo / model / str(version)
+    shutil.copytree(src, dst)
+    manifest = load_manifest(dst)
+    manifest.version = version
+    write_manifest(dst, manifest)
+    return dst
+
+
+def test_hot_reload_serves_a_new_version_and_keeps_it_when_a_newer_one_is_broken(ple_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(ple_repo / "ple" / "1", repo / "ple" / "1")
+    with RemoteServer(repo, env={"MTRANK_ADMIN_TOKEN": ADMIN_TOKEN}) as s:
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        before = s.post("/v1/rank", json=rank_body(n=5)).json()
+        _add_version(repo, "ple", 2)
+        r = s.post("/admin/reload", headers=auth)
+        assert r.status_code == 200 and r.json()["served"] == {"ple": [2]}, r.text
+        after = s.post("/v1/rank", json=rank_body(n=5)).json()
+        assert after["model"] == {"name": "ple", "version": 2}
+        assert [i["item_id"] for i in after["items"]] == [i["item_id"] for i in before["items"]]
+        broken = _add_version(repo, "ple", 3)
+        onnx_file = next(broken.rglob("*.onnx"))
+        onnx_file.write_bytes(onnx_file.read_bytes()[:-10])  # truncated after the checksum was taken
+        r = s.post("/admin/reload", headers=auth)
+        assert r.status_code == 409 and "checksum mismatch" in r.json()["errors"]["ple v3"], r.text
+        assert s.post("/v1/rank", json=rank_body(n=5)).json()["model"]["version"] == 2
+        assert s.get("/readyz").status_code == 200
+        assert "ple v3" in s.get("/v1/models").json()["errors"]
+
+
+def _rank_with(s: RemoteServer, n: int):
+    return lambda user: s.post("/v1/rank", json=rank_body(user_id=user, n=n))
+
+
+def test_buckets_are_stable_across_restarts_and_sigterm_drains_in_flight_requests(ple_repo, ple_tasks):
+    # A long batching delay keeps requests in flight long enough to send SIGTERM among them.
+    env = {"MTRANK_BUCKETS": json.dumps(_buckets(ple_tasks)), "MTRANK_BUCKET_SALT": SALT,
+           "MTRANK_MAX_QUEUE_DELAY_MS": "300"}
+    users = [f"restart-{i}" for i in range(25)]
+    port = free_port()
+    runs = []
+    for _ in range(2):
+        with RemoteServer(ple_repo, env=env, port=port) as s, ThreadPoolExecutor(len(users)) as pool:
+            runs.append([r.json()["bucket"] for r in pool.map(_rank_with(s, 2), users)])
+            in_flight = [pool.submit(_rank_with(s, 100), f"d{i}") for i in range(6)]
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                gauge = _metric_samples(s.metrics(), "mtrank_inflight_requests")
+                if gauge and gauge[0].value >= 3:
+                    break
+            s.proc.send_signal(signal.SIGTERM)
+            statuses = [f.result().status_code for f in in_flight]
+            # uvicorn re-raises the signal once it has drained: -SIGTERM is a clean exit too.
+            assert s.proc.wait(30) in (0, -signal.SIGTERM), s.output()
+            assert statuses == [200] * 6, statuses
+    assert runs[0] == runs[1] and set(runs[0]) == {"control", "treatment"}
+
+
+# -- start-up errors -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"MTRANK_BUCKETS": '[{"name": "a", "share": 60, "model": "ple"}, {"name": "b", "share": 30, "model": "ple"}]'},
+         "MTRANK_BUCKETS: shares add up to 90, not 100"),
+        ({"MTRANK_BUCKETS": '[{"name": "a", "share": 100, "model": "ple", "weights": {"dwell": 1}}]'},
+         "MTRANK_BUCKETS: bucket 'a' weighs tasks ['dwell']"),
+        ({"MTRANK_BUCKETS": '[{"name": "a", "share": 100, "model": "nope"}]'},
+         "MTRANK_BUCKETS: bucket 'a' serves model"),
+        ({"MTRANK_DEVICE": "cuda"}, "MTRANK_DEVICE"),
+    ],
+    ids=["shares", "unknown task", "unknown model", "cuda without gpu"],
+)
+def test_bad_configuration_stops_start_up_with_one_line(ple_repo, env, words):
+    if env.get("MTRANK_DEVICE") == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            pytest.skip("this machine may have a usable GPU")
+    with pytest.raises(RuntimeError) as e:
+        RemoteServer(ple_repo, env=env, ready_timeout_s=60)
+    lines = [ln for ln in str(e.value).splitlines() if ln.startswith("mtrank serve: error:")]
+    assert "exited with 2" in str(e.value) and len(lines) == 1 and words in lines[0], str(e.value)
+
+
+# -- user-group routing --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grouped_repo(exported_repo, tmp_path_factory) -> tuple[Path, str]:
+    """An MFH export (one graph per user group) when MFH is registered, else a hand-assembled
+    repository whose per-group graphs are different toy graphs."""
+    from training.models.registry import model_names
+
+    if "mfh" in model_names():
+        return exported_repo("mfh"), "mfh"
+    from tests.server import build_toy_version
+
+    repo = tmp_path_factory.mktemp("grouped-repo")
+    build_toy_version(repo, "grouped", 1, grouped=True, seed=5)
+    return repo, "grouped"
+
+
+def _direct_group_outputs(vdir: Path, body: dict, group: str) -> dict[str, np.ndarray]:
+    """Run one group's ONNX graph directly on the request's features, outside the service."""
+    import onnxruntime as ort
+
+    from service.ranking import FeaturePlan
+    from service.schemas import RankRequest
+    from service.stores import InProcessStore, LocalTable
+
+    m = load_manifest(vdir)
+    tables = {f: LocalTable(m.name, m.version, info, vdir) for f, info in m.tables.items()}
+    plan = FeaturePlan.build(m, tables)
+    req = RankRequest.model_validate(body)
+    info = m.graph_for(group)
+    session = ort.InferenceSession(str(vdir / info.file), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    n = len(req.candidates)
+    feed = {"dense": plan.dense_matrix(req, np.array([c.video_len for c in req.candidates]))}
+    if "ids" in names:
+        feed["ids"] = plan.id_matrix(req)
+    fields = [x[len("emb."):] for x in names if x.startswith("emb.")]
+    for name, (table, ids) in zip(fields, plan.store_ids(req, fields), strict=True):
+        v = InProcessStore.lookup_sync(table, ids).vectors
+        feed[f"emb.{name}"] = np.repeat(v, n, axis=0) if len(v) != n else v
+    outputs = session.run([o.name for o in info.outputs], feed)
+    return dict(zip(info.tasks, outputs, strict=True))
+
+
+def test_each_user_group_gets_its_own_graphs_outputs(grouped_repo):
+    repo, model = grouped_repo
+    vdir = version_dir(repo, model)
+    groups = load_manifest(vdir).graphs
+    assert {"new", "high"} <= set(groups), f"{model} has no per-group graphs: {sorted(groups)}"
+    new_user = rank_body(user_id="u7", n=25, account_age_days=2, watch_minutes_30d=20.0)
+    high_user = rank_body(user_id="u8", n=25, account_age_days=900, watch_minutes_30d=5000.0)
+    high_user["candidates"] = new_user["candidates"]
+    with RemoteServer(repo) as s:
+        got = {"new": s.post("/v1/rank", json=new_user).json(), "high": s.post("/v1/rank", json=high_user).json()}
+        forced = s.post("/v1/rank", json=new_user | {"user": {**new_user["user"], "group": "high"}}).json()
+    for group, body, out in (("new", new_user, got["new"]), ("high", high_user, got["high"]),
+                             ("high", new_user, forced)):
+        assert out["user_group"] == group
+        mine = _direct_group_outputs(vdir, body, group)
+        other = _direct_group_outputs(vdir, body, "high" if group == "new" else "new")
+        index = {c["item_id"]: i for i, c in enumerate(body["candidates"])}
+        rows = [index[it["item_id"]] for it in out["items"]]
+        for task in mine:
+            served = np.array([it["tasks"][task] for it in out["items"]])
+            np.testing.assert_allclose(served, mine[task][rows], atol=1e-6, rtol=0)
+        assert any(np.abs(mine[t] - other[t]).max() > 1e-4 for t in mine), "group graphs are identical"
+
+
+# -- Redis ---------------------------------------------------------------------------------
+
+
+class RedisProcess:
+    """A redis-server of the test's own (no persistence), so it can be killed and restarted."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisProcess:
+        import redis
+
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(self.url, socket_connect_timeout=0.2).ping()
+                return self
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def own_redis():
+    r = RedisProcess().start()
+    yield r
+    r.kill()
+
+
+@pytest.mark.redis
+def test_redis_outage_degrades_answers_and_recovers_without_restart(ple_repo, server, own_redis):
+    from export.redis_loader import load_embeddings
+
+    redis_prefix = "mtrank-outage-test"
+
+    env = {"MTRANK_REDIS_URL": own_redis.url, "MTRANK_REDIS_PREFIX": redis_prefix, "MTRANK_REDIS_RETRY_S": "0.2"}
+    with RemoteServer(ple_repo, env=env, wait_ready=False) as s:
+        # Nothing loaded in Redis yet: up, but not ready, and it says why.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = s.get("/readyz")
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and s.proc.poll() is None, s.output()
+                time.sleep(0.1)
+        assert r.status_code == 503 and "not loaded in Redis" in r.json()["reason"], r.text
+        load_embeddings(ple_repo, "ple", own_redis.url, prefix=redis_prefix, progress=False)
+        s.wait_ready(30)  # picked up by the retry loop, no restart
+
+        body = rank_body(user_id="u5", n=40, offset=0)
+        healthy = s.post("/v1/rank", json=body).json()
+        assert healthy["degraded"] is False
+        in_process = server.post("/v1/rank", json=body).json()  # same model, in-process store
+        assert {i["item_id"]: i["tasks"] for i in healthy["items"]} == {
+            i["item_id"]: i["tasks"] for i in in_process["items"]
+        }
+
+        own_redis.kill()
+        r = s.post("/v1/rank", json=rank_body(user_id="u6", n=40, offset=300))
+        assert r.status_code == 200 and r.json()["degraded"] is True, r.text
+        ready = s.get("/readyz")
+        assert ready.status_code == 503 and "Redis" in ready.json()["reason"]
+        text = s.metrics()
+        assert _metric_samples(text, "mtrank_embedding_store_degraded")[0].value == 1
+        assert _metric_samples(text, "mtrank_redis_errors_total")[0].value >= 1
+        assert s.get("/v1/models").json()["store"] == {"kind": "redis", "degraded": True}
+
+        own_redis.start()  # same port, empty: the tables must be loaded again
+        load_embeddings(ple_repo, "ple", own_redis.url, prefix=redis_prefix, progress=False)
+        deadline = time.monotonic() + 15
+        offset = 400
+        while True:
+            out = s.post("/v1/rank", json=rank_body(user_id="u6", n=40, offset=offset)).json()
+            if out["degraded"] is False:
+                break
+            assert time.monotonic() < deadline, "no recovery after Redis came back"
+            offset += 40
+            time.sleep(0.1)
+        assert s.get("/readyz").status_code == 200
+        assert _metric_samples(s.metrics(), "mtrank_embedding_store_degraded")[0].value == 0
+        assert s.proc.poll() is None

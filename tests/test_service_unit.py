@@ -1,0 +1,392 @@
+"""Service parts without a server: fusion, buckets, settings, batcher, stores (real ORT, real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service import fusion
+from service.batcher import Batcher, DeadlineExceeded, Overloaded
+from service.buckets import BucketTable, user_slot
+from service.runner import GraphRunner
+from service.settings import BucketConfig, ConfigError, LengthFn, load_settings
+from service.stores import InProcessStore, LocalTable, RedisStore, lookup
+from tests.server import TOY_ITEMS, TOY_USERS, build_toy_version, free_port
+
+# -- fusion ---------------------------------------------------------------------------------
+
+
+def test_fusion_log_space_equals_the_product_of_powers():
+    rng = np.random.default_rng(0)
+    tasks = {"vtr": rng.uniform(0.01, 1, 50), "like": rng.uniform(0.01, 1, 50), "vcr": rng.uniform(0.01, 1, 50)}
+    weights = {"vtr": 1.0, "like": 0.5, "vcr": 2.0}
+    length = rng.uniform(0, 600, 50)
+    fn = LengthFn(kind="power", beta=0.3, offset=1.0)
+    direct = tasks["vtr"] ** 1.0 * tasks["like"] ** 0.5 * tasks["vcr"] ** 2.0 * (length + 1.0) ** 0.3
+    np.testing.assert_allclose(np.exp(fusion.log_scores(tasks, weights, length, fn)), direct, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("fn", "length", "expected"),
+    [
+        (LengthFn(kind="none"), 120.0, 1.0),
+        (LengthFn(kind="log1p", alpha=2.0, scale=10.0), 90.0, (1 + math.log1p(9.0)) ** 2),
+        (LengthFn(kind="log1p"), 0.0, 1.0),
+        (LengthFn(kind="sigmoid", center=30.0, width=10.0), 30.0, 0.5),
+        (LengthFn(kind="sigmoid", center=30.0, width=10.0), 50.0, 1 / (1 + math.exp(-2.0))),
+        (LengthFn(kind="sigmoid", center=30.0, width=-10.0), 50.0, 1 / (1 + math.exp(2.0))),
+        (LengthFn(kind="power", beta=-0.5, offset=1.0), 99.0, 0.1),
+        (LengthFn(kind="power", beta=0.3, offset=1.0), 0.0, 1.0),
+    ],
+)
+def test_length_factor_matches_its_definition(fn, length, expected):
+    assert fusion.length_factor(np.array([length]), fn)[0] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["none", "log1p", "sigmoid", "power"])
+def test_length_factor_is_finite_and_positive_over_the_allowed_range(kind):
+    log_f = fusion.log_length_factor(np.array([0.0, 1e-9, 1.0, 3600.0, 86400.0]), LengthFn(kind=kind))
+    assert np.all(np.isfinite(log_f))
+
+
+def test_fusion_clips_zero_nan_and_regression_outputs():
+    tasks = {"vtr": np.array([0.0, np.nan, 0.5]), "vcr": np.array([1.7, 0.2, -0.3])}
+    log_s = fusion.log_scores(tasks, {"vtr": 1.0, "vcr": 1.0}, np.zeros(3), LengthFn())
+    assert np.all(np.isfinite(log_s))
+    floor = math.log(fusion.P_MIN)
+    np.testing.assert_allclose(log_s, [floor + 0.0, floor + math.log(0.2), math.log(0.5) + floor])
+
+
+def test_negative_weight_ranks_a_likely_skip_lower():
+    tasks = {"vtr": np.array([0.5, 0.5]), "skip": np.array([0.9, 0.1])}
+    order = fusion.rank_order(fusion.log_scores(tasks, {"vtr": 1.0, "skip": -1.0}, np.zeros(2), LengthFn()))
+    assert order.tolist() == [1, 0]
+
+
+def test_rank_order_keeps_request_order_on_ties():
+    assert fusion.rank_order(np.array([0.0, 1.0, 0.0, 1.0])).tolist() == [1, 3, 0, 2]
+
+
+# -- buckets --------------------------------------------------------------------------------
+
+
+def _table(shares, salt="s1"):
+    return BucketTable(tuple(BucketConfig(name=f"b{i}", share=s) for i, s in enumerate(shares)), salt)
+
+
+def test_bucket_shares_within_one_point_over_100k_users():
+    table = _table([50.0, 30.0, 15.5, 4.5])
+    names = [table.assign(f"user-{i}").name for i in range(100_000)]
+    for b in table.buckets:
+        share = 100.0 * names.count(b.name) / len(names)
+        assert abs(share - b.share) <= 1.0, (b.name, share)
+
+
+def test_bucket_assignment_is_stable_across_processes_and_depends_on_the_salt():
+    ids = [f"user-{i}" for i in range(200)]
+    here = [user_slot("s1", u) for u in ids]
+    code = (
+        "from service.buckets import user_slot;"
+        "print(','.join(str(user_slot('s1', f'user-{i}')) for i in range(200)))"
+    )
+    # A fresh interpreter has a different str hash seed: the slots must not depend on it.
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"}, cwd=Path(__file__).parents[1])
+    assert [int(x) for x in out.stdout.strip().split(",")] == here
+    assert [user_slot("other-salt", u) for u in ids] != here
+
+
+# -- settings -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "variable", "words"),
+    [
+        ({"MTRANK_BUCKETS": '[{"name": "a", "share": 60}, {"name": "b", "share": 30}]'}, "MTRANK_BUCKETS",
+         "shares add up to 90, not 100"),
+        ({"MTRANK_BUCKETS": "[{not json"}, "MTRANK_BUCKETS", "JSON"),
+        ({"MTRANK_BUCKETS": '[{"name": "a", "share": 100, "length_fn": {"kind": "cubic"}}]'}, "MTRANK_BUCKETS",
+         "length_fn.kind"),
+        ({"MTRANK_BUCKETS": '[{"name": "a", "share": 50}, {"name": "a", "share": 50}]'}, "MTRANK_BUCKETS", "unique"),
+        ({"MTRANK_DEVICE": "tpu"}, "MTRANK_DEVICE", "cuda"),
+        ({"MTRANK_PORT": "eighty"}, "MTRANK_PORT", "integer"),
+        ({"MTRANK_MAX_BATCH_ROWS": "0"}, "MTRANK_MAX_BATCH_ROWS", "greater"),
+        ({"MTRANK_REDIS_URL": "http://localhost"}, "MTRANK_REDIS_URL", "Redis URL"),
+        ({"MTRANK_MAX_QUEUE_ROWS": "100"}, "MTRANK_MAX_QUEUE_ROWS", "max_candidates"),
+        ({"MTRANK_BATCHING": "perhaps"}, "MTRANK_BATCHING", "boolean"),
+    ],
+)
+def test_bad_setting_names_the_variable(monkeypatch, env, variable, words):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError) as e:
+        load_settings()
+    message = str(e.value)
+    assert message.startswith(f"{variable}: ") and words in message and "\n" not in message
+
+
+def test_settings_defaults_and_overrides(monkeypatch):
+    monkeypatch.setenv("MTRANK_PORT", "9001")
+    monkeypatch.delenv("MTRANK_REDIS_URL", raising=False)
+    s = load_settings(host="0.0.0.0")
+    assert (s.port, s.host, s.redis_url, s.max_batch_rows, s.max_queue_delay_ms) == (9001, "0.0.0.0", None, 4096, 2.0)
+    assert load_settings(port=9100).port == 9100
+
+
+# -- batcher (a real ONNX Runtime session on a tiny graph) ----------------------------------
+
+
+def _tiny_graph(path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(1).normal(0, 1, (4, 2)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["dense", "w"], ["z"]),
+        helper.make_node("Sigmoid", ["z"], ["p"]),
+        helper.make_node("Gather", ["p", "k0"], ["a"], axis=1),
+        helper.make_node("Gather", ["p", "k1"], ["b"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("dense", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch"]) for n in ("a", "b")],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(0, np.int64), "k0"),
+         numpy_helper.from_array(np.array(1, np.int64), "k1")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_runner(tmp_path_factory) -> GraphRunner:
+    runner = GraphRunner(_tiny_graph(tmp_path_factory.mktemp("tiny") / "tiny.onnx"), device="cpu",
+                         intra_op_threads=1)
+    runner.warm_up((1, 64))
+    return runner
+
+
+class _Recorder:
+    """Wraps a runner's run to record the rows of every inference call."""
+
+    def __init__(self, runner: GraphRunner, delay_s: float = 0.0):
+        self.runner = runner
+        self.delay_s = delay_s
+        self.batches: list[int] = []
+
+    def __call__(self, feed):
+        self.batches.append(len(feed["dense"]))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return self.runner.run(feed)
+
+
+def _batcher(runner: GraphRunner, run=None, **kwargs) -> Batcher:
+    return Batcher(run or runner.run, runner.output_names, "tiny", "all", "cpu", **kwargs)
+
+
+def _rows(seed: int, n: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 1, (n, 4)).astype(np.float32)
+
+
+def test_batcher_merges_concurrent_requests_and_returns_each_its_own_rows(tiny_runner):
+    async def main():
+        rec = _Recorder(tiny_runner)
+        batcher = _batcher(tiny_runner, rec, max_batch_rows=1000, max_queue_delay_s=0.05)
+        inputs = [_rows(i, n) for i, n in enumerate([3, 1, 7, 5, 2, 9])]
+        deadline = time.monotonic() + 5
+        outs = await asyncio.gather(*(batcher.submit({"dense": x}, deadline) for x in inputs))
+        await batcher.close()
+        return rec.batches, inputs, outs
+
+    batches, inputs, outs = asyncio.run(main())
+    assert batches == [27]  # all six requests in one inference call
+    for x, out in zip(inputs, outs, strict=True):
+        alone_a, alone_b = tiny_runner.run({"dense": x})
+        assert out["a"].shape == (len(x),)
+        np.testing.assert_allclose(out["a"], alone_a, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(out["b"], alone_b, atol=1e-6, rtol=0)
+
+
+def test_batch_invariance_scores_do_not_depend_on_batch_neighbours(tiny_runner):
+    """A request's outputs are the same alone, batched with small and with large neighbours."""
+    x = _rows(99, 11)
+
+    async def scores(neighbours: list[np.ndarray]) -> dict[str, np.ndarray]:
+        batcher = _batcher(tiny_runner, max_batch_rows=4096, max_queue_delay_s=0.05)
+        deadline = time.monotonic() + 5
+        results = await asyncio.gather(*(batcher.submit({"dense": r}, deadline) for r in [*neighbours, x]))
+        await batcher.close()
+        return results[-1]
+
+    alone = asyncio.run(scores([]))
+    for neighbours in ([_rows(1, 1)], [_rows(i, 200) for i in range(5)], [_rows(7, 2000)]):
+        batched = asyncio.run(scores(neighbours))
+        for name in ("a", "b"):
+            np.testing.assert_allclose(batched[name], alone[name], atol=1e-6, rtol=0)
+
+
+def test_batcher_splits_at_max_batch_rows_and_runs_an_oversized_request_alone(tiny_runner):
+    async def main():
+        rec = _Recorder(tiny_runner)
+        batcher = _batcher(tiny_runner, rec, max_batch_rows=10, max_queue_delay_s=0.02)
+        deadline = time.monotonic() + 5
+        await asyncio.gather(*(batcher.submit({"dense": _rows(i, n)}, deadline) for i, n in enumerate([6, 6, 25])))
+        await batcher.close()
+        return rec.batches
+
+    assert asyncio.run(main()) == [6, 6, 25]
+
+
+def test_batcher_full_queue_raises_overloaded(tiny_runner):
+    async def main():
+        batcher = _batcher(tiny_runner, _Recorder(tiny_runner, delay_s=0.2), max_batch_rows=8,
+                           max_queue_delay_s=0.0, max_queue_rows=20)
+        deadline = time.monotonic() + 5
+        first = asyncio.ensure_future(batcher.submit({"dense": _rows(0, 8)}, deadline))
+        await asyncio.sleep(0.05)  # the first batch is running; the queue is empty again
+        waiting = [asyncio.ensure_future(batcher.submit({"dense": _rows(i, 8)}, deadline)) for i in (1, 2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await batcher.submit({"dense": _rows(3, 8)}, deadline)
+        await asyncio.gather(first, *waiting)
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_batcher_drops_expired_and_cancelled_requests_before_running_them(tiny_runner):
+    async def main():
+        rec = _Recorder(tiny_runner, delay_s=0.1)
+        batcher = _batcher(tiny_runner, rec, max_batch_rows=1000, max_queue_delay_s=0.0)
+        now = time.monotonic()
+        busy = asyncio.ensure_future(batcher.submit({"dense": _rows(0, 2)}, now + 5))
+        await asyncio.sleep(0.02)  # the worker is inside the first run; these three wait
+        expired = asyncio.ensure_future(batcher.submit({"dense": _rows(1, 3)}, now + 0.05))
+        gone = asyncio.ensure_future(batcher.submit({"dense": _rows(2, 4)}, now + 5))
+        alive = asyncio.ensure_future(batcher.submit({"dense": _rows(3, 5)}, now + 5))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await busy
+        out = await alive
+        with pytest.raises(DeadlineExceeded):
+            await expired
+        await batcher.close()
+        return rec.batches, out
+
+    batches, out = asyncio.run(main())
+    assert batches == [2, 5] and len(out["a"]) == 5
+
+
+def test_unbatched_mode_runs_one_request_per_inference(tiny_runner):
+    async def main():
+        rec = _Recorder(tiny_runner)
+        batcher = _batcher(tiny_runner, rec, max_queue_delay_s=0.05, batching=False)
+        deadline = time.monotonic() + 5
+        await asyncio.gather(*(batcher.submit({"dense": _rows(i, 3)}, deadline) for i in range(4)))
+        return rec.batches
+
+    assert asyncio.run(main()) == [3, 3, 3, 3]
+
+
+# -- embedding stores -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy_version(tmp_path_factory) -> Path:
+    return build_toy_version(tmp_path_factory.mktemp("toy-repo"), "toy", 1)
+
+
+def _tables(vdir: Path) -> dict[str, LocalTable]:
+    from mtrank.manifest import load_manifest
+
+    m = load_manifest(vdir)
+    return {f: LocalTable(m.name, m.version, info, vdir) for f, info in m.tables.items()}
+
+
+def test_in_process_store_gives_default_vectors_for_missing_ids(toy_version):
+    table = _tables(toy_version)["item_id"]
+    ids = [TOY_ITEMS[3], "no-such-item", TOY_ITEMS[3], "", TOY_ITEMS[0]]
+    vectors, missing, degraded = asyncio.run(lookup(InProcessStore(), table, ids))
+    assert vectors.shape == (5, table.width) and vectors.dtype == np.float32
+    assert (missing, degraded) == (2, False)
+    np.testing.assert_array_equal(vectors[1], table.vectors[0])
+    np.testing.assert_array_equal(vectors[3], table.vectors[0])
+    np.testing.assert_array_equal(vectors[0], table.vectors[4])  # row i + 1 holds ids[i]
+    np.testing.assert_array_equal(vectors[4], table.vectors[1])
+
+
+@pytest.mark.redis
+def test_redis_and_in_process_stores_return_identical_vectors(toy_version, redis_url, redis_prefix):
+    from export.redis_loader import load_embeddings
+
+    load_embeddings(toy_version.parent.parent, "toy", redis_url, prefix=redis_prefix, progress=False)
+    tables = _tables(toy_version)
+    requests = [
+        (tables["user_id"], [TOY_USERS[5]]),
+        (tables["item_id"], [*TOY_ITEMS[:40], "missing-1", TOY_ITEMS[7]]),
+        (tables["author_id"], ["a3", "a3", "nope", "a59"]),
+    ]
+
+    async def main():
+        store = RedisStore(redis_url, prefix=redis_prefix, timeout_s=1.0)
+        try:
+            assert await store.version_problem(list(tables.values())) is None
+            first, degraded1 = await store.lookup_many(requests)
+            cached, degraded2 = await store.lookup_many(requests)  # now from the in-process cache
+            return first, cached, degraded1 or degraded2, len(store.cache)
+        finally:
+            await store.close()
+
+    from_redis, from_cache, degraded, cached_entries = asyncio.run(main())
+    local, _ = asyncio.run(InProcessStore().lookup_many(requests))
+    assert not degraded and cached_entries == 1 + 41 + 3
+    for r, c, loc in zip(from_redis, from_cache, local, strict=True):
+        np.testing.assert_array_equal(r.vectors, loc.vectors)
+        np.testing.assert_array_equal(c.vectors, loc.vectors)
+        assert r.missing == c.missing == loc.missing
+
+
+@pytest.mark.redis
+def test_redis_store_reports_a_version_whose_tables_are_not_loaded(toy_version, redis_url, redis_prefix):
+    async def main():
+        store = RedisStore(redis_url, prefix=redis_prefix, timeout_s=1.0)
+        try:
+            return await store.version_problem(list(_tables(toy_version).values()))
+        finally:
+            await store.close()
+
+    problem = asyncio.run(main())
+    assert problem is not None and "not loaded in Redis" in problem and "load-embeddings" in problem
+
+
+def test_unreachable_redis_degrades_to_default_vectors_and_retries_after_backoff(toy_version):
+    table = _tables(toy_version)["item_id"]
+
+    async def main():
+        store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2, retry_s=0.3)
+        try:
+            vectors, missing, degraded = await lookup(store, table, TOY_ITEMS[:4])
+            reason_now = await store.health()
+            started = time.perf_counter()
+            await lookup(store, table, TOY_ITEMS[:4])  # breaker open: no Redis call, no wait
+            fast = time.perf_counter() - started
+            await asyncio.sleep(0.35)
+            reason_later = await store.health()  # retries (and fails) again
+            return vectors, missing, degraded, reason_now, fast, reason_later
+        finally:
+            await store.close()
+
+    vectors, missing, degraded, reason_now, fast, reason_later = asyncio.run(main())
+    assert degraded and missing == 0  # not fetched is not "missing from the table"
+    np.testing.assert_array_equal(vectors, np.repeat(table.vectors[:1], 4, axis=0))
+    assert "degraded" in reason_now and "degraded" in reason_later and fast < 0.05
