@@ -108,7 +108,6 @@ class Engine:
         return {
             "models": list(models.values()),
             "buckets": buckets,
-            "bucket_salt_set": self.settings.bucket_salt != "mtrank",
             "store": {"kind": self.store.name, "degraded": self.store.degraded},
             "batching": self.settings.batching,
             "errors": repo.errors,

@@ -216,7 +216,8 @@ def _user_key(user: User, name: str) -> str:
 def _item_keys(req: RankRequest, name: str) -> list[str]:
     if name == "item_id":
         return [c.item_id for c in req.candidates]
-    return [_key(c.features.get(name, "")) for c in req.candidates]
+    values = [c.features.get(name, "") for c in req.candidates]
+    return [v if type(v) is str else _key(v) for v in values]
 
 
 @dataclass

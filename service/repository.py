@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mtrank.manifest import ManifestError, list_models, list_versions, load_manifest, version_dir
+from mtrank.manifest import Manifest, ManifestError, list_models, list_versions, load_manifest, version_dir
 from service import metrics
 from service.batcher import Batcher
 from service.buckets import BucketTable
@@ -177,7 +177,8 @@ class Repository:
                 new_models[model] = served
                 new_newest[model] = newest
         for key, reason in report.errors.items():
-            log.error("not serving %s: %s", key, reason)
+            if self.errors.get(key) != reason:  # the retry loop would repeat it every 2 s
+                log.error("not serving %s: %s", key, reason)
         old = self.loaded_versions()
         self._models, self._newest = new_models, new_newest
         if models:
@@ -192,39 +193,45 @@ class Repository:
         return report
 
     async def _load(self, model: str, version: int, buckets: list[BucketConfig], is_newest: bool) -> LoadedVersion:
+        """Verify, check tasks and store tables, then create and warm the sessions (the costly
+        part last, so a version waiting for its Redis tables is cheap to retry)."""
         try:
             vdir = version_dir(self.root, model, version)
         except ManifestError as e:
             raise LoadError(str(e)) from None
         started = time.perf_counter()
-        lv = await asyncio.to_thread(self._load_sync, vdir)
+        manifest, tables = await asyncio.to_thread(self._open_version, vdir)
+        tasks = list(dict.fromkeys(t for g in manifest.graphs.values() for t in g.tasks))
         for b in buckets:
             if b.model == model and (b.version == version or (b.version is None and is_newest)) and b.weights:
-                unknown = sorted(set(b.weights) - set(lv.task_names))
+                unknown = sorted(set(b.weights) - set(tasks))
                 if unknown:
-                    await lv.close()
                     raise BucketMismatch(
                         f"MTRANK_BUCKETS: bucket {b.name!r} weighs tasks {unknown} that {model} v{version} "
-                        f"does not have (tasks: {lv.task_names})"
+                        f"does not have (tasks: {tasks})"
                     )
-        problem = await self.store.version_problem(list(lv.tables.values()))
+        problem = await self.store.version_problem(list(tables.values()))
         if problem:
-            await lv.close()
             raise LoadError(problem)
-        log.info("loaded %s v%d on %s (%s) in %.2f s: groups %s, tasks %s", model, version, lv.device, lv.provider,
+        lv = await asyncio.to_thread(self._create_sessions, vdir, manifest, tables)
+        log.info("loaded %s v%d on %s (%s) in %.2f s: graphs %s, tasks %s", model, version, lv.device, lv.provider,
                  time.perf_counter() - started, sorted(lv.graphs), lv.task_names)
         return lv
 
-    def _load_sync(self, vdir: Path) -> LoadedVersion:
-        s = self.settings
+    @staticmethod
+    def _open_version(vdir: Path) -> tuple[Manifest, dict[str, LocalTable]]:
         try:
             manifest = load_manifest(vdir, verify=True)
-        except (ManifestError, OSError) as e:
-            raise LoadError(str(e)) from None
-        try:
             tables = {f: LocalTable(manifest.name, manifest.version, info, vdir) for f, info in manifest.tables.items()}
             for t in tables.values():
                 t.default  # noqa: B018 - opens the vectors and checks their shape
+        except (ManifestError, OSError, ValueError) as e:
+            raise LoadError(str(e)) from None
+        return manifest, tables
+
+    def _create_sessions(self, vdir: Path, manifest: Manifest, tables: dict[str, LocalTable]) -> LoadedVersion:
+        s = self.settings
+        try:
             plan = FeaturePlan.build(manifest, tables)
             graphs: dict[str, GroupGraph] = {}
             for key, info in manifest.graphs.items():

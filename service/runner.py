@@ -42,6 +42,9 @@ class GraphRunner:
         opts.inter_op_num_threads = 1
         if intra_op_threads > 0:
             opts.intra_op_num_threads = intra_op_threads
+        # Idle intra-op threads would otherwise spin for a while after each run, taking CPU from
+        # the event loop that parses requests and assembles features on the same cores.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         wants_cuda = device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers())
         providers = [CUDA, CPU] if wants_cuda else [CPU]
@@ -59,7 +62,7 @@ class GraphRunner:
         self.device = "cuda" if CUDA in active else "cpu"
         self.provider = active[0]
         self.inputs = [
-            InputSpec(i.name, _DTYPES[i.type], i.shape[1] if len(i.shape) > 1 else None)
+            InputSpec(i.name, _DTYPES[i.type], i.shape[1] if len(i.shape) > 1 and isinstance(i.shape[1], int) else None)
             for i in self.session.get_inputs()
         ]
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -136,13 +136,16 @@ class InProcessStore:
         return Lookup(np.ascontiguousarray(table.vectors[rows], dtype=np.float32), missing)
 
     async def version_problem(self, tables: Sequence[LocalTable]) -> str | None:
-        for t in tables:
-            try:
-                t.vectors  # noqa: B018 - opens and checks the shape
-                t.index  # noqa: B018
-            except (OSError, ValueError) as e:
-                return f"table {t.field}: {e}"
-        return None
+        def open_all() -> str | None:
+            for t in tables:
+                try:
+                    t.vectors  # noqa: B018 - opens and checks the shape
+                    t.index  # noqa: B018 - reads the ids (large tables: seconds, so off the event loop)
+                except (OSError, ValueError) as e:
+                    return f"table {t.field}: {e}"
+            return None
+
+        return await asyncio.to_thread(open_all)
 
     async def health(self) -> str | None:
         return None

@@ -292,6 +292,19 @@ def test_hot_reload_serves_a_new_version_and_keeps_it_when_a_newer_one_is_broken
         assert "ple v3" in s.get("/v1/models").json()["errors"]
 
 
+def _client_gone_is_dropped(s: RemoteServer) -> None:
+    """A client that hangs up while its request waits for a batch gets it dropped (counted)."""
+    with pytest.raises(httpx.ReadTimeout):
+        s.post("/v1/rank", json=rank_body(user_id="impatient", n=5), timeout=0.1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        gone = [x for x in _metric_samples(s.metrics(), "mtrank_rejected_total") if x.labels["reason"] == "client_gone"]
+        if gone and gone[0].value >= 1:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the abandoned request was not dropped")
+
+
 def _rank_with(s: RemoteServer, n: int):
     return lambda user: s.post("/v1/rank", json=rank_body(user_id=user, n=n))
 
@@ -306,6 +319,8 @@ def test_buckets_are_stable_across_restarts_and_sigterm_drains_in_flight_request
     for _ in range(2):
         with RemoteServer(ple_repo, env=env, port=port) as s, ThreadPoolExecutor(len(users)) as pool:
             runs.append([r.json()["bucket"] for r in pool.map(_rank_with(s, 2), users)])
+            if len(runs) == 1:
+                _client_gone_is_dropped(s)
             in_flight = [pool.submit(_rank_with(s, 100), f"d{i}") for i in range(6)]
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
