@@ -49,11 +49,17 @@ def log_scores(
 ) -> np.ndarray:
     """Log fusion score per row (float64). Tasks without a weight contribute nothing."""
     total = log_length_factor(video_len, fn)
-    for task, w in weights.items():
-        if w != 0.0:
-            # NaN (a broken graph output) counts as the floor, never as a top score.
-            p = np.clip(np.nan_to_num(np.asarray(task_outputs[task], dtype=np.float64), nan=P_MIN), P_MIN, 1.0)
-            total += w * np.log(p)
+    tasks = [(task, w) for task, w in weights.items() if w != 0.0]
+    if not tasks:
+        return total
+    # All tasks as one [tasks, rows] matrix: a handful of numpy calls per request instead of five
+    # per task (a 20-row request spent ~90 µs here, nearly all of it numpy call overhead).
+    log_p = np.array([task_outputs[task] for task, _ in tasks], dtype=np.float64)
+    np.nan_to_num(log_p, copy=False, nan=P_MIN)  # NaN (a broken graph output) is the floor, never a top score
+    np.clip(log_p, P_MIN, 1.0, out=log_p)
+    np.log(log_p, out=log_p)
+    for row, (_, w) in zip(log_p, tasks, strict=True):
+        total += w * row
     return total
 
 

