@@ -103,7 +103,9 @@ class Repository:
     async def start(self) -> ReloadReport:
         """First load. Raises StartupError for configuration problems; a version that merely
         fails to load leaves the service up but not ready (with the reason)."""
-        if self.root is not None and not self.root.is_dir():
+        if self.root is None:
+            raise StartupError("MTRANK_MODEL_REPO: not set (or pass --repo)")
+        if not self.root.is_dir():
             raise StartupError(f"MTRANK_MODEL_REPO: {self.root} is not a directory")
         report = await self.reload(startup=True)
         interval = self.settings.reload_interval_s

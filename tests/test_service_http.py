@@ -335,6 +335,26 @@ def test_buckets_are_stable_across_restarts_and_sigterm_drains_in_flight_request
     assert runs[0] == runs[1] and set(runs[0]) == {"control", "treatment"}
 
 
+def test_full_queue_answers_503_with_retry_after_and_a_passed_deadline_504(tmp_path):
+    from tests.server import build_toy_version
+
+    build_toy_version(tmp_path, "toy", 1)
+    # The queue holds two 50-row requests; the batch delay outlasts the request deadline.
+    env = {"MTRANK_MAX_CANDIDATES": "50", "MTRANK_MAX_QUEUE_ROWS": "100", "MTRANK_MAX_QUEUE_DELAY_MS": "600",
+           "MTRANK_REQUEST_TIMEOUT_MS": "400"}
+    with RemoteServer(tmp_path, env=env) as s, ThreadPoolExecutor(3) as pool:
+        queued = [pool.submit(_rank_with(s, 50), f"q{i}") for i in range(2)]
+        time.sleep(0.15)
+        third = s.post("/v1/rank", json=rank_body(user_id="q3", n=50))
+        assert third.status_code == 503 and third.headers["retry-after"] == "1", third.text
+        assert "MTRANK_MAX_QUEUE_ROWS" in third.json()["error"]
+        for f in queued:
+            r = f.result()
+            assert r.status_code == 504 and "deadline" in r.json()["error"], r.text
+        reasons = {x.labels["reason"]: x.value for x in _metric_samples(s.metrics(), "mtrank_rejected_total")}
+        assert reasons["overloaded"] >= 1 and reasons["deadline"] >= 2
+
+
 # -- start-up errors -----------------------------------------------------------------------
 
 
@@ -526,3 +546,10 @@ def test_redis_outage_degrades_answers_and_recovers_without_restart(ple_repo, se
         assert s.get("/readyz").status_code == 200
         assert _metric_samples(s.metrics(), "mtrank_embedding_store_degraded")[0].value == 0
         assert s.proc.poll() is None
+
+
+def test_missing_repository_stops_start_up_with_one_line(tmp_path):
+    for repo, words in ((None, "MTRANK_MODEL_REPO: not set"), (tmp_path / "nowhere", "is not a directory")):
+        with pytest.raises(RuntimeError) as e:
+            RemoteServer(repo)
+        assert "exited with 2" in str(e.value) and words in str(e.value), str(e.value)
