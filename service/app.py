@@ -80,12 +80,10 @@ class Engine:
         return cls(settings, store, repository)
 
     async def not_ready_reason(self) -> str | None:
+        """Why this replica must not get traffic: draining, or no servable model version."""
         if self.draining:
             return "shutting down"
-        reason = self.repository.not_ready_reason()
-        if reason:
-            return reason
-        return await self.store.health()
+        return self.repository.not_ready_reason()
 
     def describe(self) -> dict[str, Any]:
         repo = self.repository
@@ -260,9 +258,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @app.get("/readyz")
     async def readyz(request: Request) -> Response:
-        reason = await request.app.state.engine.not_ready_reason()
+        engine = request.app.state.engine
+        reason = await engine.not_ready_reason()
         if reason:
             return _json({"ready": False, "reason": reason}, 503)
+        # A store outage degrades answers (default vectors) but keeps the replica in rotation:
+        # failing readiness here would take every replica out at once during a Redis blip.
+        store_problem = await engine.store.health()
+        if store_problem:
+            return _json({"ready": True, "degraded": True, "reason": store_problem})
         return _json({"ready": True})
 
     @app.get("/metrics")

@@ -526,7 +526,8 @@ def test_redis_outage_degrades_answers_and_recovers_without_restart(ple_repo, se
         r = s.post("/v1/rank", json=rank_body(user_id="u6", n=40, offset=300))
         assert r.status_code == 200 and r.json()["degraded"] is True, r.text
         ready = s.get("/readyz")
-        assert ready.status_code == 503 and "Redis" in ready.json()["reason"]
+        # Still in rotation (degraded answers beat no answers), and it says why.
+        assert ready.status_code == 200 and ready.json()["degraded"] is True and "Redis" in ready.json()["reason"]
         text = s.metrics()
         assert _metric_samples(text, "mtrank_embedding_store_degraded")[0].value == 1
         assert _metric_samples(text, "mtrank_redis_errors_total")[0].value >= 1
