@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True)
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--redis", default="redis://127.0.0.1:6379/15")
-    s.add_argument("--quick", action="store_true")
+    s.add_argument("--quick", action="store_true", help="smoke run, under 2 minutes (CI)")
+    s.add_argument("--prepare", action="store_true",
+                   help="synth, train and export the model first when REPO has no version of it")
     s.set_defaults(func=_bench)
 
     s = sub.add_parser("demo", help="synth → train → export → serve on 127.0.0.1:8000")
