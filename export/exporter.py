@@ -6,7 +6,7 @@ appears complete or not at all.
 
 Exporter choice: the TorchScript exporter (``dynamo=False``) with ``dynamic_axes``. The dynamo
 exporter (torch.export) matched PyTorch just as exactly (~6e-8) but took 3–10 s per PLE graph and
-86 s for the three MFH group graphs against 6 s here (2 shared cores), which every export, the
+86 s for the three MFH group graphs against 6 s here (2 busy shared cores), which every export, the
 demo and every test run would pay. Tracing's risk, a shape baked in from the example, is covered
 twice: every input and output must keep the symbolic ``batch`` axis, and parity runs at batch
 sizes 1, 7 and 1024. torch is pinned (2.13), so the deprecation does not bite before a planned
@@ -117,7 +117,6 @@ def export_run(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _say(progress, f"export: wrote {final}")
     return final
 
 
