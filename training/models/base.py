@@ -8,6 +8,7 @@ exporter can move store-held tables out of the graph and feed their vectors as i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,20 +40,34 @@ class MultiTaskModel(nn.Module):
 
     ``embedding_views`` is 1 for models with one shared table per field; STEM and the
     independent ``single`` baseline keep several views (shared, per task) side by side in one
-    table row, so one lookup per id serves every task.
+    table row, so one lookup per id serves every task. ``field_views`` lets a field hold only the
+    first few views (STEM with task tables for some fields only): field ``i``'s row is
+    ``field_view_names(i)``, ``embedding_dim`` wide each, ``embeddings.tables[i].embedding_dim`` in all.
     """
 
     heads: list[Head]
     groups: list[str] | None = None
     """User groups with their own graph (MFH); None: one graph serves every user."""
 
-    def __init__(self, spec: FeatureSpec, shape: InputShape, embedding_dim: int, embedding_views: int = 1):
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        shape: InputShape,
+        embedding_dim: int,
+        embedding_views: int = 1,
+        field_views: Sequence[int] | None = None,
+    ):
         super().__init__()
         self.spec = spec
         self.shape = shape
         self.embedding_dim = embedding_dim
         self.embedding_views = embedding_views
-        self.embeddings = FieldEmbeddings(shape.vocab_sizes, embedding_dim * embedding_views)
+        self.field_views = tuple(field_views or [embedding_views] * len(shape.vocab_sizes))
+        if len(self.field_views) != len(shape.vocab_sizes) or not all(
+            1 <= n <= embedding_views for n in self.field_views
+        ):
+            raise ValueError(f"field_views {self.field_views}: one count in [1, {embedding_views}] per field")
+        self.embeddings = FieldEmbeddings(shape.vocab_sizes, [embedding_dim * n for n in self.field_views])
 
     @property
     def view_names(self) -> list[str]:
@@ -60,6 +75,10 @@ class MultiTaskModel(nn.Module):
         if self.embedding_views == 1:
             return ["shared"]
         return [f"view{i}" for i in range(self.embedding_views)]
+
+    def field_view_names(self, field: int) -> list[str]:
+        """The views field ``field``'s table row holds, in order (a prefix of ``view_names``)."""
+        return self.view_names[: self.field_views[field]]
 
     @property
     def n_fields(self) -> int:
@@ -71,13 +90,20 @@ class MultiTaskModel(nn.Module):
         return self.shape.n_dense + self.n_fields * self.embedding_dim
 
     def embed(self, sparse: torch.Tensor) -> list[torch.Tensor]:
-        """Per field, ``[B, embedding_dim * embedding_views]``."""
+        """Per field, ``[B, embedding_dim * len(field_view_names(i))]``."""
         return self.embeddings(sparse)
 
     def view(self, dense: torch.Tensor, field_vectors: list[torch.Tensor], view: int = 0) -> torch.Tensor:
-        """``concat(dense, view ``view`` of every field)``: ``[B, input_dim]``."""
+        """``concat(dense, view ``view`` of every field)``: ``[B, input_dim]``.
+
+        A field whose row does not hold view ``view`` contributes its shared view (view 0).
+        """
         d = self.embedding_dim
-        return torch.cat([dense, *(v[:, view * d : (view + 1) * d] for v in field_vectors)], dim=1)
+        parts = [dense]
+        for v, n in zip(field_vectors, self.field_views, strict=True):
+            k = view if view < n else 0
+            parts.append(v[:, k * d : (k + 1) * d])
+        return torch.cat(parts, dim=1)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor, group: str | None = None) -> torch.Tensor:
         return self.forward_embedded(dense, self.embed(sparse), group=group)

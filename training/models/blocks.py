@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 
 class FieldEmbeddings(nn.Module):
-    """One table per sparse field; row 0 is the out-of-vocabulary (default) vector."""
+    """One table per sparse field; row 0 is the out-of-vocabulary (default) vector.
 
-    def __init__(self, vocab_sizes: tuple[int, ...] | list[int], width: int):
+    ``width`` is every table's row width, or one width per field.
+    """
+
+    def __init__(self, vocab_sizes: tuple[int, ...] | list[int], width: int | Sequence[int]):
         super().__init__()
-        self.tables = nn.ModuleList(nn.Embedding(n, width) for n in vocab_sizes)
+        widths = [width] * len(vocab_sizes) if isinstance(width, int) else list(width)
+        if len(widths) != len(vocab_sizes):
+            raise ValueError(f"{len(widths)} embedding widths for {len(vocab_sizes)} fields")
+        self.tables = nn.ModuleList(nn.Embedding(n, w) for n, w in zip(vocab_sizes, widths, strict=True))
         for t in self.tables:
             nn.init.normal_(t.weight, std=0.05)
 
