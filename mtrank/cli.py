@@ -34,7 +34,7 @@ def _evaluate(a: argparse.Namespace) -> None:
 
     report = evaluate_run(a.run, a.data, split=a.split, baseline=a.baseline, stem_pair=a.stem_pair)
     _print_summary(report)
-    print(f"wrote {a.run}/metrics.json")
+    print(f"wrote {a.run}/{'metrics.json' if a.split == 'test' else f'metrics.{a.split}.json'}")
 
 
 def _export(a: argparse.Namespace) -> None:

@@ -20,7 +20,7 @@ TEST_REDIS_URL = os.environ.get("MTRANK_TEST_REDIS_URL", "redis://127.0.0.1:6379
 SYNTH_ROWS = 20_000
 SYNTH_SEED = 7
 FAST_MODEL_CONFIGS = {
-    "train": {"epochs": 1, "batch_size": 512, "eval_train_rows": 2000},
+    "train": {"epochs": 1, "batch_size": 512, "eval_train_rows": 2000, "threads": 1},
 }
 
 
