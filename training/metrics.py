@@ -109,9 +109,7 @@ def _facet_values(frame: pd.DataFrame, facet: Facet) -> np.ndarray:
     return np.asarray(facet.values, dtype=object)[facet.assign(features)]
 
 
-def evaluate_predictions(
-    frame: pd.DataFrame, preds: dict[str, np.ndarray], spec: FeatureSpec
-) -> dict[str, Any]:
+def evaluate_predictions(frame: pd.DataFrame, preds: dict[str, np.ndarray], spec: FeatureSpec) -> dict[str, Any]:
     """Metrics of ``preds`` (task -> probability or regression value per row of ``frame``).
 
     Each task is scored on the rows of its sample space only; tasks absent from ``preds`` are
