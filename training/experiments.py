@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -15,11 +17,20 @@ RUNS_ROOT = REPO_ROOT / "runs"
 CONFIGS = REPO_ROOT / "configs"
 
 
+def generator_fingerprint() -> str:
+    """Short hash of the synthetic generator's parameters: a changed generator gets new data dirs
+    (and so new run dirs), never tables mixing two versions of the data."""
+    from training.synth import SynthParams
+
+    blob = json.dumps(dataclasses.asdict(SynthParams()), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
 def ensure_data(seed: int, rows: int = 200_000) -> Path:
-    """``data/synth-<rows/1000>k-s<seed>``, generated once (into a temp dir, then renamed)."""
+    """``data/synth-<rows/1000>k-s<seed>-<generator fingerprint>``, generated once (temp dir, rename)."""
     from training.synth import generate
 
-    out = DATA_ROOT / f"synth-{rows // 1000}k-s{seed}"
+    out = DATA_ROOT / f"synth-{rows // 1000}k-s{seed}-{generator_fingerprint()}"
     if not (out / "spec.yaml").is_file():
         tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
         generate(tmp, rows=rows, seed=seed)

@@ -4,7 +4,7 @@
     nice -n 10 python docs/tables/stem_table.py --update-doc  # ... and rewrite the block in docs/stem.md
 
 Resumable: a run whose ``metrics.json`` exists is not retrained, and one that already has its
-``stem_subsets`` is not re-evaluated. Runs live in ``runs/stem-table/s<seed>/<variant>/``
+``stem_subsets`` is not re-evaluated. Runs live in ``runs/stem-table-<generator fingerprint>/s<seed>/<variant>/``
 (git-ignored), data in ``data/synth-200k-s<seed>/`` (generated when missing). Every run gets the
 train section of its config with ``threads`` set by ``--threads`` (default 1: on a shared 2-core
 machine two intra-op threads spin-wait and run several times slower) and ``seed`` = data seed.
@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import yaml
+
+from training.experiments import generator_fingerprint
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -45,19 +45,9 @@ BEGIN, END = "<!-- stem_table:begin -->", "<!-- stem_table:end -->"
 
 
 def ensure_data(seed: int, rows: int) -> Path:
-    """``data/synth-<rows/1000>k-s<seed>``; generated into a temporary name and renamed (no races)."""
-    from training.synth import generate
+    from training.experiments import ensure_data as shared_ensure_data
 
-    out = REPO / "data" / f"synth-{rows // 1000}k-s{seed}"
-    if not (out / "spec.yaml").is_file():
-        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-        generate(tmp, rows=rows, seed=seed)
-        if (out / "spec.yaml").is_file():
-            shutil.rmtree(tmp)
-        else:
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
-    return out
+    return shared_ensure_data(seed, rows)
 
 
 def run_config(variant: str, seed: int, threads: int, run_dir: Path) -> Path:
@@ -174,7 +164,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--runs", type=Path, default=REPO / "runs" / "stem-table")
+    p.add_argument("--runs", type=Path, default=REPO / "runs" / f"stem-table-{generator_fingerprint()}")
     p.add_argument("--reevaluate", action="store_true", help="recompute the subsets of existing runs")
     p.add_argument("--update-doc", action="store_true", help=f"rewrite the table block of {DOC.relative_to(REPO)}")
     a = p.parse_args()
