@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import yaml
 
-from training.experiments import generator_fingerprint
+from training.experiments import generator_fingerprint, mean_std
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -79,15 +78,6 @@ def ensure_run(variant: str, seed: int, data: Path, runs: Path, threads: int, re
     if reevaluate or "stem_subsets" not in report:
         report = evaluate_run(run_dir, data, baseline=runs / f"s{seed}" / "single", stem_pair=",".join(PAIR))
     return report
-
-
-def mean_std(values: list[float | None], digits: int = 4) -> str:
-    xs = [v for v in values if v is not None and not math.isnan(v)]
-    if not xs:
-        return "–"
-    mean = sum(xs) / len(xs)
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / max(len(xs) - 1, 1))
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def subset(report: dict, name: str) -> dict:
