@@ -50,4 +50,4 @@ def create_model(name: str, spec: FeatureSpec, shape: InputShape, config: Any = 
 
 def _import_all() -> None:
     # Importing the model modules runs their @register decorators.
-    from training.models import classic, ple, stem  # noqa: F401
+    from training.models import classic, mfh, ple, stem  # noqa: F401
