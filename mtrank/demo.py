@@ -6,9 +6,19 @@ Each step is skipped when its output already exists, so a second run starts serv
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
+
+# Skips are bad news: a negative exponent makes a likely skip lower the score. The treatment
+# bucket also favours longer videos, f(len) = (1 + log1p(len / 30 s))^0.5.
+_WEIGHTS = {"vtr": 1.0, "vcr": 1.0, "finish": 0.5, "skip": -0.5, "like": 1.0, "share": 1.0}
+DEMO_BUCKETS = [
+    {"name": "control", "share": 50, "weights": _WEIGHTS, "length_fn": {"kind": "none"}},
+    {"name": "treatment", "share": 50, "weights": _WEIGHTS,
+     "length_fn": {"kind": "log1p", "alpha": 0.5, "scale": 30.0}},
+]
 
 
 def _step(message: str) -> None:
@@ -77,5 +87,8 @@ def run_demo(workdir: Path, host: str = "127.0.0.1", port: int = 8000, rows: int
 
     from service.main import serve
 
+    if "MTRANK_BUCKETS" not in os.environ:
+        os.environ["MTRANK_BUCKETS"] = json.dumps(DEMO_BUCKETS)
+        _step("A/B buckets: control and treatment (see mtrank/demo.py; MTRANK_BUCKETS overrides)")
     _step(f"serving {repo} on http://{host}:{port} (in-process embedding store; Ctrl-C stops)")
     serve(repo=repo, host=host, port=port, redis_url=None)
