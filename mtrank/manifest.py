@@ -31,6 +31,18 @@ from mtrank.spec import Facet, FeatureSpec
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ALL_GROUPS = "all"
+
+# Graph input names: the one definition the exporter, the service and the tests use.
+DENSE_INPUT = "dense"
+IDS_INPUT = "ids"
+EMB_PREFIX = "emb."
+ITEM_FACET_INPUT = "item_facet"
+"""int64 ``[batch]``: each row's item-facet value index (three-facet models only)."""
+
+
+def emb_input(field: str) -> str:
+    """The graph input carrying store field ``field``'s vectors."""
+    return EMB_PREFIX + field
 _VERSION_RE = re.compile(r"^[1-9][0-9]*$")
 
 

@@ -10,7 +10,7 @@ import hashlib
 from bisect import bisect_right
 from dataclasses import dataclass
 
-from service.settings import BucketConfig
+from mtrank.fusion import BucketConfig
 
 RESOLUTION = 10_000
 """Hash slots: shares have a resolution of 0.01 percent."""

@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mtrank import fusion
+from mtrank.fusion import BucketConfig
 from mtrank.manifest import ALL_GROUPS, GraphInfo, Manifest
 from mtrank.spec import Facet
-from service import fusion, metrics
+from service import metrics
 from service.batcher import Batcher
 from service.schemas import RankRequest, User
-from service.settings import BucketConfig, Settings
+from service.settings import Settings
 from service.stores import EmbeddingStore, LocalTable
 
 if TYPE_CHECKING:

@@ -17,13 +17,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mtrank.fusion import BucketConfig
 from mtrank.manifest import Manifest, ManifestError, list_models, list_versions, load_manifest, version_dir
 from service import metrics
 from service.batcher import Batcher
 from service.buckets import BucketTable
 from service.ranking import FeaturePlan, GroupGraph, LoadedVersion
 from service.runner import DeviceError, GraphRunner
-from service.settings import BucketConfig, Settings
+from service.settings import Settings
 from service.stores import EmbeddingStore, LocalTable
 
 log = logging.getLogger("mtrank.repository")

@@ -7,70 +7,19 @@ into a :class:`ConfigError` whose one-line message names the variable, e.g.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from mtrank.fusion import BucketConfig, check_buckets
 
 ENV_PREFIX = "MTRANK_"
 
 
 class ConfigError(ValueError):
     """A bad setting; the message is one line and starts with the variable's name."""
-
-
-class LengthFn(BaseModel):
-    """The video-length factor f(video_len) of the fusion score (see :mod:`service.fusion`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["none", "log1p", "sigmoid", "power"] = "none"
-    alpha: float = Field(1.0, ge=0.0, le=4.0)
-    """log1p: exponent of (1 + log1p(len / scale))."""
-    scale: float = Field(1.0, gt=0.0, le=86400.0)
-    """log1p: seconds per unit of length."""
-    center: float = Field(30.0, ge=0.0, le=86400.0)
-    """sigmoid: length in seconds where f = 0.5."""
-    width: float = Field(10.0, ge=-86400.0, le=86400.0)
-    """sigmoid: seconds per logit unit; negative favours short videos. Must not be 0."""
-    beta: float = Field(0.3, ge=-4.0, le=4.0)
-    """power: exponent of (len + offset)."""
-    offset: float = Field(1.0, gt=0.0, le=86400.0)
-    """power: seconds added to the length so that f(0) is finite."""
-
-    @field_validator("width")
-    @classmethod
-    def _width_not_zero(cls, v: float) -> float:
-        if v == 0.0:
-            raise ValueError("length_fn.width must not be 0")
-        return v
-
-
-class BucketConfig(BaseModel):
-    """One A/B bucket: its traffic share, the model it serves and its fusion parameters."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    share: float = Field(gt=0.0, le=100.0)
-    """Percent of users, resolution 0.01."""
-    model: str | None = None
-    """Model name in the repository; None = the repository's first model."""
-    version: int | None = Field(None, ge=1)
-    """Pinned version; None = the newest."""
-    weights: dict[str, float] | None = None
-    """Fusion exponent per task; None = 1 for every task; tasks not listed get 0."""
-    length_fn: LengthFn = LengthFn()
-
-    @field_validator("weights")
-    @classmethod
-    def _finite_weights(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        for task, w in (v or {}).items():
-            if not math.isfinite(w) or abs(w) > 100:
-                raise ValueError(f"weight of task {task!r} must be finite and within [-100, 100], got {w}")
-        return v
 
 
 class Settings(BaseSettings):
@@ -149,20 +98,7 @@ class Settings(BaseSettings):
     @field_validator("buckets")
     @classmethod
     def _bucket_shares(cls, v: list[BucketConfig] | None) -> list[BucketConfig] | None:
-        if v is None:
-            return v
-        if not v:
-            raise ValueError("at least one bucket is needed")
-        names = [b.name for b in v]
-        if len(set(names)) != len(names):
-            raise ValueError(f"bucket names must be unique, got {names}")
-        total = sum(b.share for b in v)
-        if abs(total - 100.0) > 1e-6:
-            raise ValueError(f"shares add up to {total:g}, not 100")
-        for b in v:
-            if abs(round(b.share * 100) - b.share * 100) > 1e-6:
-                raise ValueError(f"bucket {b.name!r}: share {b.share} has a finer resolution than 0.01")
-        return v
+        return v if v is None else check_buckets(v)
 
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> Settings:

@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mtrank.fusion import BucketConfig, LengthFn, length_factor
 from mtrank.manifest import load_manifest, version_dir, write_manifest
 from service.buckets import BucketTable
-from service.fusion import length_factor
-from service.settings import BucketConfig, LengthFn
 from tests.server import ROOT, RemoteServer, free_port, rank_body
 
 ADMIN_TOKEN = "test-admin-token"

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service import fusion
+from mtrank import fusion
+from mtrank.fusion import BucketConfig, LengthFn
 from service.batcher import Batcher, DeadlineExceeded, Overloaded
 from service.buckets import BucketTable, user_slot
 from service.runner import GraphRunner
-from service.settings import BucketConfig, ConfigError, LengthFn, load_settings
+from service.settings import ConfigError, load_settings
 from service.stores import InProcessStore, LocalTable, RedisStore, lookup
 from tests.server import TOY_ITEMS, TOY_USERS, build_toy_version, free_port
 

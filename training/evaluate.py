@@ -66,7 +66,9 @@ def metrics_path(run_dir: Path, split: str) -> Path:
     return run_dir / ("metrics.json" if split == "test" else f"metrics.{split}.json")
 
 
-def _predictions(run: Run, frame: pd.DataFrame) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def predict_frame(run: Run, frame: pd.DataFrame) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The run's prediction per task for every row of a conformed frame (each row from its own
+    user group's heads), and gate utilisation."""
     probs, gates = predict(run.model, to_tensors(frame, run.spec, run.preprocessor))
     return {t.name: probs[:, k] for k, t in enumerate(run.spec.tasks)}, gates
 
@@ -139,7 +141,7 @@ def evaluate_run(
     pair = _parse_pair(stem_pair, run) if stem_pair is not None else None
     frame = data_io.load_split(data_dir, split, run.spec)
 
-    preds, gates = _predictions(run, frame)
+    preds, gates = predict_frame(run, frame)
     report = metrics_lib.evaluate_predictions(frame, preds, run.spec)
     report["gates"] = gates
     out_path = metrics_path(run_dir, split)
@@ -153,7 +155,7 @@ def evaluate_run(
         base = load_run(baseline)
         if base.spec.fingerprint() != run.spec.fingerprint():
             raise ValueError(f"baseline {baseline} was trained on another feature spec than {run_dir}")
-        base_preds, _ = _predictions(base, frame)
+        base_preds, _ = predict_frame(base, frame)
         report["mtl_gain"] = metrics_lib.mtl_gain(report, metrics_lib.evaluate_predictions(frame, base_preds, run.spec))
         if pair is not None:
             a, b = pair
