@@ -62,6 +62,29 @@ def _bench(a: argparse.Namespace) -> None:
     run_bench(a)
 
 
+def _tune_fusion(a: argparse.Namespace) -> None:
+    from training.fusion_tuning import TuningConfig, parse_task_values, tune_fusion
+
+    cfg = TuningConfig(
+        value=parse_task_values(a.value, "--value") if a.value else None,
+        objective=a.objective, k=a.k, length_fn=a.length_fn, budget=a.budget, seed=a.seed,
+        treatment_share=a.treatment_share, max_task_loss=a.max_task_loss,
+        baseline_weights=parse_task_values(a.baseline_weights, "--baseline-weights") if a.baseline_weights else None,
+        group_by=a.group_by, weight_bound=a.weight_bound, watch_task=a.watch_task, model=a.model,
+    )
+    report = tune_fusion(a.run, a.data, a.out, cfg, progress=not a.quiet)
+    b, t, name = report["baseline"], report["tuned"], f"{a.objective}@{a.k}"
+
+    def pct(x: float | None) -> str:
+        return "–" if x is None else f"{x:+.2f} %"
+
+    print(f"{name} on {report['splits']['heldout']}: baseline {b['heldout']:.4f} → tuned {t['heldout']:.4f} "
+          f"({pct(report['improvement']['heldout'])})"
+          + (f"; oracle {b['heldout_oracle']:.4f} → {t['heldout_oracle']:.4f} "
+             f"({pct(report['improvement']['heldout_oracle'])})" if b["heldout_oracle"] is not None else ""))
+    print(f"wrote {a.out}/buckets.json, {a.out}/report.json and {a.out}/report.md")
+
+
 def _demo(a: argparse.Namespace) -> None:
     from mtrank.demo import run_demo
 
@@ -138,6 +161,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prepare", action="store_true",
                    help="synth, train and export the model first when REPO has no version of it")
     s.set_defaults(func=_bench)
+
+    s = sub.add_parser("tune-fusion", help="search the fusion weights offline and write A/B buckets")
+    s.add_argument("--run", type=Path, required=True, help="trained run directory (scores the logged rows)")
+    s.add_argument("--data", type=Path, required=True,
+                   help="data directory with valid (searched) and test (held-out) splits")
+    s.add_argument("--out", type=Path, required=True, help="writes buckets.json, report.json, report.md and plots here")
+    s.add_argument("--value", help="value of an impression per task, e.g. 'vtr=1,finish=2,like=5,share=10,skip=-1' "
+                                   "(required by the ndcg objective)")
+    s.add_argument("--objective", choices=("ndcg", "watch_time"), default="ndcg",
+                   help="ndcg: mean NDCG@k of the value; watch_time: mean watch seconds (vcr × video_len) of the top k")
+    s.add_argument("--k", type=int, default=10, help="rows at the top of each ranking list that count (default 10)")
+    s.add_argument("--length-fn", choices=("none", "log1p", "sigmoid", "power"), default="none",
+                   help="f(video_len) of the treatment; its parameters are searched too (default none: f = 1)")
+    s.add_argument("--budget", type=int, default=200, help="objective evaluations of the CMA-ES search (default 200)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the search: same seed, same weights (default 0)")
+    s.add_argument("--treatment-share", type=float, default=10.0,
+                   help="percent of users in the tuned 'treatment' bucket; 'control' gets the rest (default 10)")
+    s.add_argument("--max-task-loss", type=float,
+                   help="guardrail: no task's own NDCG@k on valid may drop more than this percent vs the baseline")
+    s.add_argument("--baseline-weights", help="untuned weights 'task=w,...' for 'control' and the search's start "
+                                              "(default 1 for every task; unlisted tasks get 0)")
+    s.add_argument("--group-by", help="column naming the ranking lists (default request_id or session_id when "
+                                      "present, else user_id)")
+    s.add_argument("--weight-bound", type=float, default=4.0,
+                   help="search each weight within [-bound, bound] (default 4)")
+    s.add_argument("--watch-task", default="vcr",
+                   help="completion-ratio task of the watch_time objective (default vcr)")
+    s.add_argument("--model", help="model name both buckets serve (default: the repository's first model)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_tune_fusion)
 
     s = sub.add_parser("demo", help="synth → train → export → serve on 127.0.0.1:8000")
     s.add_argument("--workdir", type=Path, default=Path("mtrank-demo"))
