@@ -7,6 +7,8 @@
 #                docker build --target serve-baked --build-context models=./repo -t mtrank:0.1.0-baked .
 #   trainer      synth / train / export / load-embeddings (torch, CPU), used by the compose one-shot job:
 #                docker build --target trainer -t mtrank-trainer:0.1.0 .
+#   loadtest     locust with the project's own scenario (loadtests/locustfile.py), compose's `load` profile:
+#                docker build --target loadtest -t mtrank-loadtest:0.1.0 .
 #
 # The install steps are the README's: '.[cpu]' or '.[gpu]' for serving, '.[cpu,train]' for training.
 # onnxruntime and onnxruntime-gpu own the same package, so no stage ever installs both.
@@ -44,31 +46,23 @@ RUN groupadd --system --gid 10001 mtrank \
     && useradd --system --uid 10001 --gid mtrank --home-dir /app --shell /usr/sbin/nologin mtrank
 
 # ---------------------------------------------------------------------------------------------
-# Builders: install the project (not editable) into /opt/venv on the same base as the runtime,
-# so the venv's interpreter path is valid when it is copied over.
-FROM base-cpu AS builder-cpu
+# source: the project's files, copied once for every stage that installs the project.
+FROM scratch AS source
+COPY pyproject.toml README.md /src/
+COPY mtrank /src/mtrank
+COPY training /src/training
+COPY export /src/export
+COPY service /src/service
+COPY loadtests /src/loadtests
+
+# builder: installs the project (not editable) into /opt/venv on the runtime base of the variant,
+# so the venv's interpreter path is valid when serve-common copies it over.
+FROM base-${VARIANT} AS builder
+ARG VARIANT
 WORKDIR /src
 RUN python3 -m venv /opt/venv
-COPY pyproject.toml README.md ./
-COPY mtrank ./mtrank
-COPY training ./training
-COPY export ./export
-COPY service ./service
-COPY loadtests ./loadtests
-RUN pip install --no-cache-dir '.[cpu]'
-
-FROM base-gpu AS builder-gpu
-WORKDIR /src
-RUN python3 -m venv /opt/venv
-COPY pyproject.toml README.md ./
-COPY mtrank ./mtrank
-COPY training ./training
-COPY export ./export
-COPY service ./service
-COPY loadtests ./loadtests
-RUN pip install --no-cache-dir '.[gpu]'
-
-FROM builder-${VARIANT} AS builder
+COPY --from=source /src ./
+RUN pip install --no-cache-dir ".[${VARIANT}]"
 
 # ---------------------------------------------------------------------------------------------
 # trainer: the offline side (synth, train, export, load-embeddings). CPU torch; not a serving image.
@@ -78,18 +72,27 @@ FROM base-cpu AS trainer
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 WORKDIR /app
 RUN python3 -m venv /opt/venv
-COPY pyproject.toml README.md ./
-COPY mtrank ./mtrank
-COPY training ./training
-COPY export ./export
-COPY service ./service
-COPY loadtests ./loadtests
+COPY --from=source /src ./
 RUN if [ -n "${TORCH_INDEX_URL}" ]; then export PIP_EXTRA_INDEX_URL="${TORCH_INDEX_URL}"; fi \
     && pip install --no-cache-dir '.[cpu,train]'
 COPY configs ./configs
 RUN mkdir -p /models /var/lib/mtrank && chown mtrank:mtrank /models /var/lib/mtrank
 USER 10001:10001
 ENTRYPOINT ["mtrank"]
+CMD ["--help"]
+
+# ---------------------------------------------------------------------------------------------
+# loadtest: locust running loadtests/locustfile.py. The scenario imports numpy, orjson and the
+# project's loadtests and mtrank packages: the base install (no ONNX Runtime, no torch) plus locust.
+FROM base-cpu AS loadtest
+ARG LOCUST_VERSION=2.47.0
+WORKDIR /app
+RUN python3 -m venv /opt/venv
+COPY --from=source /src ./
+RUN pip install --no-cache-dir . "locust==${LOCUST_VERSION}"
+USER 10001:10001
+# Run options (host, users, run time) come from the compose service or `docker run ... IMAGE --headless ...`.
+ENTRYPOINT ["locust", "-f", "loadtests/locustfile.py"]
 CMD ["--help"]
 
 # ---------------------------------------------------------------------------------------------

