@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import platform
 import re
 import subprocess
@@ -37,13 +36,12 @@ import numpy as np
 import orjson
 
 from loadtests.engine import bench_engine, rows_per_s_at
-from loadtests.loadgen import PointSpec, run_point
+from loadtests.loadgen import PointSpec, run_point, write_bodies
 from loadtests.lookups import bench_lookups
+from loadtests.server import RemoteServer
 from loadtests.workload import Catalog, RequestFactory
 from mtrank import store_keys
 from mtrank.manifest import ALL_GROUPS, load_manifest, version_dir
-
-ROOT = Path(__file__).resolve().parents[1]
 
 TARGETS = {
     "service_vs_engine_500_c16": (">=", 0.6),
@@ -128,15 +126,6 @@ def _load() -> list[float]:
 
 
 # -- the server under test ------------------------------------------------------------------
-
-
-def _remote_server():
-    """tests/server.py's RemoteServer: the bench runs from a source checkout (``pip install -e``)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from tests.server import RemoteServer
-
-    return RemoteServer
 
 
 _METRIC_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ([^ ]+)")
@@ -235,8 +224,8 @@ def _write_bodies(factory: RequestFactory, sizes: list[int], per_size: int, tmp:
     files = {}
     for n in sizes:
         bodies = [orjson.dumps(factory.request(rng, n)) for _ in range(per_size)]
-        files[n] = tmp / f"bodies-{n}.pkl"
-        files[n].write_bytes(pickle.dumps(bodies))
+        files[n] = tmp / f"bodies-{n}.jsonl"
+        write_bodies(files[n], bodies)
     return files
 
 
@@ -295,9 +284,8 @@ def run_bench(args) -> dict[str, Any]:
             env = {"MTRANK_REDIS_URL": args.redis, "MTRANK_REDIS_PREFIX": prefix,
                    "MTRANK_INTRA_OP_THREADS": str(cfg.intra_op_threads),
                    "MTRANK_REQUEST_TIMEOUT_MS": str(cfg.request_timeout_ms), "MTRANK_LOG_LEVEL": "warning"}
-            server_cls = _remote_server()
             service_points = [(s, c) for s in cfg.sizes for c in cfg.concurrencies]
-            with server_cls(repo, env=env | {"MTRANK_BATCHING": "true"}, ready_timeout_s=120) as server:
+            with RemoteServer(repo, env=env | {"MTRANK_BATCHING": "true"}, ready_timeout_s=120) as server:
                 report["service"] = sweep(server, bodies, service_points, cfg, "service")
                 report["tail"] = []
                 for size in cfg.tail_sizes:
@@ -310,7 +298,7 @@ def run_bench(args) -> dict[str, Any]:
                          f"p50={p['p50_ms']:.2f} p99={p['p99_ms']:.2f} ms, {p['throughput_rps']:.0f} req/s done")
                     report["tail"].append(p)
             naive_points = cfg.naive_points if cfg.naive_points is not None else service_points
-            with server_cls(repo, env=env | {"MTRANK_BATCHING": "false"}, ready_timeout_s=120) as server:
+            with RemoteServer(repo, env=env | {"MTRANK_BATCHING": "false"}, ready_timeout_s=120) as server:
                 report["naive"] = sweep(server, bodies, naive_points, cfg, "naive  ")
         finally:
             report["redis_keys_deleted"] = _clean_redis(args.redis, prefix)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import pickle
 import resource
 import subprocess
 import sys
@@ -213,7 +212,7 @@ def _stable(values: list[float], tolerance: float) -> bool:
 
 async def measure(spec: PointSpec) -> PointResult:
     """Warm up, then measure windows until the last few are stable (or ``max_windows``)."""
-    bodies: list[bytes] = pickle.loads(Path(spec.bodies_file).read_bytes())
+    bodies = read_bodies(Path(spec.bodies_file))
     requests = [http_request(spec.host, spec.port, spec.path, b) for b in bodies]
     rec = _Recorder()
     stop = asyncio.Event()
@@ -277,12 +276,21 @@ async def measure(spec: PointSpec) -> PointResult:
     )
 
 
+def write_bodies(path: Path, bodies: list[bytes]) -> None:
+    """Request bodies, one JSON document per line (compact JSON has no raw newlines)."""
+    path.write_bytes(b"\n".join(bodies))
+
+
+def read_bodies(path: Path) -> list[bytes]:
+    return path.read_bytes().split(b"\n")
+
+
 def run_point(spec: PointSpec) -> PointResult:
     """:func:`measure` in a fresh client process."""
     budget = spec.warmup_s + spec.window_s * spec.max_windows + spec.timeout_s + 30
     proc = subprocess.run(
         [sys.executable, "-m", "loadtests.loadgen", json.dumps(asdict(spec))],
-        capture_output=True, text=True, timeout=budget, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True, text=True, timeout=budget,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"load generator failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

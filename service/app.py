@@ -23,10 +23,19 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.batcher import DeadlineExceeded, Overloaded
-from service.ranking import NotReady, Ranker, RequestError
+from service.errors import (
+    BodyTooLarge,
+    ClientGone,
+    DeadlineExceeded,
+    MalformedBody,
+    NotReady,
+    Overloaded,
+    RequestError,
+    TooManyCandidates,
+)
+from service.ranking import Ranker, RequestContext, new_request_id
 from service.repository import Repository
-from service.schemas import RankRequest, TooManyCandidates, check_candidate_count
+from service.schemas import decode_request
 from service.settings import Settings, load_settings
 from service.stores import EmbeddingStore, InProcessStore, RedisStore
 
@@ -36,18 +45,6 @@ RANK_ROUTE = "/v1/rank"
 ROUTES = (RANK_ROUTE, "/v1/models", "/healthz", "/readyz", "/metrics", "/admin/reload")
 
 
-class BodyTooLarge(ValueError):
-    """Request body over MTRANK_MAX_BODY_BYTES: 413."""
-
-
-class MalformedBody(ValueError):
-    """Not JSON: 422."""
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
-
-
 class Engine:
     """Everything a running service owns: the embedding store, the repository and the ranker."""
 
@@ -55,7 +52,7 @@ class Engine:
         self.settings = settings
         self.store = store
         self.repository = repository
-        self.ranker = Ranker(settings, repository, store)
+        self.ranker = Ranker(repository, store)
         self.draining = False
 
     @classmethod
@@ -91,7 +88,7 @@ class Engine:
         for lv in sorted(repo.loaded_versions(), key=lambda v: (v.name, v.version)):
             entry = models.setdefault(lv.name, {"name": lv.name, "kind": lv.manifest.kind,
                                                 "newest": repo.newest(lv.name), "versions": []})
-            facet = lv.plan.group_facet
+            facet = lv.transform.user_groups
             entry["versions"].append({
                 "version": lv.version,
                 "device": lv.device,
@@ -207,7 +204,8 @@ class RequestMetrics:
         finally:
             if is_rank:
                 metrics.INFLIGHT.dec()
-            bucket = scope.get("state", {}).get("bucket", "none") if is_rank else ""
+            ctx = scope.get("state", {}).get("context") if is_rank else None
+            bucket = ctx.bucket if ctx is not None else ("none" if is_rank else "")
             metrics.REQUESTS.labels(route, str(status), bucket).inc()
             metrics.REQUEST_DURATION.labels(route, bucket).observe(time.perf_counter() - started)
 
@@ -238,14 +236,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             payload = orjson.loads(body)
         except orjson.JSONDecodeError as e:
             raise MalformedBody(f"malformed JSON: {e}") from None
-        check_candidate_count(payload, settings.max_candidates)
-        req = RankRequest.model_validate(payload)
+        query = decode_request(payload, settings.max_candidates)
+        ctx = RequestContext(request_id=new_request_id())
+        request.state.context = ctx
         ranker: Ranker = request.app.state.engine.ranker
-        bucket = ranker.bucket_for(req.user.user_id)
-        request.state.bucket = bucket.name
-        deadline = started + timeout_s
         async with asyncio.timeout_at(asyncio.get_running_loop().time() + timeout_s):
-            result = await _unless_disconnected(request, ranker.rank(req, bucket, deadline))
+            result = await _unless_disconnected(request, ranker.rank(query, started + timeout_s, ctx))
         return _json(result)
 
     @app.get("/v1/models")

@@ -22,20 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service import metrics
+from service.errors import DeadlineExceeded, Overloaded
 
 log = logging.getLogger("mtrank.batcher")
 
 RunFn = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
-
-
-class Overloaded(RuntimeError):
-    """The queue is full: answered with 503 and Retry-After."""
-
-    retry_after_s = 1
-
-
-class DeadlineExceeded(TimeoutError):
-    """The request's deadline passed before its rows ran: answered with 504."""
 
 
 @dataclass

@@ -19,13 +19,14 @@ from pathlib import Path
 
 from mtrank.fusion import BucketConfig
 from mtrank.manifest import Manifest, ManifestError, list_models, list_versions, load_manifest, version_dir
+from mtrank.transform import FeatureTransform
 from service import metrics
 from service.batcher import Batcher
 from service.buckets import BucketTable
-from service.ranking import FeaturePlan, GroupGraph, LoadedVersion
 from service.runner import DeviceError, GraphRunner
 from service.settings import Settings
 from service.stores import EmbeddingStore, LocalTable
+from service.version import GroupGraph, LoadedVersion, check_graph
 
 log = logging.getLogger("mtrank.repository")
 
@@ -235,11 +236,11 @@ class Repository:
     def _create_sessions(self, vdir: Path, manifest: Manifest, tables: dict[str, LocalTable]) -> LoadedVersion:
         s = self.settings
         try:
-            plan = FeaturePlan.build(manifest, tables)
+            transform = FeatureTransform.from_manifest(manifest)
             graphs: dict[str, GroupGraph] = {}
             for key, info in manifest.graphs.items():
                 runner = GraphRunner(vdir / info.file, s.device, s.intra_op_threads)
-                plan.check_graph(key, info, runner)
+                check_graph(key, info, runner, transform, tables)
                 runner.warm_up((1, s.max_batch_rows))
                 batcher = Batcher(
                     runner.run, runner.output_names, manifest.name, key, runner.device,
@@ -251,7 +252,7 @@ class Repository:
             raise
         except Exception as e:  # ORT, numpy and contract errors: this version is unusable
             raise LoadError(f"{vdir}: {type(e).__name__}: {e}") from None
-        return LoadedVersion(manifest, vdir, graphs, plan, tables)
+        return LoadedVersion(manifest, vdir, graphs, transform, tables)
 
     def _update_metrics(self, retired: list[LoadedVersion]) -> None:
         for lv in retired:

@@ -9,9 +9,13 @@ being validated.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints, model_validator
+
+from service.errors import TooManyCandidates
 
 MAX_ID_CHARS = 256
 MAX_FEATURE_CHARS = 256
@@ -53,10 +57,6 @@ def _json_type(v: Any) -> str:
 Features = Annotated[dict[str, Any], AfterValidator(_check_features)]
 
 
-class TooManyCandidates(ValueError):
-    """More candidates than ``MTRANK_MAX_CANDIDATES``: answered with 413."""
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -93,29 +93,6 @@ class RankRequest(_Strict):
         return self
 
 
-class ModelRef(BaseModel):
-    name: str
-    version: int
-
-
-class RankedItem(BaseModel):
-    item_id: str
-    rank: int
-    score: float
-    tasks: dict[str, float] | None = None
-
-
-class RankResponse(BaseModel):
-    """Documents the response shape; the hot path builds the same dict directly."""
-
-    request_id: str | None
-    model: ModelRef
-    bucket: str
-    user_group: str | None
-    degraded: bool
-    items: list[RankedItem]
-
-
 def check_candidate_count(body: Any, max_candidates: int) -> None:
     """413 before validation when the raw body carries more than ``max_candidates``."""
     if isinstance(body, dict):
@@ -124,3 +101,57 @@ def check_candidate_count(body: Any, max_candidates: int) -> None:
             raise TooManyCandidates(
                 f"{len(candidates)} candidates, more than the limit of {max_candidates} (MTRANK_MAX_CANDIDATES)"
             )
+
+
+@dataclass
+class RankQuery:
+    """A validated ``/v1/rank`` request in columns: what the ranker reads."""
+
+    request_id: str | None
+    user_id: str
+    user_features: dict[str, Any]
+    user_group: str | None
+    item_ids: list[str]
+    video_len: np.ndarray
+    """float64 ``[n]`` seconds."""
+    item_features: list[dict[str, Any]]
+    top_k: int | None
+    return_task_scores: bool
+    _columns: dict[str, list] = field(default_factory=dict, repr=False)
+
+    @property
+    def n(self) -> int:
+        return len(self.item_ids)
+
+    def user_value(self, name: str) -> Any:
+        """The user's raw value of feature ``name`` (None when absent)."""
+        return self.user_id if name == "user_id" else self.user_features.get(name)
+
+    def item_column(self, name: str) -> Any:
+        """The candidates' raw values of feature ``name``, one per candidate (None when absent)."""
+        if name == "item_id":
+            return self.item_ids
+        if name == "video_len":
+            return self.video_len
+        column = self._columns.get(name)
+        if column is None:
+            column = self._columns[name] = [f.get(name) for f in self.item_features]
+        return column
+
+
+def decode_request(payload: Any, max_candidates: int) -> RankQuery:
+    """Check the candidate count (413), validate (422) and turn the body into columns."""
+    check_candidate_count(payload, max_candidates)
+    req = RankRequest.model_validate(payload)
+    cands = req.candidates
+    return RankQuery(
+        request_id=req.request_id,
+        user_id=req.user.user_id,
+        user_features=req.user.features,
+        user_group=req.user.group,
+        item_ids=[c.item_id for c in cands],
+        video_len=np.fromiter((c.video_len for c in cands), dtype=np.float64, count=len(cands)),
+        item_features=[c.features for c in cands],
+        top_k=req.top_k,
+        return_task_scores=req.return_task_scores,
+    )

@@ -1,25 +1,17 @@
-"""Test helpers for the service: a real server process and a tiny hand-built model repository.
+"""Test helpers for the service: a tiny hand-built model repository and request bodies.
 
-:class:`RemoteServer` starts ``mtrank serve`` in a subprocess on a free port, waits for
-``/readyz`` and stops it with SIGTERM (like vLLM's ``RemoteOpenAIServer``); the benchmark and the
-deploy tests reuse it. :func:`build_toy_version` writes a model version that follows the
-manifest contract exactly (ONNX graphs made with ``onnx.helper``, store tables, checksums) in a
-fraction of a second, for tests that need a model but not a trained one.
+The server process itself is :class:`loadtests.server.RemoteServer`. :func:`build_toy_version`
+writes a model version that follows the manifest contract exactly (ONNX graphs made with
+``onnx.helper``, store tables, checksums) in a fraction of a second, for tests that need a model
+but not a trained one.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 from mtrank.manifest import (
@@ -35,90 +27,6 @@ from mtrank.manifest import (
 from mtrank.spec import Facet, FacetRule
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RemoteServer:
-    """``mtrank serve`` in a subprocess. Use as a context manager; ``url`` is its base URL."""
-
-    def __init__(
-        self,
-        repo: Path | str | None,
-        env: dict[str, str] | None = None,
-        args: Sequence[str] = (),
-        port: int | None = None,
-        ready_timeout_s: float = 60.0,
-        wait_ready: bool = True,
-    ):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("MTRANK_")}
-        full_env.update({"MTRANK_DEVICE": "cpu", "MTRANK_INTRA_OP_THREADS": "1", "MTRANK_LOG_LEVEL": "warning"})
-        full_env.update(env or {})
-        cmd = [sys.executable, "-m", "mtrank.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        if repo is not None:
-            cmd += ["--repo", str(repo)]
-        self.proc = subprocess.Popen(
-            [*cmd, *args], env=full_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.client = httpx.Client(base_url=self.url, timeout=30.0)
-        if wait_ready:
-            self.wait_ready(ready_timeout_s)
-
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        last = ""
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                r = self.client.get("/readyz", timeout=2.0)
-                if r.status_code == 200:
-                    return
-                last = r.text
-            except httpx.HTTPError as e:
-                last = repr(e)
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"server not ready after {timeout_s} s (last: {last}):\n{self.output()}")
-
-    def output(self) -> str:
-        """Everything the process printed (only once it has exited)."""
-        if self.proc.poll() is None or self.proc.stdout is None:
-            return ""
-        return self.proc.stdout.read()
-
-    def post(self, path: str, **kwargs: Any) -> httpx.Response:
-        return self.client.post(path, **kwargs)
-
-    def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return self.client.get(path, **kwargs)
-
-    def metrics(self) -> str:
-        return self.get("/metrics").text
-
-    def stop(self, timeout_s: float = 30.0) -> int:
-        """SIGTERM, wait for the drain; SIGKILL if it hangs. Returns the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.client.close()
-        return self.proc.returncode
-
-    def __enter__(self) -> RemoteServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # -- a tiny model repository ---------------------------------------------------------------

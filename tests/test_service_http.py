@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtests.server import RemoteServer, free_port
 from mtrank.fusion import BucketConfig, LengthFn, length_factor
-from mtrank.manifest import load_manifest, version_dir, write_manifest
+from mtrank.manifest import DENSE_INPUT, EMB_PREFIX, IDS_INPUT, emb_input, load_manifest, version_dir, write_manifest
 from service.buckets import BucketTable
-from tests.server import ROOT, RemoteServer, free_port, rank_body
+from tests.server import ROOT, rank_body
 
 ADMIN_TOKEN = "test-admin-token"
 SALT = "http-test-salt"
@@ -404,25 +405,31 @@ def _direct_group_outputs(vdir: Path, body: dict, group: str) -> dict[str, np.nd
     """Run one group's ONNX graph directly on the request's features, outside the service."""
     import onnxruntime as ort
 
-    from service.ranking import FeaturePlan
-    from service.schemas import RankRequest
+    from mtrank.transform import FeatureTransform
     from service.stores import InProcessStore, LocalTable
 
     m = load_manifest(vdir)
-    tables = {f: LocalTable(m.name, m.version, info, vdir) for f, info in m.tables.items()}
-    plan = FeaturePlan.build(m, tables)
-    req = RankRequest.model_validate(body)
+    transform = FeatureTransform.from_manifest(m)
+    user, cands = body["user"], body["candidates"]
+    columns = {}
+    for f in (*transform.dense, *transform.sparse):
+        if f.side == "user":
+            columns[f.name] = user["user_id"] if f.name == "user_id" else user["features"].get(f.name)
+        elif f.name in ("item_id", "video_len"):
+            columns[f.name] = [c[f.name] for c in cands]
+        else:
+            columns[f.name] = [c["features"].get(f.name) for c in cands]
     info = m.graph_for(group)
     session = ort.InferenceSession(str(vdir / info.file), providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
-    n = len(req.candidates)
-    feed = {"dense": plan.dense_matrix(req, np.array([c.video_len for c in req.candidates]))}
-    if "ids" in names:
-        feed["ids"] = plan.id_matrix(req)
-    fields = [x[len("emb."):] for x in names if x.startswith("emb.")]
-    for name, (table, ids) in zip(fields, plan.store_ids(req, fields), strict=True):
-        v = InProcessStore.lookup_sync(table, ids).vectors
-        feed[f"emb.{name}"] = np.repeat(v, n, axis=0) if len(v) != n else v
+    n = len(cands)
+    feed = {DENSE_INPUT: transform.dense_matrix(columns, n)}
+    if IDS_INPUT in names:
+        feed[IDS_INPUT] = transform.graph_ids(columns, n)
+    for name in [x[len(EMB_PREFIX):] for x in names if x.startswith(EMB_PREFIX)]:
+        table = LocalTable(m.name, m.version, m.tables[name], vdir)
+        v = InProcessStore.lookup_sync(table, transform.store_keys(name, columns[name], n)).vectors
+        feed[emb_input(name)] = np.repeat(v, n, axis=0) if len(v) != n else v
     outputs = session.run([o.name for o in info.outputs], feed)
     return dict(zip(info.tasks, outputs, strict=True))
 

@@ -12,14 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from loadtests.server import free_port
 from mtrank import fusion
 from mtrank.fusion import BucketConfig, LengthFn
-from service.batcher import Batcher, DeadlineExceeded, Overloaded
+from service.batcher import Batcher
 from service.buckets import BucketTable, user_slot
+from service.errors import DeadlineExceeded, Overloaded
 from service.runner import GraphRunner
 from service.settings import ConfigError, load_settings
 from service.stores import InProcessStore, LocalTable, RedisStore, lookup
-from tests.server import TOY_ITEMS, TOY_USERS, build_toy_version, free_port
+from tests.server import TOY_ITEMS, TOY_USERS, build_toy_version
 
 # -- fusion ---------------------------------------------------------------------------------
 

@@ -2,8 +2,8 @@
 
 ``load_split`` is what the trainer calls: it finds ``<split>.parquet|csv`` (or a file whose name
 contains the split name), reads it, raises a one-line ``SpecError`` when the file does not match
-the spec, and returns a frame with dense NaNs filled, facet columns present and sparse values as
-``str`` (so ids read from CSV as ints and from Parquet as strings look alike).
+the spec, and returns a frame with dense NaNs filled, facet columns present and sparse values
+as their keys (so ids read from CSV as ints and from Parquet as strings look alike).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from mtrank.spec import Facet, FeatureSpec, SpecError
+from mtrank.transform import facet_index, sparse_keys
 
 _TAB_SUFFIXES = (".tsv", ".tsv.gz", ".txt", ".txt.gz")
 _CSV_SUFFIXES = (".csv", ".csv.gz")
@@ -137,45 +138,34 @@ def _check_label(frame: pd.DataFrame, label: str, task: str, kind: str, space: s
             )
 
 
-def _sparse_as_str(column: pd.Series) -> pd.Series:
-    """Values as ``str``: integral floats lose their ``.0`` (CSV ints with NaN), NaN becomes ``''``."""
-    if pd.api.types.is_float_dtype(column):
-        values = column.to_numpy(dtype=np.float64)
-        integral = np.isfinite(values) & (values == np.round(values))
-        if integral[column.notna().to_numpy()].all():
-            column = column.astype("Int64")
-    return column.astype(object).where(column.notna(), "").astype(str)
-
-
 def conform_frame(frame: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
     """A copy of a validated frame with the spec's types.
 
-    Dense features as float64 with NaN replaced by the field's default; sparse features as
-    ``str``; labels as float64; facet columns computed from the spec's rules where absent.
+    Dense features as float64 with NaN replaced by the field's default; sparse features as their
+    keys (:func:`mtrank.transform.sparse_keys`: ids read from CSV as ints and from Parquet as
+    strings look alike); labels as float64; facet columns computed from the spec's rules where absent.
     """
     out = frame.copy()
     for f in spec.dense:
         values = pd.to_numeric(out[f.name], errors="coerce").astype(np.float64)
         out[f.name] = values.fillna(f.default)
     for f in spec.sparse:
-        out[f.name] = _sparse_as_str(out[f.name])
+        out[f.name] = np.asarray(sparse_keys(out[f.name].to_numpy()), dtype=object)
     for label in dict.fromkeys(t.label_column for t in spec.tasks):
         out[label] = pd.to_numeric(out[label]).astype(np.float64)
+    defaults = {f.name: f.default for f in spec.dense}
     for facet in (spec.user_groups, spec.item_facet):
         if facet is None:
             continue
         if facet.column in out.columns:
             out[facet.column] = out[facet.column].astype(str)
             continue
-        features = {
+        columns = {
             name: pd.to_numeric(out[name], errors="coerce").to_numpy(dtype=np.float64)
             for name in _facet_features(facet)
         }
-        if features:
-            out[facet.column] = np.asarray(facet.values, dtype=object)[facet.assign(features)]
-        else:
-            out[facet.column] = facet.default
-        out[facet.column] = out[facet.column].astype(str)
+        index = facet_index(facet, columns, len(out), defaults)
+        out[facet.column] = np.asarray(facet.values, dtype=object)[index]
     return out
 
 

@@ -1,12 +1,15 @@
-"""Preprocessing fitted on the training split: dense normalisation and sparse vocabularies.
+"""Preprocessing fitted on the training split: dense statistics and sparse vocabularies.
 
-The fitted state is what the exporter writes into the manifest (dense stats, graph-field
-vocabularies) and the embedding tables (store-field id lists), so serving reproduces it exactly.
+The transform itself is :mod:`mtrank.transform` (the same code the service runs on requests);
+this module fits its state on the train split — in one streaming pass over batches of columns —
+and saves it with the run. The exporter writes that state into the manifest (dense stats,
+graph-field vocabularies) and the embedding tables (store-field id lists).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +17,18 @@ import numpy as np
 import pandas as pd
 
 from mtrank.spec import FeatureSpec
+from mtrank.transform import (
+    Column,
+    DenseColumn,
+    DenseStatsAccumulator,
+    FeatureTransform,
+    SparseColumn,
+    Vocabulary,
+    VocabularyCounter,
+    numeric_column,
+    pre_standardise,
+    sparse_keys,
+)
 from training.models.base import InputShape
 
 
@@ -23,30 +38,54 @@ class DenseStats:
     std: float
 
 
+class PreprocessorFitter:
+    """Accumulates dense statistics and key counts over batches of train rows."""
+
+    def __init__(self, spec: FeatureSpec):
+        self.spec = spec
+        self._dense = {f.name: DenseStatsAccumulator() for f in spec.dense}
+        self._sparse = {f.name: VocabularyCounter() for f in spec.sparse}
+
+    def update(self, columns: Mapping[str, Column], n: int) -> None:
+        for f in self.spec.dense:
+            raw = numeric_column(columns.get(f.name), n, f.default, f.name)
+            self._dense[f.name].update(pre_standardise(raw, f.transform))
+        for f in self.spec.sparse:
+            self._sparse[f.name].update(sparse_keys(columns.get(f.name), n))
+
+    def finish(self) -> Preprocessor:
+        stats = {name: DenseStats(*acc.result()) for name, acc in self._dense.items()}
+        vocabs = {f.name: self._sparse[f.name].vocabulary(f.min_count) for f in self.spec.sparse}
+        return Preprocessor(self.spec, stats, vocabs)
+
+
 class Preprocessor:
-    """Raw frame → (dense float32 ``[N, n_dense]``, sparse int64 ``[N, n_sparse]``)."""
+    """Raw columns → (dense float32 ``[N, n_dense]``, sparse int64 ``[N, n_sparse]``)."""
 
     def __init__(self, spec: FeatureSpec, dense_stats: dict[str, DenseStats], vocabs: dict[str, list[str]]):
         self.spec = spec
         self.dense_stats = dense_stats
         self.vocabs = vocabs
-        self._index = {name: pd.Index(values) for name, values in vocabs.items()}
+        self.feature_transform = FeatureTransform(
+            [DenseColumn(f.name, f.side, f.transform, dense_stats[f.name].mean, dense_stats[f.name].std, f.default)
+             for f in spec.dense],
+            [SparseColumn(f.name, f.side, f.location, Vocabulary(vocabs[f.name])) for f in spec.sparse],
+            spec.user_groups,
+            spec.item_facet,
+        )
 
     @classmethod
     def fit(cls, spec: FeatureSpec, frame: pd.DataFrame) -> Preprocessor:
-        stats = {}
-        for f in spec.dense:
-            x = _transform(frame[f.name].to_numpy(np.float64), f.transform)
-            std = float(x.std())
-            stats[f.name] = DenseStats(mean=float(x.mean()), std=std if std > 1e-12 else 1.0)
-        vocabs = {}
-        for f in spec.sparse:
-            counts = frame[f.name].astype(str).value_counts(sort=False)
-            counts = counts[counts >= f.min_count]
-            # Most frequent first, ties by value: deterministic for a data set.
-            order = sorted(zip(-counts.to_numpy(), counts.index, strict=True), key=lambda t: (t[0], t[1]))
-            vocabs[f.name] = [v for _, v in order]
-        return cls(spec, stats, vocabs)
+        return cls.fit_batches(spec, [frame])
+
+    @classmethod
+    def fit_batches(cls, spec: FeatureSpec, batches: Iterable[pd.DataFrame | Mapping[str, Column]]) -> Preprocessor:
+        """One streaming pass: memory holds the statistics and key counts, not the rows."""
+        fitter = PreprocessorFitter(spec)
+        for batch in batches:
+            columns, n = frame_columns(batch)
+            fitter.update(columns, n)
+        return fitter.finish()
 
     @property
     def shape(self) -> InputShape:
@@ -55,18 +94,9 @@ class Preprocessor:
             vocab_sizes=tuple(len(self.vocabs[f.name]) + 1 for f in self.spec.sparse),
         )
 
-    def transform(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        dense = np.empty((len(frame), len(self.spec.dense)), dtype=np.float32)
-        for j, f in enumerate(self.spec.dense):
-            s = self.dense_stats[f.name]
-            raw = frame[f.name].to_numpy(np.float64) if f.name in frame else np.full(len(frame), f.default)
-            raw = np.where(np.isnan(raw), f.default, raw)
-            dense[:, j] = (_transform(raw, f.transform) - s.mean) / s.std
-        sparse = np.empty((len(frame), len(self.spec.sparse)), dtype=np.int64)
-        for j, f in enumerate(self.spec.sparse):
-            # get_indexer gives -1 for unseen values; +1 makes them the OOV row 0.
-            sparse[:, j] = self._index[f.name].get_indexer(frame[f.name].astype(str)) + 1
-        return dense, sparse
+    def transform(self, frame: pd.DataFrame | Mapping[str, Column]) -> tuple[np.ndarray, np.ndarray]:
+        columns, n = frame_columns(frame)
+        return self.feature_transform.dense_matrix(columns, n), self.feature_transform.sparse_ids(columns, n)
 
     def save(self, run_dir: Path) -> None:
         vocab_dir = run_dir / "vocab"
@@ -85,7 +115,11 @@ class Preprocessor:
         return cls(spec, {k: DenseStats(**v) for k, v in stats.items()}, vocabs)
 
 
-def _transform(x: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "log1p":
-        return np.log1p(np.maximum(x, 0.0))
-    return x
+def frame_columns(batch: pd.DataFrame | Mapping[str, Column]) -> tuple[Mapping[str, Column], int]:
+    """A frame (or a mapping of equal-length columns) as columns of numpy arrays, and its row count."""
+    if isinstance(batch, pd.DataFrame):
+        return {name: batch[name].to_numpy() for name in batch.columns}, len(batch)
+    lengths = {len(v) for v in batch.values() if isinstance(v, np.ndarray | list | tuple)}
+    if len(lengths) != 1:
+        raise ValueError(f"columns of different lengths: {sorted(lengths)}")
+    return batch, lengths.pop()

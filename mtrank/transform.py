@@ -1,0 +1,337 @@
+"""The one feature transform: raw feature values → model inputs. Numpy only, columnar.
+
+The trainer's preprocessing, the exporter's parity rows and the service's request path all call
+this module, so a raw value becomes the same model input everywhere:
+
+- **dense** (:class:`DenseColumn`): missing → the field's default; ``log1p`` → ``log1p(max(x, 0))``;
+  ``(x − mean) / std`` with train statistics; clipped to ±:data:`DENSE_LIMIT`; float32.
+- **sparse keys** (:func:`sparse_keys`): a raw value becomes the string its vocabulary or store
+  table is keyed by: strings stay, integers and integral floats print as integers (``3``, ``3.0``
+  and ``"3"`` are one key), other floats as Python prints them, booleans as ``True``/``False``,
+  missing as ``""``.
+- **vocabulary indices** (:class:`Vocabulary`): key → row, 0 = out of vocabulary.
+- **facets** (:func:`facet_index`): the spec's ordered threshold rules on raw dense values, with
+  missing rule features filled by their dense default (NaN when the feature is not a dense field).
+
+A *column* is the raw values of one feature for a batch of rows: a numpy array (NaN = missing),
+a list (``None`` = missing), or a scalar that every row shares (a user feature in a request).
+Statistics and vocabularies are fitted in a streaming pass (:class:`DenseStatsAccumulator`,
+:class:`VocabularyCounter`), so memory does not grow with rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mtrank.spec import Facet
+
+DENSE_LIMIT = 1e6
+"""Standardised dense inputs are clipped to ±this, so absurd (finite) values cannot overflow float32."""
+MISSING_KEY = ""
+"""The key of a missing sparse value (it is out of vocabulary unless train data had missing values)."""
+
+Column = Any
+"""np.ndarray | Sequence | scalar: one feature's raw values for a batch of rows (see module doc)."""
+
+
+class TransformError(ValueError):
+    """A raw value cannot be turned into a model input (a string for a numeric feature)."""
+
+
+# -- dense ----------------------------------------------------------------------------------
+
+
+def numeric_column(values: Column, n: int, default: float, name: str) -> np.ndarray:
+    """``[n]`` float64 raw values, missing (None, NaN) replaced by ``default``.
+
+    Numbers and booleans are accepted; a string raises :class:`TransformError` naming ``name``.
+    """
+    if isinstance(values, np.ndarray) and values.dtype.kind in "fiub":
+        x = values.astype(np.float64, copy=True)
+    elif isinstance(values, np.ndarray):
+        x = _floats(values.tolist(), name)
+    elif values is None or isinstance(values, int | float | bool | np.number):
+        x = np.full(n, math.nan if values is None else float(values), dtype=np.float64)
+    elif isinstance(values, str):
+        raise TransformError(f"{name}: must be a number, got a string")
+    else:
+        x = _floats(values, name)
+    if x.shape != (n,):
+        raise TransformError(f"{name}: {x.shape[0]} values for {n} rows")
+    x[np.isnan(x)] = default
+    return x
+
+
+def _floats(values: Sequence, name: str) -> np.ndarray:
+    try:
+        return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TransformError(f"{name}: must be a number") from None
+
+
+@dataclass(frozen=True)
+class DenseColumn:
+    """One dense field with its train statistics: model input = clip((t(x) − mean) / std)."""
+
+    name: str
+    side: str
+    transform: str
+    """``none`` or ``log1p``."""
+    mean: float
+    std: float
+    default: float
+    """Raw value used when a row does not carry the feature."""
+
+    def __post_init__(self) -> None:
+        if self.transform not in ("none", "log1p"):
+            raise TransformError(f"dense field {self.name!r}: unknown transform {self.transform!r}")
+
+    def apply(self, raw: np.ndarray) -> np.ndarray:
+        """Raw float64 values (defaults already filled) → standardised float64."""
+        return (pre_standardise(raw, self.transform) - self.mean) / (self.std or 1.0)
+
+
+def pre_standardise(raw: np.ndarray, transform: str) -> np.ndarray:
+    """The value whose train mean and std standardise the field: ``log1p(max(x, 0))`` or ``x``."""
+    if transform == "log1p":
+        return np.log1p(np.maximum(raw, 0.0))
+    return raw
+
+
+@dataclass
+class DenseStatsAccumulator:
+    """Mean and (population) std of a field's pre-standardised values over batches.
+
+    Batches merge with Chan et al.'s pairwise update, so one batch gives numpy's mean and std.
+    """
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def update(self, x: np.ndarray) -> None:
+        n = int(x.shape[0])
+        if n == 0:
+            return
+        mean = float(x.mean())
+        m2 = float(((x - mean) ** 2).sum())
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    def result(self) -> tuple[float, float]:
+        """(mean, std); a constant or empty field gets std 1 so standardising is a shift."""
+        std = math.sqrt(self.m2 / self.count) if self.count else 0.0
+        return self.mean, std if std > 1e-12 else 1.0
+
+
+# -- sparse ---------------------------------------------------------------------------------
+
+
+def sparse_key(value: Any) -> str:
+    """One raw value's key (see the module doc)."""
+    kind = type(value)
+    if kind is str:
+        return value
+    if value is None:
+        return MISSING_KEY
+    if kind is bool or isinstance(value, np.bool_):
+        return "True" if value else "False"
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        v = float(value)
+        if math.isnan(v):
+            return MISSING_KEY
+        if math.isfinite(v) and v == int(v) and abs(v) < 2**63:
+            return str(int(v))
+        return repr(v)
+    return str(value)
+
+
+def sparse_keys(values: Column, n: int | None = None) -> list[str]:
+    """Keys of a column's values (a scalar column needs ``n``)."""
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind in "iu":
+            return values.astype(str).tolist()
+        if values.dtype.kind == "f":
+            return _float_keys(values.astype(np.float64, copy=False))
+        if values.dtype.kind == "U":
+            return values.tolist()
+        values = values.tolist()
+    elif not isinstance(values, list | tuple):
+        if n is None:
+            raise TransformError("a scalar column needs a row count")
+        return [sparse_key(values)] * n
+    if all(type(v) is str for v in values):
+        return list(values)
+    return [sparse_key(v) for v in values]
+
+
+def _float_keys(x: np.ndarray) -> list[str]:
+    integral = np.isfinite(x) & (x == np.round(x)) & (np.abs(x) < 2**63)
+    out = np.where(integral, x, 0).astype(np.int64).astype(str).astype(object)
+    rest = ~integral
+    if rest.any():
+        out[rest] = [sparse_key(v) for v in x[rest].tolist()]
+    return out.tolist()
+
+
+class Vocabulary:
+    """Keys of a graph-held field, most frequent first; index ``i + 1`` for ``values[i]``, 0 = OOV."""
+
+    def __init__(self, values: Sequence[str]):
+        self.values = list(values)
+        self._index = {v: i for i, v in enumerate(self.values, start=1)}
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def indices(self, keys: Sequence[str]) -> np.ndarray:
+        """``[len(keys)]`` int64."""
+        get = self._index.get
+        return np.fromiter((get(k, 0) for k in keys), dtype=np.int64, count=len(keys))
+
+    def index(self, key: str) -> int:
+        return self._index.get(key, 0)
+
+
+class VocabularyCounter:
+    """Key frequencies over batches; :meth:`vocabulary` keeps keys seen ``min_count`` times or more."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def update(self, keys: Iterable[str]) -> None:
+        self.counts.update(keys)
+
+    def vocabulary(self, min_count: int = 1) -> list[str]:
+        """Most frequent first, ties by key: deterministic for a data set."""
+        kept = [(-c, k) for k, c in self.counts.items() if c >= min_count]
+        kept.sort()
+        return [k for _, k in kept]
+
+
+# -- facets ---------------------------------------------------------------------------------
+
+
+def facet_index(facet: Facet, columns: Mapping[str, Column], n: int, defaults: Mapping[str, float]) -> np.ndarray:
+    """``[n]`` int64 index into ``facet.values`` per row, from the rules' raw features.
+
+    A rule feature a row does not carry is its dense default (``defaults``), else NaN, which
+    matches no rule (the row gets ``facet.default``).
+    """
+    features = {}
+    for rule in facet.rules:
+        if rule.feature in features:
+            continue
+        default = defaults.get(rule.feature, math.nan)
+        values = columns.get(rule.feature)
+        features[rule.feature] = numeric_column(values, n, default, rule.feature) if values is not None else (
+            np.full(n, default, dtype=np.float64)
+        )
+    if not features:
+        return np.full(n, facet.values.index(facet.default), dtype=np.int64)
+    return facet.assign(features)
+
+
+# -- the transform of one model -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SparseColumn:
+    name: str
+    side: str
+    location: str
+    """``graph``: a vocabulary index feeds the graph; ``store``: the key is looked up in the store."""
+    vocabulary: Vocabulary | None = None
+    """Key → index. Training has one for every field; a manifest only for graph fields (a store
+    field's table knows its ids)."""
+
+
+class FeatureTransform:
+    """A fitted transform: what the manifest (or a training run) says about every feature."""
+
+    def __init__(
+        self,
+        dense: Sequence[DenseColumn],
+        sparse: Sequence[SparseColumn],
+        user_groups: Facet | None = None,
+        item_facet: Facet | None = None,
+    ):
+        self.dense = list(dense)
+        self.sparse = list(sparse)
+        self.user_groups = user_groups
+        self.item_facet = item_facet
+        self.graph_fields = [s for s in self.sparse if s.location == "graph"]
+        self.store_fields = {s.name: s for s in self.sparse if s.location == "store"}
+        self.dense_defaults = {d.name: d.default for d in self.dense}
+        self._mean = np.array([d.mean for d in self.dense], dtype=np.float64)
+        self._std = np.array([d.std or 1.0 for d in self.dense], dtype=np.float64)
+        self._log1p = [j for j, d in enumerate(self.dense) if d.transform == "log1p"]
+
+    @classmethod
+    def from_manifest(cls, manifest: Any) -> FeatureTransform:
+        """From a :class:`mtrank.manifest.Manifest` (duck-typed: this module does not import it)."""
+        dense = [DenseColumn(d.name, d.side, d.transform, float(d.mean), float(d.std), float(d.default))
+                 for d in manifest.dense]
+        sparse = [
+            SparseColumn(s.name, s.side, s.location, Vocabulary(s.vocab or []) if s.location == "graph" else None)
+            for s in manifest.sparse
+        ]
+        return cls(dense, sparse, manifest.group_facet(), manifest.item_facet_rule())
+
+    def dense_matrix(self, columns: Mapping[str, Column], n: int) -> np.ndarray:
+        """``[n, n_dense]`` float32 model input."""
+        raw = np.empty((n, len(self.dense)), dtype=np.float64)
+        for j, d in enumerate(self.dense):
+            raw[:, j] = numeric_column(columns.get(d.name), n, d.default, d.name)
+        if self._log1p:
+            raw[:, self._log1p] = pre_standardise(raw[:, self._log1p], "log1p")
+        raw -= self._mean
+        raw /= self._std
+        np.clip(raw, -DENSE_LIMIT, DENSE_LIMIT, out=raw)
+        return raw.astype(np.float32)
+
+    def graph_ids(self, columns: Mapping[str, Column], n: int) -> np.ndarray:
+        """``[n, n_graph_fields]`` int64 vocabulary indices of the graph-held fields (the ``ids`` input)."""
+        return self.indices(self.graph_fields, columns, n)
+
+    def sparse_ids(self, columns: Mapping[str, Column], n: int) -> np.ndarray:
+        """``[n, n_sparse]`` int64 vocabulary indices of every sparse field (training: all tables in the model)."""
+        return self.indices(self.sparse, columns, n)
+
+    @staticmethod
+    def indices(fields: Sequence[SparseColumn], columns: Mapping[str, Column], n: int) -> np.ndarray:
+        ids = np.empty((n, len(fields)), dtype=np.int64)
+        for j, s in enumerate(fields):
+            if s.vocabulary is None:
+                raise TransformError(f"sparse field {s.name!r} has no vocabulary here (its table is in the store)")
+            values = columns.get(s.name)
+            if values is None or not isinstance(values, np.ndarray | list | tuple):
+                ids[:, j] = s.vocabulary.index(sparse_key(values))  # one value for every row
+            else:
+                ids[:, j] = s.vocabulary.indices(sparse_keys(values))
+        return ids
+
+    def store_keys(self, name: str, values: Column, n: int | None = None) -> list[str]:
+        """The keys of store field ``name`` to look up (one per row, or one for a scalar column)."""
+        if name not in self.store_fields:
+            raise TransformError(f"{name!r} is not a store-held field")
+        if values is None or not isinstance(values, np.ndarray | list | tuple):
+            return [sparse_key(values)]
+        return sparse_keys(values, n)
+
+    def facet(self, facet: Facet | None, columns: Mapping[str, Column], n: int) -> np.ndarray | None:
+        """``[n]`` facet value index per row, or None when the model has no such facet."""
+        if facet is None:
+            return None
+        return facet_index(facet, columns, n, self.dense_defaults)
