@@ -36,12 +36,16 @@ from torch import nn
 from export.tables import write_table
 from mtrank.manifest import (
     ALL_GROUPS,
+    DENSE_INPUT,
+    IDS_INPUT,
+    ITEM_FACET_INPUT,
     DenseInfo,
     GraphInfo,
     Manifest,
     SparseInfo,
     TableInfo,
     TensorInfo,
+    emb_input,
     facet_dict,
     open_vectors,
     write_manifest,
@@ -73,8 +77,10 @@ class ParityError(ValueError):
 class ServingGraph(nn.Module):
     """The served computation of one user group: inputs as the manifest names them, probabilities out.
 
-    ``forward(dense, [ids], *store_vectors)``: graph-held fields are looked up with the model's own
-    tables, store-held fields arrive as vectors; one ``[B]`` probability per head of the group.
+    ``forward(dense, [ids], *store_vectors, [item_facet])``: graph-held fields are looked up with the
+    model's own tables, store-held fields arrive as vectors; a three-facet model also takes each
+    row's item-facet value index and picks the head of the row's item value. One ``[B]``
+    probability per task, in spec task order.
     """
 
     def __init__(self, model: MultiTaskModel, group: str | None, graph_fields: list[int], store_fields: list[int]):
@@ -86,13 +92,17 @@ class ServingGraph(nn.Module):
 
     def forward(self, dense: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         vectors: list[torch.Tensor | None] = [None] * self.model.n_fields
+        item = None
+        if self.model.uses_item_facet:
+            *inputs, item = inputs
         if self.graph_fields:
             ids, *inputs = inputs
             for col, j in enumerate(self.graph_fields):
                 vectors[j] = self.model.embeddings.tables[j](ids[:, col])
         for j, v in zip(self.store_fields, inputs, strict=True):
             vectors[j] = v
-        probs = torch.sigmoid(self.model.forward_embedded(dense, vectors, group=self.group))
+        logits = self.model.forward_embedded(dense, vectors, group=self.group)
+        probs = torch.sigmoid(self.model.group_task_logits(logits, self.group, item))
         return tuple(probs[:, k] for k in range(probs.shape[1]))
 
 
@@ -134,20 +144,22 @@ def _build_version(run: Run, run_dir: Path, name: str, out: Path, fp16: bool, pr
         tables[field] = write_table(out, field, pre.vocabs[field], weights, model.embedding_dim, views)
     _say(progress, f"export: wrote {len(tables)} store tables ({', '.join(tables) or 'none'})")
 
-    dense, sparse, rows_source = _parity_rows(run)
-    feeds = {"dense": dense}
+    dense, sparse, item, rows_source = _parity_rows(run)
+    feeds = {DENSE_INPUT: dense}
     if graph_fields:
-        feeds["ids"] = sparse[:, graph_fields]
+        feeds[IDS_INPUT] = sparse[:, graph_fields]
     for j in store_fields:
         field = spec.sparse[j].name
-        feeds[f"emb.{field}"] = np.asarray(open_vectors(out / tables[field].vectors_file))[sparse[:, j]]
+        feeds[emb_input(field)] = np.asarray(open_vectors(out / tables[field].vectors_file))[sparse[:, j]]
+    if model.uses_item_facet:
+        feeds[ITEM_FACET_INPUT] = item
 
     graphs: dict[str, GraphInfo] = {}
     parity: dict[str, Any] = {}
     for group in model.groups or [None]:
         key = group or ALL_GROUPS
         module = ServingGraph(model, group, graph_fields, store_fields).eval()
-        graphs[key], parity[key] = _export_graph(module, key, out, feeds, sparse, fp16)
+        graphs[key], parity[key] = _export_graph(module, key, out, feeds, sparse, item, fp16)
         worst = {p: max(d.values()) for p, d in parity[key].items()}
         _say(progress, f"export: graph {key!r} ok, max abs diff " + ", ".join(f"{p} {v:.2g}" for p, v in worst.items()))
 
@@ -188,19 +200,20 @@ def _build_version(run: Run, run_dir: Path, name: str, out: Path, fp16: bool, pr
 
 
 def _export_graph(
-    module: ServingGraph, key: str, out: Path, feeds: dict[str, np.ndarray], sparse: np.ndarray, fp16: bool
+    module: ServingGraph,
+    key: str,
+    out: Path,
+    feeds: dict[str, np.ndarray],
+    sparse: np.ndarray,
+    item: np.ndarray,
+    fp16: bool,
 ) -> tuple[GraphInfo, dict[str, dict[str, float]]]:
     """Write ``graph_<key>.onnx`` (and its fp16 variant) after checking them against PyTorch.
 
     Returns the graph's manifest entry and its max abs diff per precision and output.
     """
-    tasks = [h.task for h in module.model.group_heads(module.group)]
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(
-            f"graph {key!r}: several heads predict one task ({tasks}); a graph has one output per task "
-            "(three-facet models are not exportable)"
-        )
-    reference = _torch_reference(module.model, module.group, feeds["dense"], sparse)
+    tasks = module.model.spec.task_names
+    reference = _torch_reference(module.model, module.group, feeds[DENSE_INPUT], sparse, item)
     graph_file = f"graph_{key}.onnx"
     served = _optimise_offline(_to_onnx(module, feeds, tasks), out / graph_file)
     diffs = {"fp32": _check_parity(out / graph_file, feeds, reference, tasks, key, "fp32", FP32_TOLERANCE)}
@@ -211,7 +224,7 @@ def _export_graph(
         diffs["fp16"] = _check_parity(out / fp16_file, feeds, reference, tasks, key, "fp16", FP16_TOLERANCE)
     info = GraphInfo(
         file=graph_file,
-        inputs=[TensorInfo(n, str(a.dtype), ["batch", a.shape[1]]) for n, a in feeds.items()],
+        inputs=[TensorInfo(n, str(a.dtype), ["batch", *a.shape[1:]]) for n, a in feeds.items()],
         outputs=[TensorInfo(t, "float32", ["batch"]) for t in tasks],
         tasks=tasks,
         fp16_file=fp16_file,
@@ -219,35 +232,42 @@ def _export_graph(
     return info, diffs
 
 
-def _parity_rows(run: Run) -> tuple[np.ndarray, np.ndarray, str]:
-    """``max(PARITY_BATCH_SIZES)`` preprocessed rows: the run's test split, or random valid inputs."""
+def _parity_rows(run: Run) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """``max(PARITY_BATCH_SIZES)`` preprocessed rows (dense, sparse, item-facet index): the run's
+    test split, or random valid inputs."""
     n = max(PARITY_BATCH_SIZES)
+    spec = run.spec
+    n_items = len(spec.item_facet.values) if spec.item_facet is not None else 1
     data_dir = Path(run.meta["data"]) if run.meta.get("data") else None
     if data_dir is not None and data_dir.is_dir():
         from training.data import load_split
+        from training.trainer import facet_index
 
-        frame = load_split(data_dir, "test", run.spec)
+        frame = load_split(data_dir, "test", spec)
         if len(frame):
-            dense, sparse = run.preprocessor.transform(frame.iloc[:n])
+            rows = frame.iloc[:n]
+            dense, sparse = run.preprocessor.transform(rows)
+            item = facet_index(rows, spec.item_facet) if spec.item_facet is not None else np.zeros(len(rows), np.int64)
             take = np.arange(n) % len(dense)
-            return dense[take], sparse[take], f"test split of {data_dir}"
+            return dense[take], sparse[take], item[take], f"test split of {data_dir}"
     rng = np.random.default_rng(PARITY_SEED)
     dense = rng.standard_normal((n, run.model.shape.n_dense)).astype(np.float32)
     sparse = np.zeros((n, len(run.model.shape.vocab_sizes)), dtype=np.int64)
     for j, vocab_size in enumerate(run.model.shape.vocab_sizes):
         sparse[:, j] = rng.integers(0, vocab_size, n)
-    return dense, sparse, "random"
+    return dense, sparse, rng.integers(0, n_items, n).astype(np.int64), "random"
 
 
 @torch.no_grad()
 def _torch_reference(
-    model: MultiTaskModel, group: str | None, dense: np.ndarray, sparse: np.ndarray
+    model: MultiTaskModel, group: str | None, dense: np.ndarray, sparse: np.ndarray, item: np.ndarray
 ) -> dict[int, np.ndarray]:
-    """The PyTorch model's probabilities ``[b, heads]`` on the first ``b`` rows, per parity batch size."""
+    """The PyTorch model's probabilities ``[b, n_tasks]`` on the first ``b`` rows, per parity batch size."""
     out = {}
     for b in PARITY_BATCH_SIZES:
         logits = model(torch.from_numpy(dense[:b]), torch.from_numpy(sparse[:b]), group=group)
-        out[b] = torch.sigmoid(logits).numpy()
+        row_item = torch.from_numpy(item[:b]) if model.uses_item_facet else None
+        out[b] = torch.sigmoid(model.group_task_logits(logits, group, row_item)).numpy()
     return out
 
 

@@ -17,8 +17,11 @@ from export.exporter import ParityError, export_run
 from mtrank.cli import main as cli_main
 from mtrank.manifest import (
     ALL_GROUPS,
+    DENSE_INPUT,
+    IDS_INPUT,
     Manifest,
     ManifestError,
+    emb_input,
     list_versions,
     load_manifest,
     open_vectors,
@@ -36,13 +39,14 @@ BATCH_SIZES = (1, 7, 1024)
 
 def serving_feeds(manifest: Manifest, vdir: Path, dense: np.ndarray, sparse: np.ndarray) -> dict[str, np.ndarray]:
     """Graph inputs built the way the service does: from the manifest and the table files only."""
-    feeds = {"dense": dense}
+    feeds = {DENSE_INPUT: dense}
     graph_cols = [j for j, f in enumerate(manifest.sparse) if f.location == "graph"]
     if graph_cols:
-        feeds["ids"] = sparse[:, graph_cols]
+        feeds[IDS_INPUT] = sparse[:, graph_cols]
     for j, f in enumerate(manifest.sparse):
         if f.location == "store":
-            feeds[f"emb.{f.name}"] = np.asarray(open_vectors(vdir / manifest.tables[f.name].vectors_file))[sparse[:, j]]
+            vectors = np.asarray(open_vectors(vdir / manifest.tables[f.name].vectors_file))
+            feeds[emb_input(f.name)] = vectors[sparse[:, j]]
     return feeds
 
 
@@ -212,7 +216,8 @@ def test_an_export_racing_another_takes_the_next_version(tmp_path, monkeypatch):
 def test_a_model_without_graph_fields_has_no_ids_input(tmp_path):
     vdir = export_run(untrained_run(tmp_path / "run", graph_fields=False), tmp_path / "repo", progress=False)
     manifest = load_manifest(vdir)
-    assert [t.name for t in manifest.graphs[ALL_GROUPS].inputs] == ["dense", "emb.user_id", "emb.item_id"]
+    inputs = [t.name for t in manifest.graphs[ALL_GROUPS].inputs]
+    assert inputs == [DENSE_INPUT, emb_input("user_id"), emb_input("item_id")]
     assert manifest.parity["rows"] == "random"  # the run's data directory no longer exists
 
 

@@ -9,9 +9,9 @@ import torch
 
 from mtrank.spec import FeatureSpec, SpecError
 from training.features import Preprocessor
-from training.models.mfh import FacetedTrainer, evaluate_faceted, faceted_tensors, forward_cost
 from training.models.registry import create_model, make_config
-from training.trainer import Tensors, TrainConfig, Trainer, to_tensors
+from training.profile import forward_cost
+from training.trainer import Tensors, TrainConfig, Trainer, evaluate, to_tensors
 
 PRODUCT_MODELS = ["flat", "h_mtl", "mfh"]
 # Small sizes keep every test well under a second; the structure is the default one.
@@ -242,9 +242,8 @@ def test_declared_subset_must_keep_a_tower_for_every_row(tiny):
 
 
 def test_three_facet_rows_without_their_own_item_tower_use_the_default_items(tiny):
-    spec, pre, frame, _ = tiny
+    spec, pre, _, t = tiny
     model = _model("h_mtl", spec, pre, item_facet=True, tasks=["*@*@warm", "*@high@cold"])
-    t = faceted_tensors(frame, spec, pre)
     names = [h.name for h in model.heads]
     cold = spec.item_facet.values.index("cold")
     groups = torch.tensor([model.groups.index(g) for g in ("new", "high")])
@@ -257,21 +256,41 @@ def test_three_facet_rows_without_their_own_item_tower_use_the_default_items(tin
     assert {names[h] for h in torch.nonzero(mask).squeeze(1).tolist()} == {
         f"{b}@{g}" for b in spec.task_names for g in ("new@warm", "low@warm", "high@cold")
     }
-    with pytest.raises(SpecError, match="FacetedTrainer"):
+    with pytest.raises(SpecError, match="item-facet index"):
         model.head_row_mask(t.group)
 
 
-def test_three_facet_model_trains_and_evaluates_per_group_and_item_facet(tiny):
-    spec, pre, frame, _ = tiny
+def test_tensors_carry_each_rows_item_facet_index(tiny):
+    spec, _, frame, t = tiny
+    assert t.item is not None
+    assert [spec.item_facet.values[int(i)] for i in t.item[:50]] == list(frame["item_state"][:50])
+    assert torch.equal(t.rows(torch.arange(3, 9)).item, t.item[3:9])
+
+
+def test_three_facet_model_trains_and_evaluates_with_the_generic_trainer(tiny):
+    spec, pre, frame, t = tiny
     model = _model("h_mtl", spec, pre, item_facet=True, tasks=["*@*@warm", "*@high@cold"])
-    t = faceted_tensors(frame, spec, pre)
-    trainer = FacetedTrainer(model, TrainConfig(epochs=1, batch_size=300))
+    trainer = Trainer(model, TrainConfig(epochs=1, batch_size=300))
     fit = trainer.fit(t, t.rows(torch.arange(100)), progress=False)
     assert np.isfinite(fit["best_valid_loss"])
-    report = evaluate_faceted(model, frame, pre)
+    report = evaluate(model, frame, pre)
     assert set(report["groups"]) == {"new", "low", "high"}
     assert set(report["item_facets"]) == {"cold", "warm"}
     assert report["tasks"]["vtr"]["auc"] is not None
+    assert report["gates"], "gate utilisation is reported for three-facet models too"
+
+
+def test_three_facet_group_mode_picks_the_head_of_each_rows_item_value(tiny):
+    spec, pre, _, t = tiny
+    model = _model("mfh", spec, pre, item_facet=True).eval()
+    t = t.rows(torch.arange(64))
+    with torch.no_grad():
+        own = model.own_task_logits(model(t.dense, t.sparse), t.group, t.item)
+        for g, group in enumerate(model.groups):
+            rows = t.group == g
+            picked = model.group_task_logits(model(t.dense, t.sparse, group=group), group, t.item)
+            assert picked.shape == (len(t), len(spec.tasks))
+            torch.testing.assert_close(picked[rows], own[rows], rtol=0, atol=1e-6)
 
 
 def test_towers_can_differ_in_size_per_task(tiny):
@@ -327,8 +346,76 @@ def test_config_from_a_checkpoint_rebuilds_the_same_model(tiny, name):
 def test_gate_weights_are_distributions(tiny, name):
     spec, pre, _, t = tiny
     model = _model(name, spec, pre)
-    model(t.dense, t.sparse)
-    gates = model.gate_weights()
+    gates: dict[str, torch.Tensor] = {}
+    model(t.dense, t.sparse, gates=gates)
     assert gates
     for w in gates.values():
         torch.testing.assert_close(w.sum(dim=1), torch.ones(len(t)))
+
+
+def test_group_mode_reports_only_the_gates_it_computed(tiny):
+    spec, pre, _, t = tiny
+    model = _model("mfh", spec, pre)
+    full: dict[str, torch.Tensor] = {}
+    grouped: dict[str, torch.Tensor] = {}
+    model(t.dense[:16], t.sparse[:16], gates=full)
+    model(t.dense[:16], t.sparse[:16], group="new", gates=grouped)
+    assert set(grouped) < set(full)
+    assert "user_group>behaviour/new/L0.vtr" in grouped and "user_group>behaviour/high/L0.vtr" not in grouped
+
+
+def test_three_facet_mfh_trains_with_mtrank_train_and_exports_with_an_item_facet_input(synth_dir, tmp_path):
+    import onnxruntime as ort
+    import yaml
+
+    from export.exporter import export_run
+    from mtrank.cli import main as cli_main
+    from mtrank.manifest import ITEM_FACET_INPUT, TensorInfo, load_manifest
+    from tests.test_export import random_rows, serving_feeds
+    from training.checkpoint import load_run
+
+    config = tmp_path / "mfh3.yaml"
+    model_cfg = {**SMALL["mfh"], "item_facet": True}
+    train_cfg = {"epochs": 1, "batch_size": 512, "eval_train_rows": 2000, "threads": 1}
+    config.write_text(yaml.safe_dump({"name": "mfh", "model": model_cfg, "train": train_cfg}))
+    run_dir = tmp_path / "run"
+    argv = ["train", "--model", "mfh", "--data", str(synth_dir), "--out", str(run_dir), "--config", str(config)]
+    assert cli_main(argv) == 0
+    run = load_run(run_dir)
+    spec = run.spec
+    report = yaml.safe_load((run_dir / "metrics.json").read_text())
+    assert set(report["item_facets"]) == set(spec.item_facet.values)
+    assert all(report["tasks"][t.name] for t in spec.tasks)
+
+    vdir = export_run(run_dir, tmp_path / "repo", progress=False)
+    manifest = load_manifest(vdir)
+    dense, sparse = random_rows(run.model.shape, 256)
+    n_items = len(spec.item_facet.values)
+    for group, graph in manifest.graphs.items():
+        assert graph.tasks == spec.task_names == [o.name for o in graph.outputs]
+        assert graph.inputs[-1] == TensorInfo(ITEM_FACET_INPUT, "int64", ["batch"])
+        session = ort.InferenceSession(str(vdir / graph.file), providers=["CPUExecutionProvider"])
+        by_item = []
+        for value in range(n_items):
+            item = np.full(len(dense), value, dtype=np.int64)
+            feeds = {**serving_feeds(manifest, vdir, dense, sparse), ITEM_FACET_INPUT: item}
+            got = np.stack(session.run(graph.tasks, feeds), axis=1)
+            with torch.no_grad():
+                logits = run.model(torch.from_numpy(dense), torch.from_numpy(sparse), group=group)
+                expected = torch.sigmoid(run.model.group_task_logits(logits, group, torch.from_numpy(item))).numpy()
+            assert np.abs(got - expected).max() <= 1e-5, (group, value)
+            by_item.append(got)
+        assert np.abs(by_item[0] - by_item[1]).max() > 1e-4, "each item value is served by its own heads"
+    assert max(max(d["fp32"].values()) for d in manifest.parity["max_abs_diff"].values()) <= 1e-5
+
+
+def test_the_three_facet_config_file_builds_a_three_facet_mfh(tiny):
+    from pathlib import Path
+
+    import yaml
+
+    spec, pre, _, _ = tiny
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "mfh_item_facet.yaml").read_text())
+    model = create_model(doc["name"], spec, pre.shape, make_config(doc["name"], doc["model"]))
+    assert model.uses_item_facet
+    assert len(model.heads) == len(spec.tasks) * 3 * 2

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -68,9 +72,9 @@ def test_forward_gives_one_logit_per_head(tiny, name):
 def test_gate_weights_sum_to_one(tiny, name):
     spec, pre, t = tiny
     model = create_model(name, spec, pre.shape)
-    model(t.dense, t.sparse)
-    gates = model.gate_weights()
-    assert gates, "gated models expose their gates"
+    gates: dict[str, torch.Tensor] = {}
+    model(t.dense, t.sparse, gates=gates)
+    assert gates, "gated models report their gates"
     for w in gates.values():
         assert torch.allclose(w.sum(dim=1), torch.ones(len(t)), atol=1e-6)
         assert (w >= 0).all()
@@ -80,8 +84,8 @@ def test_ple_gates_see_own_and_shared_experts_and_shared_gate_sees_all(tiny):
     spec, pre, t = tiny
     cfg = make_config("ple", {"n_levels": 2, "n_task_experts": 2, "n_shared_experts": 3})
     model = create_model("ple", spec, pre.shape, cfg)
-    model(t.dense, t.sparse)
-    gates = model.gate_weights()
+    gates: dict[str, torch.Tensor] = {}
+    model(t.dense, t.sparse, gates=gates)
     n_tasks = len(spec.tasks)
     assert gates["L0.a"].shape[1] == 2 + 3
     assert gates["L0.shared"].shape[1] == n_tasks * 2 + 3
@@ -160,3 +164,49 @@ def test_every_registered_model_builds_from_its_defaults(tiny, name):
     spec, pre, t = tiny
     model = create_model(name, spec, pre.shape)
     assert model(t.dense[:4], t.sparse[:4]).shape == (4, len(model.heads))
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_a_forward_without_a_gates_dict_leaves_no_state_behind(tiny, name):
+    spec, pre, t = tiny
+    model = create_model(name, spec, pre.shape).eval()
+    with torch.no_grad():
+        first = model(t.dense[:8], t.sparse[:8])
+        gates: dict[str, torch.Tensor] = {}
+        second = model(t.dense[:8], t.sparse[:8], gates=gates)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert not any(hasattr(m, "last_weights") for m in model.modules()), "gate weights are returned, not kept"
+
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "training" / "models"
+SHARED_MODULES = {"training.models.blocks", "training.models.base", "training.models.registry"}
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (lazy imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names if base == "training.models"}
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(MODEL_DIR.glob("*.py")), ids=lambda p: p.name)
+def test_model_files_import_only_torch_the_spec_and_the_shared_blocks(path):
+    allowed_own = SHARED_MODULES | {"training.models"}
+    if path.stem == "registry":
+        # The registry imports every model module so that their @register decorators run.
+        allowed_own |= {f"training.models.{p.stem}" for p in MODEL_DIR.glob("*.py")}
+    bad = []
+    for module in _imports(path):
+        top = module.split(".")[0]
+        if module == "__future__" or top in sys.stdlib_module_names or top == "torch":
+            continue
+        if module == "mtrank.spec" or module in allowed_own:
+            continue
+        bad.append(module)
+    assert not bad, f"{path.name} imports {sorted(bad)}: model files map tensors to logits only"

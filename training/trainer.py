@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from mtrank.spec import FeatureSpec
+from mtrank.spec import Facet, FeatureSpec, SpecError
 from training.checkpoint import config_hash, save_run
 from training.features import Preprocessor
 from training.losses import LossWeighting, masked_task_losses
@@ -48,19 +48,42 @@ class TrainConfig:
 
 @dataclass
 class Tensors:
-    """One split, preprocessed: inputs, labels and masks per head, row user group."""
+    """One split, preprocessed: inputs, labels and masks per task, each row's facet value indices."""
 
     dense: torch.Tensor
     sparse: torch.Tensor
     labels: torch.Tensor
     space: torch.Tensor
     group: torch.Tensor
+    """int64 ``[N]``: index into ``spec.user_groups.values`` (0 without user groups)."""
+    item: torch.Tensor | None = None
+    """int64 ``[N]``: index into ``spec.item_facet.values``; None when the spec has no item facet."""
 
     def __len__(self) -> int:
         return self.dense.shape[0]
 
     def rows(self, idx) -> Tensors:
-        return Tensors(self.dense[idx], self.sparse[idx], self.labels[idx], self.space[idx], self.group[idx])
+        return Tensors(
+            self.dense[idx],
+            self.sparse[idx],
+            self.labels[idx],
+            self.space[idx],
+            self.group[idx],
+            None if self.item is None else self.item[idx],
+        )
+
+
+def facet_index(frame: pd.DataFrame, facet: Facet) -> np.ndarray:
+    """int64 value index per row: the frame's facet column if present, else the facet's rules on raw features."""
+    if facet.column in frame.columns:
+        index = frame[facet.column].astype(str).map({v: i for i, v in enumerate(facet.values)})
+        if index.isna().any():
+            bad = sorted(set(frame[facet.column].astype(str)[index.isna()]))[:5]
+            raise SpecError(f"column {facet.column!r} has values {bad} outside {list(facet.values)}")
+        return index.to_numpy(np.int64)
+    if not facet.rules:
+        return np.full(len(frame), facet.values.index(facet.default), dtype=np.int64)
+    return facet.assign({r.feature: frame[r.feature].to_numpy(np.float64) for r in facet.rules})
 
 
 def to_tensors(frame: pd.DataFrame, spec: FeatureSpec, pre: Preprocessor) -> Tensors:
@@ -74,12 +97,11 @@ def to_tensors(frame: pd.DataFrame, spec: FeatureSpec, pre: Preprocessor) -> Ten
             inside &= frame[task.space].to_numpy() > 0
         labels[:, k] = np.where(inside, y, 0.0)
         space[:, k] = inside
-    if spec.user_groups is not None:
-        values = spec.user_groups.values
-        group = frame[spec.user_groups.column].map({v: i for i, v in enumerate(values)}).to_numpy(np.int64)
-    else:
-        group = np.zeros(len(frame), dtype=np.int64)
-    return Tensors(*(torch.from_numpy(np.require(a, requirements='W')) for a in (dense, sparse, labels, space, group)))
+    group = np.zeros(len(frame), dtype=np.int64) if spec.user_groups is None else facet_index(frame, spec.user_groups)
+    arrays = [dense, sparse, labels, space, group]
+    if spec.item_facet is not None:
+        arrays.append(facet_index(frame, spec.item_facet))
+    return Tensors(*(torch.from_numpy(np.require(a, requirements="W")) for a in arrays))
 
 
 class Trainer:
@@ -100,7 +122,7 @@ class Trainer:
 
     def head_losses(self, batch: Tensors) -> torch.Tensor:
         logits = self.model(batch.dense, batch.sparse)
-        masks = batch.space[:, self.head_task] * self.model.head_row_mask(batch.group)
+        masks = batch.space[:, self.head_task] * self.model.head_row_mask(batch.group, batch.item)
         return masked_task_losses(logits, batch.labels[:, self.head_task], masks, self.is_binary)
 
     def fit(self, train: Tensors, valid: Tensors, progress: bool = True) -> dict[str, Any]:
@@ -147,22 +169,25 @@ class Trainer:
 
 @torch.no_grad()
 def predict(model: MultiTaskModel, t: Tensors, batch_size: int = 8192) -> tuple[np.ndarray, dict[str, Any]]:
-    """Probabilities ``[N, n_tasks]`` from each row's own group's heads, plus gate utilisation."""
+    """Probabilities ``[N, n_tasks]`` from each row's own group's (and item value's) heads, plus
+    gate utilisation: per gate, the mean and std over rows of each expert's weight."""
     model.eval()
     outs, gate_sum, gate_sq, n = [], {}, {}, 0
     for idx in torch.arange(len(t)).split(batch_size):
-        logits = model(t.dense[idx], t.sparse[idx])
-        outs.append(torch.sigmoid(model.own_task_logits(logits, t.group[idx])))
-        for name, w in model.gate_weights().items():
+        gates: dict[str, torch.Tensor] = {}
+        logits = model(t.dense[idx], t.sparse[idx], gates=gates)
+        item = None if t.item is None else t.item[idx]
+        outs.append(torch.sigmoid(model.own_task_logits(logits, t.group[idx], item)))
+        for name, w in gates.items():
             gate_sum[name] = gate_sum.get(name, 0) + w.sum(0)
             gate_sq[name] = gate_sq.get(name, 0) + (w**2).sum(0)
         n += len(idx)
-    gates = {}
+    gates_report = {}
     for name, s in gate_sum.items():
         mean = s / n
         std = (gate_sq[name] / n - mean**2).clamp(min=0).sqrt()
-        gates[name] = {"mean": [round(float(x), 4) for x in mean], "std": [round(float(x), 4) for x in std]}
-    return torch.cat(outs).numpy(), gates
+        gates_report[name] = {"mean": [round(float(x), 4) for x in mean], "std": [round(float(x), 4) for x in std]}
+    return torch.cat(outs).numpy(), gates_report
 
 
 def evaluate(model: MultiTaskModel, frame: pd.DataFrame, pre: Preprocessor) -> dict[str, Any]:

@@ -122,7 +122,7 @@ def cost_table(data_dir: Path) -> list[str]:
 
     from training import data as data_io
     from training.checkpoint import load_run
-    from training.models.mfh import forward_cost
+    from training.profile import forward_cost
     from training.trainer import to_tensors
 
     lines = [

@@ -42,18 +42,16 @@ class MLP(nn.Sequential):
 
 
 class Gate(nn.Module):
-    """Softmax over ``n_experts`` from a selector vector; keeps its last weights for inspection."""
+    """Softmax over ``n_experts`` from a selector vector."""
 
     def __init__(self, in_dim: int, n_experts: int):
         super().__init__()
         self.linear = nn.Linear(in_dim, n_experts)
-        self.last_weights: torch.Tensor | None = None
 
-    def forward(self, selector: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """``experts``: ``[B, n_experts, d]`` → weighted sum ``[B, d]``."""
+    def forward(self, selector: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``experts``: ``[B, n_experts, d]`` → (weighted sum ``[B, d]``, weights ``[B, n_experts]``)."""
         w = torch.softmax(self.linear(selector), dim=-1)
-        self.last_weights = w.detach()
-        return torch.bmm(w.unsqueeze(1), experts).squeeze(1)
+        return torch.bmm(w.unsqueeze(1), experts).squeeze(1), w
 
 
 class Tower(nn.Module):
@@ -78,12 +76,11 @@ def run_experts(bank: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
 
 
 class ExtractionLayer(nn.Module):
-    """PLE extraction layer (CGC when alone).
+    """PLE extraction layer (CGC when alone): the experts and gates of one level; :func:`extract` runs it.
 
-    Task k's gate weighs task k's experts and the shared experts; with ``shared_gate`` (every
-    non-final PLE layer) a shared gate weighs *all* experts of the layer. Inputs are one selector
-    per task plus one shared selector (the previous layer's fused outputs, or the embedding
-    concat for the first layer).
+    Output k's gate weighs output k's experts and the shared experts; with ``shared_gate`` (every
+    non-final PLE layer) a shared gate weighs *all* experts of the layer. ``n_task_experts`` may be
+    0 (MMoE as an extraction layer: every gate weighs the shared experts only).
     """
 
     def __init__(
@@ -106,15 +103,67 @@ class ExtractionLayer(nn.Module):
         self.shared_gate = Gate(in_dim, n_all) if shared_gate else None
         self.out_dim = hidden[-1]
 
-    def forward(self, task_inputs: list[torch.Tensor], shared_input: torch.Tensor):
-        """Returns (fused output per task, fused shared output or None)."""
-        shared = run_experts(self.shared_experts, shared_input)
-        own = [run_experts(bank, x) for bank, x in zip(self.task_experts, task_inputs, strict=True)]
-        outs = [
-            gate(x, torch.cat([e, shared], dim=1))
-            for gate, x, e in zip(self.task_gates, task_inputs, own, strict=True)
-        ]
-        shared_out = None
-        if self.shared_gate is not None:
-            shared_out = self.shared_gate(shared_input, torch.cat([*own, shared], dim=1))
-        return outs, shared_out
+
+def extraction_stack(
+    in_dim: int,
+    n_out: int,
+    n_levels: int,
+    n_task_experts: int,
+    n_shared_experts: int,
+    hidden: list[int] | tuple[int, ...],
+    dropout: float = 0.0,
+) -> nn.ModuleList:
+    """``n_levels`` extraction layers with ``n_out`` outputs each; every layer but the last has a shared gate."""
+    layers = []
+    for level in range(n_levels):
+        layers.append(
+            ExtractionLayer(
+                in_dim, n_out, n_task_experts, n_shared_experts, hidden, dropout, shared_gate=level < n_levels - 1
+            )
+        )
+        in_dim = layers[-1].out_dim
+    return nn.ModuleList(layers)
+
+
+def extract(
+    layers: nn.ModuleList,
+    task_inputs: list[torch.Tensor],
+    shared_input: torch.Tensor,
+    wanted: list[int] | None = None,
+    gates: dict[str, torch.Tensor] | None = None,
+    names: list[str] | None = None,
+    prefix: str = "",
+) -> dict[int, torch.Tensor]:
+    """Stacked extraction layers (PLE paper §4.2), computing only what the ``wanted`` outputs of the
+    last layer need (all when None). Returns output index → fused output ``[B, d]``.
+
+    ``task_inputs``: layer 0's input of each output (one tensor per output); ``shared_input``: the
+    input of its shared experts and shared gate. The gates of layer j take the fused outputs of
+    layer j−1 as selectors. Output k of layer j feeds its own experts and gate at layer j+1; a
+    shared gate reads all experts of its layer, so the layer below one computes every output.
+
+    ``gates``, when given, receives each computed gate's weights ``[B, n_experts]`` under
+    ``{prefix}L{j}.{names[k]}`` (output k's gate of layer j) and ``{prefix}L{j}.shared``.
+    """
+    n_out = len(task_inputs)
+    need: list[list[int]] = [sorted(range(n_out) if wanted is None else wanted)]
+    for layer in reversed(layers[1:]):
+        need.insert(0, list(range(n_out)) if layer.shared_gate is not None else need[0])
+    names = names or [str(k) for k in range(n_out)]
+    inputs: dict[int, torch.Tensor] = dict(enumerate(task_inputs))
+    for j, (layer, needed) in enumerate(zip(layers, need, strict=True)):
+        experts_of = range(n_out) if layer.shared_gate is not None else needed
+        shared = run_experts(layer.shared_experts, shared_input)
+        own = {k: run_experts(layer.task_experts[k], inputs[k]) for k in experts_of if len(layer.task_experts[k])}
+        outs = {}
+        for k in needed:
+            experts = torch.cat([own[k], shared], dim=1) if k in own else shared
+            outs[k], w = layer.task_gates[k](inputs[k], experts)
+            if gates is not None:
+                gates[f"{prefix}L{j}.{names[k]}"] = w
+        if layer.shared_gate is not None:
+            shared_input, w = layer.shared_gate(shared_input, torch.cat([*own.values(), shared], dim=1))
+            if gates is not None:
+                gates[f"{prefix}L{j}.shared"] = w
+        inputs = outs
+    return inputs

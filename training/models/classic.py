@@ -36,7 +36,7 @@ class SingleTask(MultiTaskModel):
     def view_names(self) -> list[str]:
         return [h.task for h in self.heads]
 
-    def forward_embedded(self, dense, field_vectors, group=None):
+    def forward_embedded(self, dense, field_vectors, group=None, gates=None):
         outs = [
             tower(bottom(self.view(dense, field_vectors, k)))
             for k, (bottom, tower) in enumerate(zip(self.bottoms, self.towers, strict=True))
@@ -62,7 +62,7 @@ class SharedBottom(MultiTaskModel):
         self.bottom = MLP(self.input_dim, cfg.bottom_hidden, cfg.dropout)
         self.towers = nn.ModuleList(Tower(self.bottom.out_dim, cfg.tower_hidden, cfg.dropout) for _ in self.heads)
 
-    def forward_embedded(self, dense, field_vectors, group=None):
+    def forward_embedded(self, dense, field_vectors, group=None, gates=None):
         h = self.bottom(self.view(dense, field_vectors))
         return torch.stack([tower(h) for tower in self.towers], dim=1)
 
@@ -88,12 +88,13 @@ class MMoE(MultiTaskModel):
         d = cfg.expert_hidden[-1]
         self.towers = nn.ModuleList(Tower(d, cfg.tower_hidden, cfg.dropout) for _ in self.heads)
 
-    def forward_embedded(self, dense, field_vectors, group=None):
+    def forward_embedded(self, dense, field_vectors, group=None, gates=None):
         x = self.view(dense, field_vectors)
         experts = run_experts(self.experts, x)
-        return torch.stack(
-            [tower(gate(x, experts)) for gate, tower in zip(self.gates, self.towers, strict=True)], dim=1
-        )
-
-    def gate_weights(self):
-        return {f"{h.name}": g.last_weights for h, g in zip(self.heads, self.gates, strict=True)}
+        logits = []
+        for h, gate, tower in zip(self.heads, self.gates, self.towers, strict=True):
+            fused, w = gate(x, experts)
+            if gates is not None:
+                gates[h.name] = w
+            logits.append(tower(fused))
+        return torch.stack(logits, dim=1)

@@ -19,9 +19,9 @@ later group in ``spec.user_groups.values``: new → low, high; low → high); at
 reads its own group's heads only. Group mode (``forward_embedded(..., group=g)``) computes only
 ``g``'s towers and what feeds them: the exporter turns each group into its own graph.
 
-Three-facet models need each row's item facet to pick its heads, which the trainer does not
-pass: train them with :class:`FacetedTrainer` and evaluate with :func:`evaluate_faceted`.
-Exporting and serving three-facet models is out of scope for now.
+Three-facet models (``item_facet: true``) pick a row's heads by its user group *and* its item-facet
+value: the trainer passes each row's item-facet index to ``head_row_mask`` / ``own_task_logits``,
+and a group's graph takes it as an input and picks with ``group_task_logits``.
 """
 
 from __future__ import annotations
@@ -32,18 +32,13 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
 from mtrank.spec import FeatureSpec, SpecError
-from training.features import Preprocessor
-from training.losses import masked_task_losses
 from training.models.base import Head, InputShape, MultiTaskModel
-from training.models.blocks import MLP, ExtractionLayer, Gate, Tower, run_experts
+from training.models.blocks import MLP, Tower, extract, extraction_stack
 from training.models.registry import register
-from training.trainer import Tensors, Trainer, to_tensors
 
 BEHAVIOUR, USER_GROUP, ITEM = "behaviour", "user_group", "item"
 SWITCHER_KINDS = ("shared_bottom", "mmoe", "cgc", "ple")
@@ -229,12 +224,12 @@ def product_tasks(spec: FeatureSpec, item_facet: bool, patterns: tuple[str, ...]
     return chosen
 
 
-def trains_relation(groups: list[str], also_trains: dict[str, tuple[str, ...]] | None) -> np.ndarray:
+def trains_relation(groups: list[str], also_trains: dict[str, tuple[str, ...]] | None) -> torch.Tensor:
     """``[n_groups, n_groups]`` bool: ``[r, g]`` when rows of group ``r`` train group ``g``'s heads."""
     n = len(groups)
-    rel = np.eye(n, dtype=bool)
+    rel = torch.eye(n, dtype=torch.bool)
     if also_trains is None:
-        return np.triu(np.ones((n, n), dtype=bool))
+        return torch.ones(n, n, dtype=torch.bool).triu()
     for source, targets in also_trains.items():
         unknown = sorted({source, *targets} - set(groups))
         if unknown:
@@ -246,32 +241,6 @@ def trains_relation(groups: list[str], also_trains: dict[str, tuple[str, ...]] |
 
 # --------------------------------------------------------------------------------------------
 # Switchers
-
-
-def extract(layers: nn.ModuleList, x: torch.Tensor, wanted: list[int], n_out: int) -> dict[int, torch.Tensor]:
-    """Stacked extraction layers, computing only what the ``wanted`` outputs of the last layer need.
-
-    Output ``k`` of layer ``j`` feeds its own experts and gate at layer ``j+1``; a shared gate
-    (every non-final PLE layer) reads all experts of its layer, so the layer below one computes
-    every output. Returns output index → ``[B, d]``.
-    """
-    need: list[list[int]] = [sorted(wanted)]
-    for layer in reversed(layers[1:]):
-        need.insert(0, list(range(n_out)) if layer.shared_gate is not None else need[0])
-    task_inputs: dict[int, torch.Tensor] = dict.fromkeys(range(n_out), x)
-    shared_input = x
-    for layer, needed in zip(layers, need, strict=True):
-        experts_of = range(n_out) if layer.shared_gate is not None else needed
-        shared = run_experts(layer.shared_experts, shared_input)
-        own = {k: run_experts(layer.task_experts[k], task_inputs[k]) for k in experts_of if len(layer.task_experts[k])}
-        outs = {
-            k: layer.task_gates[k](task_inputs[k], torch.cat([own[k], shared], dim=1) if k in own else shared)
-            for k in needed
-        }
-        if layer.shared_gate is not None:
-            shared_input = layer.shared_gate(shared_input, torch.cat([*own.values(), shared], dim=1))
-        task_inputs = outs
-    return task_inputs
 
 
 class Switcher(nn.Module):
@@ -289,27 +258,26 @@ class Switcher(nn.Module):
         self.n_out = n_out
         self.out_dim = hidden[-1]
         self.bottom = MLP(in_dim, hidden, dropout) if kind == "shared_bottom" else None
-        layers = []
-        if kind != "shared_bottom":
+        if kind == "shared_bottom":
+            self.layers = nn.ModuleList()
+        else:
             n_levels = sizes.ple_levels if kind == "ple" else 1
             own, shared = (0, sizes.n_experts) if kind == "mmoe" else (sizes.n_task_experts, sizes.n_shared_experts)
-            for j in range(n_levels):
-                layers.append(ExtractionLayer(in_dim, n_out, own, shared, hidden, dropout, j < n_levels - 1))
-                in_dim = layers[-1].out_dim
-        self.layers = nn.ModuleList(layers)
+            self.layers = extraction_stack(in_dim, n_out, n_levels, own, shared, hidden, dropout)
 
-    def forward(self, x: torch.Tensor, wanted: list[int]) -> dict[int, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        wanted: list[int],
+        gates: dict[str, torch.Tensor] | None = None,
+        names: list[str] | None = None,
+        prefix: str = "",
+    ) -> dict[int, torch.Tensor]:
+        """Branch index → ``[B, out_dim]`` for the ``wanted`` branches; gate weights go to ``gates``
+        as ``{prefix}L{j}.{names[k]}`` (see :func:`~training.models.blocks.extract`)."""
         if self.bottom is not None:
             return dict.fromkeys(wanted, self.bottom(x))
-        return extract(self.layers, x, wanted, self.n_out)
-
-    def named_gates(self, branch_names: list[str]) -> list[tuple[str, Gate]]:
-        out = []
-        for j, layer in enumerate(self.layers):
-            out += [(f"L{j}.{b}", g) for b, g in zip(branch_names, layer.task_gates, strict=True)]
-            if layer.shared_gate is not None:
-                out.append((f"L{j}.shared", layer.shared_gate))
-        return out
+        return extract(self.layers, [x] * self.n_out, x, wanted, gates, names, prefix)
 
 
 def _key(prefix: tuple[str, ...]) -> str:
@@ -345,31 +313,29 @@ class HierarchyTree(nn.Module):
             out_dim = self._build(level + 1, (*prefix, v), mlp.out_dim, cfg)
         return out_dim
 
-    def forward(self, x: torch.Tensor, heads: list[int]) -> dict[int, torch.Tensor]:
-        """Leaf hidden ``[B, out_dim]`` per requested head index, computing only their paths."""
+    def forward(
+        self, x: torch.Tensor, heads: list[int], gates: dict[str, torch.Tensor] | None = None
+    ) -> dict[int, torch.Tensor]:
+        """Leaf hidden ``[B, out_dim]`` per requested head index, computing only their paths.
+
+        Gate weights go to ``gates`` as ``<order>/<node>/L<j>.<branch>`` (``user_group>behaviour/new/L0.vtr``).
+        """
         out: dict[int, torch.Tensor] = {}
-        self._run(0, (), x, heads, out)
+        self._run(0, (), x, heads, out, gates)
         return out
 
-    def _run(self, level: int, prefix: tuple[str, ...], x: torch.Tensor, heads: list[int], out: dict) -> None:
+    def _run(self, level: int, prefix: tuple[str, ...], x: torch.Tensor, heads: list[int], out: dict, gates) -> None:
         values = self.branches[prefix]
         wanted = sorted({values.index(self.paths[h][level]) for h in heads})
-        hidden = self.switchers[_key(prefix)](x, wanted)
+        node = f"{'>'.join(self.order)}/{'/'.join(prefix) or 'root'}/"
+        hidden = self.switchers[_key(prefix)](x, wanted, gates, values, node)
         for c in wanted:
             below = [h for h in heads if self.paths[h][level] == values[c]]
             if level == len(self.order) - 1:
                 out.update(dict.fromkeys(below, hidden[c]))
             else:
                 path = (*prefix, values[c])
-                self._run(level + 1, path, self.partitions[_key(path)](hidden[c]), below, out)
-
-    def named_gates(self) -> list[tuple[str, Gate]]:
-        tree = ">".join(self.order)
-        out = []
-        for prefix, values in self.branches.items():
-            node = "/".join(prefix) or "root"
-            out += [(f"{tree}/{node}/{n}", g) for n, g in self.switchers[_key(prefix)].named_gates(values)]
-        return out
+                self._run(level + 1, path, self.partitions[_key(path)](hidden[c]), below, out, gates)
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,35 +351,28 @@ class ProductTaskModel(MultiTaskModel):
         self.product = product_tasks(spec, cfg.item_facet, cfg.tasks)
         self.heads = [Head(name=t.name, task=t.behaviour, group=t.group) for t in self.product]
         self.groups = list(spec.user_groups.values)
-        self.three_facet = cfg.item_facet
+        self.uses_item_facet = cfg.item_facet
         index = {t.name: h for h, t in enumerate(self.product)}
-        trains = trains_relation(self.groups, cfg.also_trains)
         group_of = [self.groups.index(t.group) for t in self.product]
-        self.register_buffer("trained_by", torch.from_numpy(trains[:, group_of]), persistent=False)
+        self.register_buffer("trained_by", trains_relation(self.groups, cfg.also_trains)[:, group_of], persistent=False)
         items = list(spec.item_facet.values) if cfg.item_facet else [None]
         default_item = spec.item_facet.default if cfg.item_facet else None
-        # own_head[g, i, k]: the head serving task k for a row of group g and item value i; an item
-        # value without its own head (a declared subset) falls back to the default value's head.
-        own = np.array(
-            [
-                [
-                    [
-                        index.get(ProductTask(b, g, i).name, index[ProductTask(b, g, default_item).name])
-                        for b in spec.task_names
-                    ]
-                    for i in items
-                ]
-                for g in self.groups
-            ],
-            dtype=np.int64,
-        )
-        self.register_buffer("own_head", torch.from_numpy(own), persistent=False)
-        routes = np.zeros((len(items), len(self.heads)), dtype=bool)
-        for g in range(len(self.groups)):
-            for i in range(len(items)):
-                routes[i, own[g, i]] = True
-        self.register_buffer("item_routes", torch.from_numpy(routes), persistent=False)
         self._wanted = {g: [h for h, t in enumerate(self.product) if t.group == g] for g in self.groups}
+        # own[g][i][k]: the head serving task k for a row of group g and item value i; an item value
+        # without its own head (a declared subset) falls back to the default value's head.
+        def head(b: str, g: str, i: str | None) -> int:
+            return index.get(ProductTask(b, g, i).name, index[ProductTask(b, g, default_item).name])
+
+        own = [[[head(b, g, i) for b in spec.task_names] for i in items] for g in self.groups]
+        self.register_buffer("own_head", torch.tensor(own, dtype=torch.int64), persistent=False)
+        # The same heads as columns of the group-mode logits (group g computes only _wanted[g]).
+        group_cols = [[[self._wanted[g].index(h) for h in row] for row in own[gi]] for gi, g in enumerate(self.groups)]
+        self.register_buffer("group_cols", torch.tensor(group_cols, dtype=torch.int64), persistent=False)
+        routes = torch.zeros(len(items), len(self.heads), dtype=torch.bool)
+        for by_item in own:
+            for i, heads in enumerate(by_item):
+                routes[i, heads] = True
+        self.register_buffer("item_routes", routes, persistent=False)
 
     def tower_hidden(self, head: str) -> tuple[int, ...]:
         for pattern, hidden in self.cfg.tower_hidden_by_task.items():
@@ -428,38 +387,43 @@ class ProductTaskModel(MultiTaskModel):
             raise ValueError(f"unknown user group {group!r}; known: {self.groups}")
         return self._wanted[group]
 
-    def forward_embedded(self, dense, field_vectors, group=None):
+    def forward_embedded(self, dense, field_vectors, group=None, gates=None):
         wanted = self.wanted_heads(group)
-        return torch.stack(self.head_logits(self.view(dense, field_vectors), wanted), dim=1)
+        return torch.stack(self.head_logits(self.view(dense, field_vectors), wanted, gates), dim=1)
 
-    def head_logits(self, x: torch.Tensor, heads: list[int]) -> list[torch.Tensor]:
+    def head_logits(
+        self, x: torch.Tensor, heads: list[int], gates: dict[str, torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
         """Logit ``[B]`` of each head in ``heads``, computing only what feeds them."""
         raise NotImplementedError
+
+    def _need_item(self, row_item: torch.Tensor | None) -> None:
+        if self.uses_item_facet and row_item is None:
+            raise SpecError("a three-facet model needs each row's item-facet index to pick its heads (row_item)")
 
     def head_row_mask(self, row_group: torch.Tensor, row_item: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, len(heads)]`` bool: the heads a row trains (own group and the groups it also trains;
         with the item facet, only the head serving the row's item value)."""
+        self._need_item(row_item)
         mask = self.trained_by[row_group]
-        if self.three_facet:
-            if row_item is None:
-                raise SpecError(
-                    "a three-facet model needs each row's item facet to pick the heads it trains: "
-                    "train it with training.models.mfh.FacetedTrainer"
-                )
+        if self.uses_item_facet:
             mask = mask & self.item_routes[row_item]
         return mask
 
-    def own_task_logits(
-        self, logits: torch.Tensor, row_group: torch.Tensor, row_item: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def own_task_logits(self, logits, row_group, row_item=None):
         """``[B, n_tasks]`` in spec task order from each row's own group's (and item value's) heads."""
-        if self.three_facet and row_item is None:
-            raise SpecError(
-                "a three-facet model needs each row's item facet to pick its heads: use "
-                "training.models.mfh.evaluate_faceted"
-            )
-        index = self.own_head[row_group, row_item if self.three_facet else 0]
-        return logits.gather(1, index)
+        self._need_item(row_item)
+        return logits.gather(1, self.own_head[row_group, row_item if self.uses_item_facet else 0])
+
+    def group_task_logits(self, logits, group, row_item=None):
+        """Group ``group``'s logits → ``[B, n_tasks]``: the head of each row's item value (three facets)."""
+        if group is None:
+            raise ValueError("group_task_logits needs the group whose group-mode logits these are")
+        self._need_item(row_item)
+        cols = self.group_cols[self.groups.index(group)]
+        if not self.uses_item_facet:
+            return logits[:, cols[0]]
+        return logits.gather(1, cols[row_item])
 
 
 @register("h_mtl", HMTLConfig)
@@ -479,8 +443,8 @@ class HMTL(ProductTaskModel):
     def _combiners(self, cfg: HierarchyConfig) -> nn.ModuleList | None:
         return None
 
-    def head_logits(self, x, heads):
-        leaves = [tree(x, heads) for tree in self.trees]
+    def head_logits(self, x, heads, gates=None):
+        leaves = [tree(x, heads, gates) for tree in self.trees]
         if self.combine is None:
             return [self.towers[h](leaves[0][h]) for h in heads]
         outs = []
@@ -488,9 +452,6 @@ class HMTL(ProductTaskModel):
             combined = sum(proj(leaf[h]) for proj, leaf in zip(self.combine[h], leaves, strict=True))
             outs.append(self.towers[h](combined))
         return outs
-
-    def gate_weights(self):
-        return {n: g.last_weights for tree in self.trees for n, g in tree.named_gates() if g.last_weights is not None}
 
 
 @register("mfh", MFHConfig)
@@ -518,84 +479,6 @@ class FlatPLE(ProductTaskModel):
             Tower(self.switcher.out_dim, self.tower_hidden(h.name), cfg.dropout) for h in self.heads
         )
 
-    def head_logits(self, x, heads):
-        hidden = self.switcher(x, heads)
+    def head_logits(self, x, heads, gates=None):
+        hidden = self.switcher(x, heads, gates, [h.name for h in self.heads])
         return [self.towers[h](hidden[h]) for h in heads]
-
-    def gate_weights(self):
-        names = [h.name for h in self.heads]
-        return {n: g.last_weights for n, g in self.switcher.named_gates(names) if g.last_weights is not None}
-
-
-# --------------------------------------------------------------------------------------------
-# Cost of a forward
-
-
-def forward_cost(
-    model: MultiTaskModel, dense: torch.Tensor, field_vectors: list[torch.Tensor], group: str | None = None
-) -> dict[str, float]:
-    """Network parameters a forward touches and its FLOPs per row (embedding lookups excluded).
-
-    A parameter is touched when the outputs depend on it (it receives a gradient).
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model.zero_grad(set_to_none=True)
-    field_vectors = [v.detach() for v in field_vectors]
-    with FlopCounterMode(display=False) as counter:
-        out = model.forward_embedded(dense, field_vectors, group=group)
-    out.sum().backward()
-    touched = sum(p.numel() for p in model.parameters() if p.grad is not None)
-    model.zero_grad(set_to_none=True)
-    return {"params": touched, "flops_per_row": counter.get_total_flops() / dense.shape[0], "outputs": out.shape[1]}
-
-
-# --------------------------------------------------------------------------------------------
-# Three-facet training and evaluation (the trainer passes each row's user group only)
-
-
-@dataclass
-class FacetedTensors(Tensors):
-    """A split with each row's item facet value index."""
-
-    item: torch.Tensor
-
-    def rows(self, idx) -> FacetedTensors:
-        return FacetedTensors(**{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)})
-
-
-def faceted_tensors(frame: pd.DataFrame, spec: FeatureSpec, pre: Preprocessor) -> FacetedTensors:
-    if spec.item_facet is None:
-        raise SpecError(f"spec {spec.name!r} has no item_facet")
-    t = to_tensors(frame, spec, pre)
-    values = {v: i for i, v in enumerate(spec.item_facet.values)}
-    item = np.array(frame[spec.item_facet.column].astype(str).map(values), dtype=np.int64)
-    fields = {f.name: getattr(t, f.name) for f in dataclasses.fields(t)}
-    return FacetedTensors(**fields, item=torch.from_numpy(item))
-
-
-class FacetedTrainer(Trainer):
-    """The trainer with each row's item facet passed to ``head_row_mask`` (three-facet models)."""
-
-    def head_losses(self, batch: FacetedTensors) -> torch.Tensor:
-        logits = self.model(batch.dense, batch.sparse)
-        masks = batch.space[:, self.head_task] * self.model.head_row_mask(batch.group, batch.item)
-        return masked_task_losses(logits, batch.labels[:, self.head_task], masks, self.is_binary)
-
-
-@torch.no_grad()
-def evaluate_faceted(
-    model: ProductTaskModel, frame: pd.DataFrame, pre: Preprocessor, batch_size: int = 8192
-) -> dict[str, Any]:
-    """``metrics.json``'s layout (tasks, groups, item facets) for a three-facet model."""
-    from training import metrics as metrics_lib
-
-    model.eval()
-    t = faceted_tensors(frame, model.spec, pre)
-    outs = []
-    for idx in torch.arange(len(t)).split(batch_size):
-        logits = model(t.dense[idx], t.sparse[idx])
-        outs.append(torch.sigmoid(model.own_task_logits(logits, t.group[idx], t.item[idx])))
-    probs = torch.cat(outs).numpy()
-    preds = {task.name: probs[:, k] for k, task in enumerate(model.spec.tasks)}
-    return metrics_lib.evaluate_predictions(frame, preds, model.spec)

@@ -1,4 +1,4 @@
-"""CGC and PLE (Tang et al., RecSys 2020, §4.1–4.2)."""
+"""CGC and PLE (Tang et al., RecSys 2020, §4.1–4.2), and PLE on STEM's embeddings (``me_ple``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,14 @@ import torch
 from torch import nn
 
 from mtrank.spec import FeatureSpec
-from training.models.base import InputShape, MultiTaskModel, task_heads
-from training.models.blocks import ExtractionLayer, Tower
+from training.models.base import (
+    InputShape,
+    MultiTaskModel,
+    SharedAndTaskViews,
+    check_field_selection,
+    task_heads,
+)
+from training.models.blocks import Tower, extract, extraction_stack
 from training.models.registry import register
 
 
@@ -30,33 +36,10 @@ class PLEConfig:
         if self.n_levels < 1:
             raise ValueError(f"n_levels must be >= 1, got {self.n_levels}")
 
-
-def extraction_stack(in_dim: int, n_tasks: int, cfg: PLEConfig) -> nn.ModuleList:
-    """``n_levels`` extraction layers; every layer but the last has a shared gate."""
-    layers = []
-    for level in range(cfg.n_levels):
-        last = level == cfg.n_levels - 1
-        layers.append(
-            ExtractionLayer(
-                in_dim,
-                n_tasks,
-                cfg.n_task_experts,
-                cfg.n_shared_experts,
-                cfg.expert_hidden,
-                cfg.dropout,
-                shared_gate=not last,
-            )
+    def stack(self, in_dim: int, n_tasks: int) -> nn.ModuleList:
+        return extraction_stack(
+            in_dim, n_tasks, self.n_levels, self.n_task_experts, self.n_shared_experts, self.expert_hidden, self.dropout
         )
-        in_dim = layers[-1].out_dim
-    return nn.ModuleList(layers)
-
-
-def run_extraction(layers: nn.ModuleList, x: torch.Tensor, n_tasks: int) -> list[torch.Tensor]:
-    """The gates of layer j take the fused outputs of layer j−1 as selectors."""
-    task_inputs, shared = [x] * n_tasks, x
-    for layer in layers:
-        task_inputs, shared = layer(task_inputs, shared)
-    return task_inputs
 
 
 @register("ple", PLEConfig)
@@ -64,22 +47,14 @@ class PLE(MultiTaskModel):
     def __init__(self, spec: FeatureSpec, shape: InputShape, cfg: PLEConfig):
         super().__init__(spec, shape, cfg.embedding_dim)
         self.heads = task_heads(spec)
-        self.layers = extraction_stack(self.input_dim, len(self.heads), cfg)
+        self.layers = cfg.stack(self.input_dim, len(self.heads))
         d = self.layers[-1].out_dim
         self.towers = nn.ModuleList(Tower(d, cfg.tower_hidden, cfg.dropout) for _ in self.heads)
 
-    def forward_embedded(self, dense, field_vectors, group=None):
-        fused = run_extraction(self.layers, self.view(dense, field_vectors), len(self.heads))
-        return torch.stack([tower(h) for tower, h in zip(self.towers, fused, strict=True)], dim=1)
-
-    def gate_weights(self):
-        out = {}
-        for j, layer in enumerate(self.layers):
-            for h, g in zip(self.heads, layer.task_gates, strict=True):
-                out[f"L{j}.{h.name}"] = g.last_weights
-            if layer.shared_gate is not None:
-                out[f"L{j}.shared"] = layer.shared_gate.last_weights
-        return out
+    def forward_embedded(self, dense, field_vectors, group=None, gates=None):
+        x = self.view(dense, field_vectors)
+        fused = extract(self.layers, [x] * len(self.heads), x, gates=gates, names=[h.name for h in self.heads])
+        return torch.stack([tower(fused[k]) for k, tower in enumerate(self.towers)], dim=1)
 
 
 @dataclass
@@ -94,3 +69,34 @@ class CGCConfig(PLEConfig):
 @register("cgc", CGCConfig)
 class CGC(PLE):
     """Customized gate control: PLE with one extraction layer (no shared gate)."""
+
+
+@dataclass
+class MEPLEConfig(PLEConfig):
+    task_embedding_fields: str | tuple[str, ...] = "all"
+    """Fields with task-specific tables, as for ``stem``."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.task_embedding_fields = check_field_selection(self.task_embedding_fields)
+
+
+@register("me_ple", MEPLEConfig)
+class MultiEmbeddingPLE(SharedAndTaskViews):
+    """PLE on STEM's embeddings: the first layer's task-k experts and gate read task k's view.
+
+    The shared experts read the shared view; gates are PLE's (task k: own + shared experts), so,
+    unlike ``stem``, no task reads another task's experts.
+    """
+
+    def __init__(self, spec: FeatureSpec, shape: InputShape, cfg: MEPLEConfig):
+        super().__init__(spec, shape, cfg.embedding_dim, cfg.task_embedding_fields)
+        self.layers = cfg.stack(self.input_dim, len(self.heads))
+        d = self.layers[-1].out_dim
+        self.towers = nn.ModuleList(Tower(d, cfg.tower_hidden, cfg.dropout) for _ in self.heads)
+
+    def forward_embedded(self, dense, field_vectors, group=None, gates=None):
+        task_inputs = [self.view(dense, field_vectors, 1 + k) for k in range(len(self.heads))]
+        shared = self.view(dense, field_vectors, 0)
+        fused = extract(self.layers, task_inputs, shared, gates=gates, names=[h.name for h in self.heads])
+        return torch.stack([tower(fused[k]) for k, tower in enumerate(self.towers)], dim=1)
