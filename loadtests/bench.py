@@ -374,8 +374,3 @@ def compute_ratios(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         put("lookup_vs_redis_benchmark_500", None, missing="redis-benchmark is not installed")
     return ratios
 
-
-if __name__ == "__main__":
-    from mtrank.cli import main
-
-    sys.exit(main(["bench", *sys.argv[1:]]))

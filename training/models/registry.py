@@ -1,4 +1,7 @@
-"""Model registry: models register a config class and a constructor under their name."""
+"""Model registry: models register a config class and a constructor under their name.
+
+The registry imports no model: ``training/models/__init__.py`` imports every model module (which
+runs their ``@register``), and importing this module runs that package first."""
 
 from __future__ import annotations
 
@@ -24,13 +27,11 @@ def register(name: str, config_cls: type):
 
 
 def model_names() -> list[str]:
-    _import_all()
     return sorted(_REGISTRY)
 
 
 def make_config(name: str, values: dict[str, Any] | None = None):
     """The model's config dataclass from a dict; unknown keys are an error naming them."""
-    _import_all()
     if name not in _REGISTRY:
         raise SpecError(f"unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}")
     config_cls = _REGISTRY[name][0]
@@ -46,8 +47,3 @@ def create_model(name: str, spec: FeatureSpec, shape: InputShape, config: Any = 
     if not dataclasses.is_dataclass(config):
         config = make_config(name, config)
     return _REGISTRY[name][1](spec, shape, config)
-
-
-def _import_all() -> None:
-    # Importing the model modules runs their @register decorators.
-    from training.models import classic, mfh, ple, stem  # noqa: F401

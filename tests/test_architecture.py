@@ -1,0 +1,144 @@
+"""The layout tells the story: one-way imports between the stages, read from the source.
+
+Every import counts, including those inside functions (the CLI imports its stages lazily), so
+a cycle hidden by a lazy import is still a cycle here.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("mtrank", "training", "export", "service", "loadtests")
+ENTRY_POINTS = {"mtrank.cli", "mtrank.demo"}
+"""The command line: the one place that may reach every stage."""
+ALLOWED = {
+    "mtrank": set(),
+    "training": {"mtrank"},
+    "export": {"mtrank", "training"},
+    "service": {"mtrank"},
+    "loadtests": {"mtrank", "service", "training", "export"},
+}
+"""Package → the project packages its modules may import (besides itself)."""
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+
+
+def _imports(module: str, path: Path) -> Iterator[str]:
+    """Absolute names of everything ``module`` imports (relative imports resolved)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            yield base
+            yield from (f"{base}.{alias.name}" for alias in node.names)
+
+
+def _project_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        graph[module] = {name for name in _imports(module, path) if name in modules and name != module}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_module_import_graph_is_acyclic():
+    assert _cycles(_project_graph()) == []
+
+
+def test_stages_import_only_the_stages_before_them():
+    wrong = []
+    for module, deps in _project_graph().items():
+        if module in ENTRY_POINTS:
+            continue
+        package = module.split(".")[0]
+        for dep in deps:
+            other = dep.split(".")[0]
+            if other != package and other not in ALLOWED[package]:
+                wrong.append(f"{module} imports {dep}")
+    assert wrong == []
+
+
+def test_nothing_packaged_imports_the_tests():
+    offenders = [
+        f"{module} imports {name}"
+        for module, path in _modules().items()
+        for name in _imports(module, path)
+        if name == "tests" or name.startswith("tests.")
+    ]
+    assert offenders == []
+
+
+def test_service_and_the_shared_contracts_never_import_torch():
+    offenders = [
+        f"{module} imports {name}"
+        for module, path in _modules().items()
+        if module.split(".")[0] in ("service", "mtrank") and module not in ENTRY_POINTS
+        for name in _imports(module, path)
+        if name.split(".")[0] in ("torch", "training", "export", "pandas")
+    ]
+    assert offenders == []
+
+
+def test_one_feature_transform():
+    """Dense standardisation and vocabulary lookups are written once, in mtrank/transform.py."""
+    needles = ("np.log1p(np.maximum(", "get_indexer(")
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in _modules().values()
+        if path != ROOT / "mtrank" / "transform.py" and any(n in path.read_text() for n in needles)
+    ]
+    assert offenders == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
