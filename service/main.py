@@ -20,7 +20,7 @@ import uvicorn
 from service.app import Engine, create_app
 from service.repository import StartupError
 from service.runner import DeviceError
-from service.settings import ConfigError, Settings, load_settings
+from service.settings import ConfigError, Settings, load_settings, unknown_variables
 
 log = logging.getLogger("mtrank.main")
 
@@ -48,6 +48,8 @@ def serve(repo: str | Path | None = None, host: str | None = None, port: int | N
     except ConfigError as e:
         _die(str(e))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for message in unknown_variables():
+        log.warning(message)
     try:
         import uvloop
 

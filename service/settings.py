@@ -2,11 +2,15 @@
 
 Every field has a default and a one-line doc. :func:`load_settings` turns any validation error
 into a :class:`ConfigError` whose one-line message names the variable, e.g.
-``MTRANK_BUCKETS: shares add up to 90, not 100``.
+``MTRANK_BUCKETS: shares add up to 90, not 100``. :func:`unknown_variables` names the
+``MTRANK_*`` variables that are no setting (a misspelt one would otherwise be silently ignored).
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +20,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from mtrank.fusion import BucketConfig, check_buckets
 
 ENV_PREFIX = "MTRANK_"
+# MTRANK_* variables that the project's test and load tools read, not the service.
+TOOL_VARIABLES = ("MTRANK_LOCUST_", "MTRANK_TEST_", "MTRANK_SHARED_DATA")
 
 
 class ConfigError(ValueError):
@@ -137,3 +143,25 @@ def _one_line(e: ValidationError) -> str:
         msg = "not a JSON list"  # pydantic-settings hands non-JSON text through as a string
     more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     return f"{var}: {where + ': ' if where else ''}{msg}{more}"
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One message per ``MTRANK_*`` variable of ``environ`` (default: the process environment)
+    that is no setting, naming the closest setting when one is close, e.g.
+    ``MTRANK_MAX_BATCH_ROW is not a setting and is ignored; did you mean MTRANK_MAX_BATCH_ROWS?``"""
+    environ = os.environ if environ is None else environ
+    # pydantic-settings matches names case-insensitively.
+    fields = [name.upper() for name in Settings.model_fields]
+    messages = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper.startswith(TOOL_VARIABLES):
+            continue
+        # Compared without the prefix, which every name shares and would make anything look close.
+        field = upper.removeprefix(ENV_PREFIX)
+        if field in fields:
+            continue
+        closest = difflib.get_close_matches(field, fields, n=1, cutoff=0.6)
+        hint = f"; did you mean {ENV_PREFIX}{closest[0]}?" if closest else "; README.md lists the settings"
+        messages.append(f"{name} is not a setting and is ignored{hint}")
+    return messages

@@ -1,0 +1,60 @@
+"""Settings as the operator meets them: misspelt ``MTRANK_*`` variables are named at start-up with
+the closest setting, and the README's configuration table lists every setting."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from loadtests.server import RemoteServer
+from service.settings import ENV_PREFIX, Settings, unknown_variables
+from tests.server import ROOT, build_toy_version
+
+
+def _variables() -> list[str]:
+    return [ENV_PREFIX + name.upper() for name in Settings.model_fields]
+
+
+def test_a_misspelt_variable_is_named_with_the_closest_setting():
+    assert unknown_variables({"MTRANK_MAX_BATCH_ROW": "64"}) == [
+        "MTRANK_MAX_BATCH_ROW is not a setting and is ignored; did you mean MTRANK_MAX_BATCH_ROWS?"
+    ]
+    assert unknown_variables({"MTRANK_REDIS_TIMEOUT": "50"}) == [
+        "MTRANK_REDIS_TIMEOUT is not a setting and is ignored; did you mean MTRANK_REDIS_TIMEOUT_MS?"
+    ]
+
+
+def test_a_variable_close_to_no_setting_gets_no_guess():
+    [message] = unknown_variables({"MTRANK_XYZZY": "1"})
+    assert message.startswith("MTRANK_XYZZY is not a setting") and "did you mean" not in message
+
+
+def test_settings_other_variables_and_tool_variables_are_not_reported():
+    environ = {name: "1" for name in _variables()}
+    # pydantic-settings reads names case-insensitively; the locust scenario and the tests read their own.
+    environ |= {"mtrank_port": "1", "MTRANK_LOCUST_REPO": "/models", "MTRANK_TEST_REDIS_URL": "redis://x",
+                "MTRANK_SHARED_DATA": "/data", "PATH": "/bin", "REDIS_URL": "redis://x"}
+    assert unknown_variables(environ) == []
+
+
+def test_serve_warns_about_a_misspelt_variable_at_start_up(tmp_path: Path):
+    build_toy_version(tmp_path, "toy", 1)
+    server = RemoteServer(tmp_path, env={"MTRANK_MAX_BATCH_ROW": "64", "MTRANK_MAX_BATCH_ROWS": "32"})
+    with server:
+        assert server.get("/readyz").status_code == 200
+    output = server.output()
+    lines = [line for line in output.splitlines() if "MTRANK_MAX_BATCH_ROW " in line]
+    assert len(lines) == 1, output
+    assert "WARNING" in lines[0] and lines[0].endswith("did you mean MTRANK_MAX_BATCH_ROWS?")
+    assert "MTRANK_MAX_BATCH_ROWS is not" not in output
+
+
+def test_readme_configuration_lists_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    section = re.search(r"^## Configuration\n(.*?)^## ", readme, flags=re.DOTALL | re.MULTILINE)
+    assert section is not None
+    # One table row per variable: "| `MTRANK_...` | default | meaning |".
+    listed = set(re.findall(r"^\| `(MTRANK_[A-Z0-9_]+)` \|", section.group(1), flags=re.MULTILINE))
+    assert {"MTRANK_REDIS_TIMEOUT_MS", "MTRANK_REDIS_RETRY_S"} <= listed
+    assert not set(_variables()) - listed, f"missing from README.md's configuration: {set(_variables()) - listed}"
+    assert not listed - set(_variables()), f"not settings: {listed - set(_variables())}"
