@@ -2,30 +2,100 @@
 
 Torch-free and numpy-only: training reads it from ``spec.yaml``, export embeds it in the
 manifest, and the service evaluates its facet rules and dense transforms on request features.
+
+A spec read from a file or a dict is validated strictly (pydantic, on these dataclasses): literal
+values must be spelled exactly (``side: usr`` is an error), numbers must be numbers (``threshold:
+"7"`` is an error, not coerced: a quoted number in a spec is more likely a mistake than intent),
+unknown keys are errors, and cross-field rules hold (facet values, task spaces). Each error is one
+line naming the file and the key. :func:`load_yaml` reads YAML with YAML 1.2 floats, so ``1e-3``
+is the number 0.001 (PyYAML's YAML 1.1 reads it as a string).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 Side = Literal["user", "item"]
+RegressionOutput = Literal["identity", "sigmoid", "softplus", "exp"]
 _OPS = {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal, "eq": np.equal}
+# Strict: exact literals and real numbers (an int is a valid float); validated from JSON so that
+# YAML lists become tuples. Unknown keys are errors.
+STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 class SpecError(ValueError):
-    """A feature spec or a data file does not match what it declares."""
+    """A feature spec, a config or a data file does not match what it declares."""
+
+
+class _YAML12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: ``1e-3`` and ``2E5`` are numbers, not strings."""
+
+
+_YAML12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(path: str | Path) -> Any:
+    """A YAML file's content (YAML 1.2 floats); a syntax error is a one-line :class:`SpecError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: file not found")
+    try:
+        return yaml.load(path.read_text(), Loader=_YAML12Loader)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from e
+
+
+def validate(cls: type, values: Any, source: str, prefix: str = "") -> Any:
+    """``cls`` (a dataclass with a strict ``__pydantic_config__``) from plain values, strictly.
+
+    A failure is a :class:`SpecError` of one line: ``<source>: <prefix><key>: <problem>`` for the
+    first problem found (and how many more there are).
+    """
+    try:
+        blob = json.dumps(values, default=str)
+    except (TypeError, ValueError) as e:
+        raise SpecError(f"{source}: {e}") from e
+    try:
+        return TypeAdapter(cls).validate_json(blob)
+    except ValidationError as e:
+        errors = e.errors()
+        first = errors[0]
+        key = prefix + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in first["loc"]).lstrip(".")
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] not in ("missing", "extra_forbidden", "unexpected_keyword_argument", "value_error"):
+            msg += f" (got {first['input']!r})"
+        if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            msg = "unknown key"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        where = f"{key.rstrip('.')}: " if key.rstrip(".") else ""
+        raise SpecError(f"{source}: {where}{msg}{more}") from None
 
 
 @dataclass(frozen=True)
 class DenseField:
     """A numeric feature. Model input = (transform(x) - mean) / std, stats fitted on train."""
+
+    __pydantic_config__ = STRICT
 
     name: str
     side: Side = "item"
@@ -42,6 +112,8 @@ class SparseField:
     category); ``'store'`` keeps it in the embedding store (ids: user, item, author).
     """
 
+    __pydantic_config__ = STRICT
+
     name: str
     side: Side = "item"
     location: Literal["graph", "store"] = "graph"
@@ -53,6 +125,8 @@ class SparseField:
 class Task:
     """One prediction target. ``space`` names a 0/1 column; the loss ignores rows where it is 0."""
 
+    __pydantic_config__ = STRICT
+
     name: str
     type: Literal["binary", "regression"] = "binary"
     label: str | None = None
@@ -60,6 +134,16 @@ class Task:
     space: str | None = None
     behaviour: str | None = None
     """The behaviour facet value (``vtr`` for ``vtr@new``); defaults to ``name``."""
+    output: RegressionOutput | None = None
+    """Regression only: how a logit becomes a label-unit prediction. ``identity`` (labels
+    standardised on train), ``sigmoid`` (labels in [0, 1]), ``softplus`` / ``exp`` (positive
+    labels). None: chosen from the train labels' range at training time."""
+
+    def __post_init__(self) -> None:
+        if self.output is not None and self.type != "regression":
+            raise SpecError(f"task {self.name!r}: output is for regression tasks only (type is {self.type!r})")
+        if self.space is not None and self.space == self.label_column:
+            raise SpecError(f"task {self.name!r}: space {self.space!r} is the task's own label column")
 
     @property
     def label_column(self) -> str:
@@ -74,6 +158,8 @@ class Task:
 class FacetRule:
     """``value`` applies when ``feature <op> threshold``; rules are tried in order."""
 
+    __pydantic_config__ = STRICT
+
     value: str
     feature: str
     op: Literal["lt", "le", "gt", "ge", "eq"]
@@ -84,10 +170,24 @@ class FacetRule:
 class Facet:
     """A partition of rows (user group, item cold/warm) given by ordered threshold rules."""
 
+    __pydantic_config__ = STRICT
+
     column: str
     values: tuple[str, ...]
     rules: tuple[FacetRule, ...] = ()
     default: str = ""
+    """The value of rows no rule matches; empty: the last of ``values``."""
+
+    def __post_init__(self) -> None:
+        if not self.values or len(set(self.values)) != len(self.values):
+            raise SpecError(f"facet {self.column!r}: values must be a non-empty list of distinct names")
+        if not self.default:
+            object.__setattr__(self, "default", self.values[-1])
+        if self.default not in self.values:
+            raise SpecError(f"facet {self.column!r}: default {self.default!r} is not one of {list(self.values)}")
+        for i, r in enumerate(self.rules):
+            if r.value not in self.values:
+                raise SpecError(f"facet {self.column!r}: rules[{i}].value {r.value!r} is not in {list(self.values)}")
 
     def assign(self, features: dict[str, np.ndarray | float]) -> np.ndarray:
         """Facet value index per row (int64) from raw feature arrays or scalars."""
@@ -107,6 +207,8 @@ class Facet:
 
 @dataclass(frozen=True)
 class FeatureSpec:
+    __pydantic_config__ = STRICT
+
     name: str
     dense: tuple[DenseField, ...]
     sparse: tuple[SparseField, ...]
@@ -122,11 +224,12 @@ class FeatureSpec:
             raise SpecError(f"spec {self.name!r}: duplicate feature names in {names}")
         if not self.tasks:
             raise SpecError(f"spec {self.name!r}: no tasks")
-        for facet in (self.user_groups, self.item_facet):
-            if facet is None:
-                continue
-            if facet.default not in facet.values or any(r.value not in facet.values for r in facet.rules):
-                raise SpecError(f"spec {self.name!r}: facet {facet.column!r} uses a value outside {facet.values}")
+        task_names = [t.name for t in self.tasks]
+        if len(set(task_names)) != len(task_names):
+            raise SpecError(f"spec {self.name!r}: duplicate task names in {task_names}")
+        for t in self.tasks:
+            if t.space is not None and t.space in names:
+                raise SpecError(f"spec {self.name!r}: tasks.{t.name}.space {t.space!r} is a feature, not a 0/1 column")
 
     @property
     def task_names(self) -> list[str]:
@@ -142,36 +245,29 @@ class FeatureSpec:
         return asdict(self)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of the spec's content. A task's ``output`` enters only when set, so specs written
+        before outputs existed keep their fingerprints."""
+        d = self.to_dict()
+        d["tasks"] = [{k: v for k, v in t.items() if not (k == "output" and v is None)} for t in d["tasks"]]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FeatureSpec:
-        def facet(f: dict | None) -> Facet | None:
-            if not f:
-                return None
-            rules = tuple(FacetRule(**r) for r in f.get("rules", ()))
-            values = tuple(f["values"])
-            return Facet(column=f["column"], values=values, rules=rules, default=f.get("default") or values[-1])
-
-        try:
-            return cls(
-                name=d.get("name", "data"),
-                dense=tuple(DenseField(**x) for x in d.get("dense", ())),
-                sparse=tuple(SparseField(**x) for x in d.get("sparse", ())),
-                tasks=tuple(Task(**x) for x in d["tasks"]),
-                user_groups=facet(d.get("user_groups")),
-                item_facet=facet(d.get("item_facet")),
-                extra=d.get("extra", {}),
-            )
-        except (KeyError, TypeError) as e:
-            raise SpecError(f"bad feature spec: {e}") from e
+    def from_dict(cls, d: Any, source: str = "feature spec") -> FeatureSpec:
+        """Validated spec from plain values (see the module docstring); ``source`` names it in errors."""
+        if not isinstance(d, dict):
+            raise SpecError(f"{source}: expected a mapping with dense, sparse and tasks, got {type(d).__name__}")
+        d = {"name": "data", "dense": [], "sparse": [], **d}
+        for key in ("user_groups", "item_facet"):
+            if not d.get(key):
+                d.pop(key, None)
+        return validate(cls, d, source)
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureSpec:
         path = Path(path)
         if not path.is_file():
             raise SpecError(f"feature spec not found: {path}")
-        return cls.from_dict(yaml.safe_load(path.read_text()))
+        return cls.from_dict(load_yaml(path), source=str(path))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
