@@ -1,12 +1,16 @@
 """Load a model version's store-held embedding tables into Redis, then flip the model's pointer.
 
-Key layout: :mod:`mtrank.store_keys`. Per table the rows go in as ``MSET`` chunks streamed on one
-connection (one hash tag per table, so every ``MSET`` is a single-slot command on Redis Cluster
-too, sent to the node owning the slot), then
-the table's meta key marks it complete; after every table the pointer ``{prefix}:ptr:<model>``
-is set to the version in one ``SET``. Until then readers following the pointer keep using the
-old version, whose keys are not touched. Row 0 (the default vector) is not stored: the service
-takes defaults from the repository.
+Key layout: :mod:`mtrank.store_keys`. A table is written shard by shard (one hash tag per shard,
+one slot): its rows go in as ``MSET`` chunks streamed on one connection to the node owning the
+shard's slot, then the table's meta key (with the shard layout) marks it complete; after every
+table the pointer ``{prefix}:ptr:<model>`` is set to the version in one ``SET``. Until then
+readers following the pointer keep using the old version, whose keys are not touched. Row 0 (the
+default vector) is not stored: the service takes defaults from the repository.
+
+On Redis Cluster a table of at least :data:`mtrank.store_keys.SHARD_MIN_BYTES` of values is spread
+over several primaries (``shards``: auto from table size and cluster size, or given). Chunks that
+meet a slot being moved (``MOVED``, ``ASK``, ``TRYAGAIN`` while ``redis-cli --cluster reshard``
+runs) are written again key by key through the cluster client, which follows the redirections.
 
 Re-running is idempotent: a table whose meta key already matches (rows, width, checksums) is
 skipped. ``prune`` deletes the keys of every other version of the model (meta keys first, so a
@@ -24,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from mtrank import store_keys
@@ -44,11 +49,16 @@ def load_embeddings(
     prune: bool = False,
     prefix: str = store_keys.DEFAULT_PREFIX,
     progress: bool = True,
+    shards: int | None = None,
 ) -> dict[str, Any]:
     """Load ``model``'s version (default: newest) into Redis and point the model at it.
 
-    Returns ``{"model", "version", "ids", "seconds", "ids_per_s", "tables", "pruned_keys"}``;
-    ``ids`` counts the ids written by this call (0 when everything was already loaded).
+    ``shards``: hash tags per table (None: chosen per table from its size and the number of
+    Cluster primaries, :func:`mtrank.store_keys.choose_shards`; 1 on a single Redis).
+    Returns ``{"model", "version", "ids", "seconds", "ids_per_s", "tables", "shards",
+    "redirected_ids", "pruned_keys"}``; ``ids`` counts the ids written by this call (0 when
+    everything was already loaded), ``redirected_ids`` those written again key by key after a
+    slot moved under them.
     """
     vdir = version_dir(repo, model, version)
     manifest = load_manifest(vdir)
@@ -58,8 +68,12 @@ def load_embeddings(
     client = store_keys.connect(redis_url)
     try:
         started = time.perf_counter()
+        report: dict[str, Any] = {"shards": {}, "redirected_ids": 0}
         tables = {
-            field: load_table(client, vdir, manifest, field, model=model, prefix=prefix, progress=progress)
+            field: load_table(
+                client, vdir, manifest, field, model=model, prefix=prefix, progress=progress, shards=shards,
+                report=report,
+            )
             for field in manifest.tables
         }
         flip_pointer(client, model, manifest.version, prefix=prefix)
@@ -75,6 +89,8 @@ def load_embeddings(
         "seconds": round(seconds, 3),
         "ids_per_s": round(ids / seconds) if seconds > 0 else 0,
         "tables": tables,
+        "shards": report["shards"],
+        "redirected_ids": report["redirected_ids"],
         "pruned_keys": pruned,
     }
     if progress:
@@ -110,18 +126,23 @@ def load_table(
     model: str | None = None,
     prefix: str = store_keys.DEFAULT_PREFIX,
     progress: bool = True,
+    shards: int | None = None,
+    report: dict[str, Any] | None = None,
 ) -> int:
     """Write one table's rows, then its meta key; returns the ids written (0: already complete).
 
-    Does not touch the pointer: a caller can load every table of a new version while readers
-    stay on the old one.
+    ``shards``: see :func:`load_embeddings`. ``report``, when given, gets the table's shard count
+    under ``["shards"][field]`` and adds to ``["redirected_ids"]``. Does not touch the pointer: a
+    caller can load every table of a new version while readers stay on the old one.
     """
     model = model or manifest.name
     table = manifest.tables[field]
     meta = table_meta(manifest, field)
     meta_key = store_keys.meta_key(prefix, model, manifest.version, field)
+    report = report if report is not None else {"shards": {}, "redirected_ids": 0}
     current = client.get(meta_key)
     if current is not None and _same_table(json.loads(current), meta):
+        report["shards"][field] = store_keys.TableLayout.from_meta(json.loads(current)).shards
         return 0
     if current is not None:
         # A different table went in under this model and version before (the version directory
@@ -135,18 +156,51 @@ def load_table(
             f"{vdir}: table {field!r} has {len(ids)} ids and vectors {vectors.shape}, "
             f"manifest says {table.rows - 1} ids and ({table.rows}, {table.width})"
         )
-    key_prefix = store_keys.id_key_prefix(prefix, model, manifest.version, field).encode()
+    layout = _layout(client, model, manifest.version, field, len(ids) * table.width * 4, shards)
+    key_prefixes = layout.key_prefixes(prefix, model, manifest.version, field)
+    # vectors row 0 is the default (not stored): id i is row i + 1.
+    rows_of_shard = _rows_by_shard(ids, layout.shards)
     with tqdm(
         total=len(ids), unit="id", unit_scale=True, desc=f"{model} v{manifest.version} {field}",
         file=sys.stderr, disable=not progress,
     ) as bar:
-        commands = (
-            _mset_args(key_prefix, ids[start : start + CHUNK_IDS], vectors[start + 1 : start + 1 + CHUNK_IDS])
-            for start in range(0, len(ids), CHUNK_IDS)  # vectors row 0 is the default: not stored
-        )
-        _stream(_table_node(client, key_prefix), commands, on_reply=lambda n: bar.update(n))
+        for key_prefix, rows in zip(key_prefixes, rows_of_shard, strict=True):
+            encoded_prefix = key_prefix.encode()
+            commands = (
+                _mset_args(encoded_prefix, [ids[r] for r in chunk], vectors[chunk + 1])
+                for chunk in (rows[start : start + CHUNK_IDS] for start in range(0, len(rows), CHUNK_IDS))
+            )
+            redirected = _stream(_shard_node(client, encoded_prefix), commands, on_reply=bar.update)
+            if redirected:
+                report["redirected_ids"] += _write_key_by_key(client, redirected)
+    meta.update(layout.meta_fields())
     client.set(meta_key, json.dumps(meta))
+    report["shards"][field] = layout.shards
     return len(ids)
+
+
+def _layout(client, model: str, version: int, field: str, value_bytes: int, shards: int | None):
+    """The table's shard layout: ``shards`` (None: from its size and the cluster's primaries)."""
+    from redis.cluster import RedisCluster
+
+    if not isinstance(client, RedisCluster):
+        return store_keys.TableLayout(shards or 1, (0,) * (shards or 1) if (shards or 1) > 1 else ())
+    slots = client.nodes_manager.slots_cache
+    owner = {slot: nodes[0].name for slot, nodes in slots.items() if nodes}
+    primaries = sorted(set(owner.values()), key=lambda name: min(s for s, n in owner.items() if n == name))
+    n = shards or store_keys.choose_shards(value_bytes, len(primaries))
+    if n == 1:
+        return store_keys.TableLayout()
+    return store_keys.TableLayout(n, store_keys.pick_salts(model, version, field, n, owner.get, primaries))
+
+
+def _rows_by_shard(ids: list[str], shards: int) -> list[np.ndarray]:
+    """Per shard, the positions in ``ids`` of the ids it holds (in file order)."""
+    if shards == 1:
+        return [np.arange(len(ids))]
+    shard = np.asarray(store_keys.shard_of(ids, shards), dtype=np.int64)
+    order = np.argsort(shard, kind="stable")
+    return np.split(order, np.searchsorted(shard[order], np.arange(1, shards)))
 
 
 def _mset_args(key_prefix: bytes, ids: list[str], rows) -> list[bytes]:
@@ -157,8 +211,8 @@ def _mset_args(key_prefix: bytes, ids: list[str], rows) -> list[bytes]:
     return args
 
 
-def _table_node(client, key_prefix: bytes):
-    """The plain client of the node holding a table: every key of it shares one hash tag, one slot."""
+def _shard_node(client, key_prefix: bytes):
+    """The plain client of the node holding a shard: every key of it shares one hash tag, one slot."""
     from redis.cluster import RedisCluster
 
     if isinstance(client, RedisCluster):
@@ -166,31 +220,55 @@ def _table_node(client, key_prefix: bytes):
     return client
 
 
-def _stream(node, commands, on_reply) -> None:
-    """Send ``MSET`` commands on one connection with up to ``IN_FLIGHT`` replies outstanding.
+def _stream(node, commands, on_reply) -> list[bytes]:
+    """Send ``MSET`` commands on one connection with up to ``IN_FLIGHT`` replies outstanding;
+    returns the ``key value ...`` arguments of the chunks answered with a Cluster redirection.
 
     Unlike a pipeline's send-all-then-read-all, the next chunk is encoded and sent while Redis
     executes the previous ones: 1.4–1.5× the ids/s of a redis-py pipeline doing the same encoding,
-    measured on a 2-core machine.
-    An error reply raises; a table is only marked complete after every reply came back OK.
+    measured on a 2-core machine. A redirection (the slot moved or is moving) is kept for
+    :func:`_write_key_by_key`; any other error reply raises, and a table is only marked complete
+    after every chunk was written.
     """
+    from redis.exceptions import AskError, MovedError, TryAgainError
+
     conn = node.connection_pool.get_connection()
-    pending: deque[int] = deque()
+    pending: deque[list[bytes]] = deque()
+    redirected: list[bytes] = []
+
+    def read_one() -> None:
+        args = pending.popleft()
+        try:
+            conn.read_response()
+        except (MovedError, AskError, TryAgainError):
+            redirected.extend(args)
+        else:
+            on_reply(len(args) // 2)
+
     try:
         for args in commands:
             conn.send_packed_command(conn.pack_command("MSET", *args), check_health=False)
-            pending.append(len(args) // 2)
+            pending.append(args)
             if len(pending) > IN_FLIGHT:
-                conn.read_response()
-                on_reply(pending.popleft())
+                read_one()
         while pending:
-            conn.read_response()
-            on_reply(pending.popleft())
+            read_one()
     except BaseException:
         conn.disconnect()  # unread replies must not reach the pool's next user
         raise
     finally:
         node.connection_pool.release(conn)
+    return redirected
+
+
+def _write_key_by_key(client, args: list[bytes]) -> int:
+    """Write ``key value ...`` pairs as single-key ``SET``s through the cluster client, which
+    follows ``MOVED`` (and refreshes its slot map) and ``ASK`` per key; returns the pairs written."""
+    pipe = client.pipeline()
+    for key, value in zip(args[0::2], args[1::2], strict=True):
+        pipe.set(key, value)
+    pipe.execute()
+    return len(args) // 2
 
 
 def flip_pointer(client, model: str, version: int, prefix: str = store_keys.DEFAULT_PREFIX) -> None:
@@ -243,9 +321,12 @@ def _hash_tag(key: bytes) -> bytes | None:
 
 
 def _stale(tag: bytes, model: str, keep: int) -> bool:
-    """``tag`` = ``<model>:<version>:<field>`` of ``model`` with a version other than ``keep``."""
-    parts = tag.decode("utf-8", "replace").rsplit(":", 2)
-    return len(parts) == 3 and parts[0] == model and parts[1] != str(keep)
+    """``tag`` = ``<model>:<version>:<field>[:<shard>.<salt>]`` of ``model`` with a version other than ``keep``."""
+    text = tag.decode("utf-8", "replace")
+    if not text.startswith(model + ":"):
+        return False
+    version = text[len(model) + 1 :].split(":", 1)[0]
+    return version.isdigit() and version != str(keep)
 
 
 def _glob_escape(text: str) -> str:
