@@ -20,10 +20,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 from service.errors import (
+    BodyTimeout,
     BodyTooLarge,
     ClientGone,
     DeadlineExceeded,
@@ -40,9 +42,14 @@ from service.settings import Settings, load_settings
 from service.stores import EmbeddingStore, InProcessStore, RedisStore
 
 log = logging.getLogger("mtrank.app")
+access_log = logging.getLogger("mtrank.access")
 
 RANK_ROUTE = "/v1/rank"
 ROUTES = (RANK_ROUTE, "/v1/models", "/healthz", "/readyz", "/metrics", "/admin/reload")
+PROBE_ROUTES = ("/healthz", "/readyz", "/metrics")
+"""Polled by orchestrators and Prometheus: logged at DEBUG only."""
+MAX_REQUEST_ID = 128
+"""Longest accepted X-Request-ID, characters."""
 
 
 class Engine:
@@ -99,6 +106,9 @@ class Engine:
                 "store_tables": sorted(lv.tables),
                 "created_at": lv.manifest.created_at,
             })
+        for name, refused in sorted(repo.refused.items()):
+            entry = models.setdefault(name, {"name": name, "kind": None, "newest": repo.newest(name), "versions": []})
+            entry["refused"] = [{"version": v, "reason": r} for v, r in sorted(refused.items())]
         buckets = [b.model_dump() for b in repo.buckets.buckets] if repo.buckets else []
         return {
             "models": list(models.values()),
@@ -146,11 +156,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if length is not None and length.isdigit() and int(length) > limit:
         raise BodyTooLarge(f"request body of {length} bytes is over the limit of {limit} (MTRANK_MAX_BODY_BYTES)")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body is over the limit of {limit} bytes (MTRANK_MAX_BODY_BYTES)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body is over the limit of {limit} bytes (MTRANK_MAX_BODY_BYTES)")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone("client disconnected while sending the body") from None
     return b"".join(chunks)
 
 
@@ -167,19 +180,41 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if not task.done():
-            task.cancel()
-        watcher.cancel()
+        for t in (task, watcher):
+            t.cancel()
+            # When the deadline cancels this request just as the work fails (a batcher deadline),
+            # nobody reads that failure: consume it, or asyncio logs "Task exception was never
+            # retrieved" at ERROR for what is a plain 504.
+            t.add_done_callback(_consume_outcome)
     if task.cancelled() or not task.done():
         raise ClientGone("client disconnected")
     return task.result()
 
 
-class RequestMetrics:
-    """Pure ASGI middleware: requests_total, request_duration_seconds, inflight_requests."""
+def _consume_outcome(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
-    def __init__(self, app: ASGIApp):
+
+def _given_request_id(scope: Scope) -> str | None:
+    """The client's ``X-Request-ID`` if it is usable in logs and headers: printable ASCII,
+    1 to 128 characters; else None (a new id is generated)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            rid = value.decode("latin-1")
+            return rid if 0 < len(rid) <= MAX_REQUEST_ID and rid.isascii() and rid.isprintable() else None
+    return None
+
+
+class RequestMetrics:
+    """Pure ASGI middleware around every HTTP request: requests_total, request_duration_seconds,
+    inflight_requests; the request id (``X-Request-ID`` in, echoed out); the body deadline
+    (``request_timeout_s`` from arrival, else :class:`BodyTimeout`); one log line per request; and
+    the 500 answer for an unexpected exception (logged once, with its traceback)."""
+
+    def __init__(self, app: ASGIApp, request_timeout_s: float):
         self.app = app
+        self.request_timeout_s = request_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -189,25 +224,81 @@ class RequestMetrics:
         route = path if path in ROUTES else "other"
         is_rank = route == RANK_ROUTE
         status = 500
+        response_started = False
         started = time.perf_counter()
+        state = scope.setdefault("state", {})
+        # None when the client sent none: the rank handler then prefers the body's request_id.
+        state["request_id"] = _given_request_id(scope)
+        body_deadline = asyncio.get_running_loop().time() + self.request_timeout_s
+        body_done = False
 
-        async def send_status(message: Message) -> None:
-            nonlocal status
+        async def receive_in_time() -> Message:
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(body_deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(
+                    f"request body not received within {self.request_timeout_s * 1000:.0f} ms"
+                    " (MTRANK_REQUEST_TIMEOUT_MS)"
+                ) from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status = message["status"]
+                response_started = True
+                headers = [*message.get("headers", ()), (b"x-request-id", request_id().encode())]
+                message = {**message, "headers": headers}
             await send(message)
+
+        def request_id() -> str:
+            ctx = state.get("context")
+            if ctx is None and state["request_id"] is None:
+                state["request_id"] = new_request_id()
+            return ctx.request_id if ctx is not None else state["request_id"]
 
         if is_rank:
             metrics.INFLIGHT.inc()
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive_in_time, send_with_id)
+        except Exception as e:
+            if response_started:
+                raise
+            log.exception("internal error in %s %s", scope.get("method"), path,
+                          extra={"request_id": request_id(), "event": "error"})
+            await _error(500, f"internal error: {type(e).__name__}")(scope, receive, send_with_id)
         finally:
             if is_rank:
                 metrics.INFLIGHT.dec()
-            ctx = scope.get("state", {}).get("context") if is_rank else None
+            elapsed = time.perf_counter() - started
+            ctx = state.get("context") if is_rank else None
             bucket = ctx.bucket if ctx is not None else ("none" if is_rank else "")
             metrics.REQUESTS.labels(route, str(status), bucket).inc()
-            metrics.REQUEST_DURATION.labels(route, bucket).observe(time.perf_counter() - started)
+            metrics.REQUEST_DURATION.labels(route, bucket).observe(elapsed)
+            level = logging.DEBUG if route in PROBE_ROUTES else logging.INFO
+            if access_log.isEnabledFor(level):
+                _log_request(level, scope, request_id(), status, elapsed, ctx)
+
+
+def _log_request(level: int, scope: Scope, request_id: str, status: int, elapsed_s: float,
+                 ctx: RequestContext | None) -> None:
+    """The one log line of a request; its fields are the JSON line's keys."""
+    fields: dict[str, Any] = {
+        "request_id": request_id, "method": scope.get("method"), "path": scope.get("path"), "status": status,
+        "latency_ms": round(elapsed_s * 1000.0, 3),
+    }
+    if ctx is not None:
+        fields.update(bucket=ctx.bucket, model=ctx.model, version=ctx.version, user_group=ctx.user_group,
+                      candidates=ctx.candidates, missing_ids=ctx.missing_ids)
+    served = f" model={ctx.model} v{ctx.version} bucket={ctx.bucket} group={ctx.user_group} " \
+             f"candidates={ctx.candidates}" if ctx is not None and ctx.model is not None else ""
+    access_log.log(level, "%s %s %d %.1f ms request_id=%s%s", fields["method"], fields["path"], status,
+                   fields["latency_ms"], request_id, served, extra=fields)
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -224,8 +315,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             await app.state.engine.close()
 
     app = FastAPI(title="mtrank", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(RequestMetrics)
     timeout_s = settings.request_timeout_ms / 1000.0
+    app.add_middleware(RequestMetrics, request_timeout_s=timeout_s)
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
 
     @app.post(RANK_ROUTE)
@@ -237,7 +328,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         except orjson.JSONDecodeError as e:
             raise MalformedBody(f"malformed JSON: {e}") from None
         query = decode_request(payload, settings.max_candidates)
-        ctx = RequestContext(request_id=new_request_id())
+        ctx = RequestContext(request_id=request.state.request_id or query.request_id or new_request_id())
         request.state.context = ctx
         ranker: Ranker = request.app.state.engine.ranker
         async with asyncio.timeout_at(asyncio.get_running_loop().time() + timeout_s):
@@ -258,12 +349,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         reason = await engine.not_ready_reason()
         if reason:
             return _json({"ready": False, "reason": reason}, 503)
+        body: dict[str, Any] = {"ready": True}
         # A store outage degrades answers (default vectors) but keeps the replica in rotation:
         # failing readiness here would take every replica out at once during a Redis blip.
         store_problem = await engine.store.health()
         if store_problem:
-            return _json({"ready": True, "degraded": True, "reason": store_problem})
-        return _json({"ready": True})
+            body["degraded"] = True
+        # A refused version with an older one served is worth a look, not a reason to stop serving.
+        reasons = [r for r in (store_problem, engine.repository.refusal_notice()) if r]
+        if reasons:
+            body["reason"] = "; ".join(reasons)
+        return _json(body)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -328,10 +424,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         return rejected("deadline", 504, f"deadline exceeded: {e}")
 
     @app.exception_handler(ClientGone)
-    async def on_client_gone(_: Request, e: ClientGone) -> Response:
+    @app.exception_handler(ClientDisconnect)
+    async def on_client_gone(_: Request, e: Exception) -> Response:
         return rejected("client_gone", 499, "client closed the request")
 
-    @app.exception_handler(Exception)
-    async def on_internal(_: Request, e: Exception) -> Response:
-        log.exception("internal error", exc_info=e)
-        return _error(500, f"internal error: {type(e).__name__}")
+    @app.exception_handler(BodyTimeout)
+    async def on_body_timeout(_: Request, e: BodyTimeout) -> Response:
+        # Closing the connection stops a slow sender from holding it (uvicorn closes on this header).
+        return rejected("body_timeout", 408, str(e), headers={"Connection": "close"})

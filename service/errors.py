@@ -36,3 +36,7 @@ class MalformedBody(ValueError):
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready: 499 in the metrics."""
+
+
+class BodyTimeout(Exception):
+    """The request body did not arrive within the request deadline: 408, connection closed."""

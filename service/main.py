@@ -18,6 +18,7 @@ from pathlib import Path
 import uvicorn
 
 from service.app import Engine, create_app
+from service.logs import configure_logging
 from service.repository import StartupError
 from service.runner import DeviceError
 from service.settings import ConfigError, Settings, load_settings, unknown_variables
@@ -47,7 +48,7 @@ def serve(repo: str | Path | None = None, host: str | None = None, port: int | N
         settings = load_settings(model_repo=repo, host=host, port=port, redis_url=redis_url)
     except ConfigError as e:
         _die(str(e))
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     for message in unknown_variables():
         log.warning(message)
     try:
@@ -68,12 +69,14 @@ async def _serve(settings: Settings) -> None:
     app = create_app(settings, engine=engine)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, workers=1, lifespan="on", access_log=False,
-        log_level=settings.log_level, timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        log_config=None, log_level=settings.log_level, timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
         timeout_keep_alive=5,
     )
     reason = await engine.not_ready_reason()
-    log.info("serving %s on http://%s:%d (%s)", settings.model_repo, settings.host, settings.port,
-             "ready" if reason is None else f"not ready: {reason}")
+    notices = engine.repository.refusal_notice()
+    log.info("serving %s on http://%s:%d (%s)%s", settings.model_repo, settings.host, settings.port,
+             "ready" if reason is None else f"not ready: {reason}", f"; {notices}" if notices else "",
+             extra={"event": "startup", "ready": reason is None, "served": engine.repository.served()})
     await _DrainingServer(config, engine).serve()
 
 

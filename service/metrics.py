@@ -14,7 +14,7 @@ LATENCY_BUCKETS_S = (
 )
 ROW_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 4096, 8192, 16384, 65536)
 REQUESTS_PER_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
-REJECT_REASONS = ("overloaded", "deadline", "client_gone", "invalid", "too_large", "not_ready")
+REJECT_REASONS = ("overloaded", "deadline", "client_gone", "invalid", "too_large", "not_ready", "body_timeout")
 
 REQUESTS = Counter(
     "mtrank_requests", "HTTP requests by route, status code and A/B bucket", ["route", "status", "bucket"]
@@ -53,6 +53,10 @@ MODEL_INFO = Gauge("mtrank_model_info", "1 for each loaded model version and the
 MODELS_LOADED = Gauge("mtrank_models_loaded", "Model versions loaded and warmed")
 REDIS_ERRORS = Counter("mtrank_redis_errors", "Failed Redis calls (timeouts, connection errors)")
 STORE_DEGRADED = Gauge("mtrank_embedding_store_degraded", "1 while the embedding store is unreachable")
+MODEL_VERSIONS_REFUSED = Gauge(
+    "mtrank_model_versions_refused", "1 for each model version that failed its checks at the last (re)load",
+    ["model", "version"],
+)
 
 for _reason in REJECT_REASONS:
     REJECTED.labels(_reason)

@@ -6,6 +6,11 @@ is served; then the whole ``{model: versions}`` map is swapped in one assignment
 fails to load is reported and the previous one stays served. Requests hold a reference to the
 version they started with; a replaced version's batchers are stopped only after a grace period
 longer than any request can live.
+
+When the newest version of a model fails its checks and no version of it is served yet (at
+start-up), the newest older version that passes is served instead; every refused version is kept
+in :attr:`Repository.refused` with its reason (shown by ``/v1/models``, ``/readyz`` and the
+``mtrank_model_versions_refused`` gauge).
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ from mtrank.fusion import BucketConfig
 from mtrank.manifest import Manifest, ManifestError, list_models, list_versions, load_manifest, version_dir
 from mtrank.transform import FeatureTransform
 from service import metrics
-from service.batcher import Batcher
+from service.batcher import Batcher, LoadEstimate
 from service.buckets import BucketTable
 from service.runner import DeviceError, GraphRunner
-from service.settings import Settings
+from service.settings import Settings, available_cores
 from service.stores import EmbeddingStore, LocalTable
 from service.version import GroupGraph, LoadedVersion, check_graph
 
@@ -54,14 +59,19 @@ class ReloadReport:
 
 
 class Repository:
-    def __init__(self, settings: Settings, store: EmbeddingStore):
+    def __init__(self, settings: Settings, store: EmbeddingStore, load: LoadEstimate | None = None):
         self.settings = settings
         self.store = store
+        batches, threads = settings.concurrency()
+        self.load = load or LoadEstimate(min(batches, max(1, available_cores() // threads)))
+        """Rows queued and running in every batcher, and the engine's measured rows/s."""
         self.root = Path(settings.model_repo) if settings.model_repo else None
         self._models: dict[str, dict[int, LoadedVersion]] = {}
         self._newest: dict[str, int] = {}
         self.buckets: BucketTable | None = None
         self.errors: dict[str, str] = {}
+        self.refused: dict[str, dict[int, str]] = {}
+        """Versions of the last (re)load that failed their checks: ``{model: {version: reason}}``."""
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
         self._poller: asyncio.Task | None = None
@@ -100,6 +110,19 @@ class Repository:
     def newest(self, model: str) -> int | None:
         return self._newest.get(model)
 
+    def served(self) -> dict[str, list[int]]:
+        """The versions served per model."""
+        return {m: sorted(vs) for m, vs in self._models.items()}
+
+    def refusal_notice(self) -> str | None:
+        """One line naming each refused version and what is served instead, or None."""
+        parts = []
+        for model, versions in sorted(self.refused.items()):
+            for version, reason in sorted(versions.items()):
+                instead = f"serving v{self._newest[model]}" if model in self._newest else "nothing served"
+                parts.append(f"{model} v{version} refused ({reason}); {instead}")
+        return "; ".join(parts) or None
+
     # -- loading ---------------------------------------------------------------------------
 
     async def start(self) -> ReloadReport:
@@ -112,6 +135,7 @@ class Repository:
         report = await self.reload(startup=True)
         interval = self.settings.reload_interval_s
         self._poller = asyncio.get_running_loop().create_task(self._poll(interval), name="mtrank-reload")
+        self._poller.add_done_callback(_log_task_failure)
         return report
 
     async def _poll(self, interval: float) -> None:
@@ -150,51 +174,82 @@ class Repository:
                 report.errors[b.name] = msg
         new_models: dict[str, dict[int, LoadedVersion]] = {}
         new_newest: dict[str, int] = {}
+        refused: dict[str, dict[int, str]] = {}
         for model in models:
             versions = list_versions(self.root, model)
             wanted = {versions[-1]} | {b.version for b in buckets if b.model == model and b.version is not None}
             served: dict[int, LoadedVersion] = {}
             for v in sorted(wanted):
-                current = self._models.get(model, {}).get(v)
-                if current is not None:
-                    served[v] = current
-                    continue
-                try:
-                    served[v] = await self._load(model, v, buckets, is_newest=v == versions[-1])
-                    report.loaded.append(f"{model} v{v}")
-                except BucketMismatch as e:
-                    if startup:
-                        raise StartupError(str(e)) from None
-                    report.errors[f"{model} v{v}"] = str(e)
-                except DeviceError as e:
-                    if startup:
-                        raise StartupError(f"MTRANK_DEVICE: {e}") from None
-                    report.errors[f"{model} v{v}"] = str(e)
-                except LoadError as e:
-                    report.errors[f"{model} v{v}"] = str(e)
+                lv = await self._try_load(model, v, buckets, v == versions[-1], startup, report, refused)
+                if lv is not None:
+                    served[v] = lv
             newest = versions[-1]
             if newest not in served and model in self._newest:
                 # The new version failed: keep serving the previous newest.
                 newest = self._newest[model]
                 served.setdefault(newest, self._models[model][newest])
+            elif newest not in served:
+                # Nothing of this model is served yet (start-up during a bad roll-out): serve the
+                # newest older version that passes rather than leave the replica without a model.
+                for v in reversed(versions[:-1]):
+                    lv = served.get(v) or await self._try_load(model, v, buckets, True, False, report, refused)
+                    if lv is not None:
+                        served[v], newest = lv, v
+                        log.warning("serving %s v%d instead of the refused v%d", model, v, versions[-1],
+                                    extra={"event": "model_fallback", "model": model, "version": v,
+                                           "refused_version": versions[-1]})
+                        break
             if newest in served:
                 new_models[model] = served
                 new_newest[model] = newest
         for key, reason in report.errors.items():
             if self.errors.get(key) != reason:  # the retry loop would repeat it every 2 s
-                log.error("not serving %s: %s", key, reason)
+                log.error("not serving %s: %s", key, reason, extra={"event": "model_refused", "what": key})
         old = self.loaded_versions()
         self._models, self._newest = new_models, new_newest
         if models:
             self.buckets = BucketTable(tuple(buckets), self.settings.bucket_salt)
         self.errors = report.errors
+        self.refused = refused
         report.served = {m: sorted(vs) for m, vs in new_models.items()}
         kept = {id(lv) for lv in self.loaded_versions()}
         retired = [lv for lv in old if id(lv) not in kept]
         self._update_metrics(retired)
         for lv in retired:
             self._retire(lv)
+        if report.loaded or retired:
+            log.info("serving %s", report.served, extra={"event": "reload", "served": report.served,
+                                                          "loaded": report.loaded})
         return report
+
+    async def _try_load(
+        self, model: str, version: int, buckets: list[BucketConfig], serves_unpinned: bool, startup: bool,
+        report: ReloadReport, refused: dict[str, dict[int, str]],
+    ) -> LoadedVersion | None:
+        """The version, already served or freshly loaded; None (reason in ``report`` and
+        ``refused``) if it fails. With ``startup``, configuration problems raise StartupError."""
+        current = self._models.get(model, {}).get(version)
+        if current is not None:
+            return current
+        key = f"{model} v{version}"
+        try:
+            lv = await self._load(model, version, buckets, is_newest=serves_unpinned)
+        except BucketMismatch as e:
+            if startup:
+                raise StartupError(str(e)) from None
+            reason = str(e)
+        except DeviceError as e:
+            if startup:
+                raise StartupError(f"MTRANK_DEVICE: {e}") from None
+            reason = str(e)
+        except LoadError as e:
+            reason = str(e)
+        else:
+            report.loaded.append(key)
+            return lv
+        report.errors[key] = reason
+        refused.setdefault(model, {})[version] = reason
+        return None
 
     async def _load(self, model: str, version: int, buckets: list[BucketConfig], is_newest: bool) -> LoadedVersion:
         """Verify, check tasks and store tables, then create and warm the sessions (the costly
@@ -219,7 +274,8 @@ class Repository:
             raise LoadError(problem)
         lv = await asyncio.to_thread(self._create_sessions, vdir, manifest, tables)
         log.info("loaded %s v%d on %s (%s) in %.2f s: graphs %s, tasks %s", model, version, lv.device, lv.provider,
-                 time.perf_counter() - started, sorted(lv.graphs), lv.task_names)
+                 time.perf_counter() - started, sorted(lv.graphs), lv.task_names,
+                 extra={"event": "model_loaded", "model": model, "version": version, "device": lv.device})
         return lv
 
     @staticmethod
@@ -239,13 +295,15 @@ class Repository:
             transform = FeatureTransform.from_manifest(manifest)
             graphs: dict[str, GroupGraph] = {}
             for key, info in manifest.graphs.items():
-                runner = GraphRunner(vdir / info.file, s.device, s.intra_op_threads)
+                batches, threads = s.concurrency()
+                runner = GraphRunner(vdir / info.file, s.device, threads)
                 check_graph(key, info, runner, transform, tables)
                 runner.warm_up((1, s.max_batch_rows))
                 batcher = Batcher(
                     runner.run, runner.output_names, manifest.name, key, runner.device,
                     max_batch_rows=s.max_batch_rows, max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
-                    max_queue_rows=s.max_queue_rows, batching=s.batching,
+                    max_queue_rows=s.max_queue_rows, batching=s.batching, max_concurrent=batches,
+                    load=self.load,
                 )
                 graphs[key] = GroupGraph(key, info, runner, batcher)
         except DeviceError:
@@ -262,6 +320,10 @@ class Repository:
         for lv in self.loaded_versions():
             metrics.MODEL_INFO.labels(lv.name, str(lv.version), lv.device).set(1)
         metrics.MODELS_LOADED.set(len(self.loaded_versions()))
+        metrics.MODEL_VERSIONS_REFUSED.clear()
+        for model, versions in self.refused.items():
+            for version in versions:
+                metrics.MODEL_VERSIONS_REFUSED.labels(model, str(version)).set(1)
 
     def _retire(self, lv: LoadedVersion) -> None:
         """Stop a replaced version once every request that may still hold it has ended."""
@@ -270,11 +332,13 @@ class Repository:
         async def later() -> None:
             await asyncio.sleep(grace)
             await lv.close()
-            log.info("unloaded %s v%d", lv.name, lv.version)
+            log.info("unloaded %s v%d", lv.name, lv.version,
+                     extra={"event": "model_unloaded", "model": lv.name, "version": lv.version})
 
-        task = asyncio.get_running_loop().create_task(later())
+        task = asyncio.get_running_loop().create_task(later(), name=f"mtrank-retire-{lv.name}-v{lv.version}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+        task.add_done_callback(_log_task_failure)
 
     async def close(self) -> None:
         if self._poller is not None:
@@ -284,3 +348,10 @@ class Repository:
         for lv in self.loaded_versions():
             await lv.close()
         self._models = {}
+
+
+def _log_task_failure(task: asyncio.Task) -> None:
+    """Done callback of a background task: its failure is logged once, with the traceback,
+    instead of surfacing later as asyncio's "Task exception was never retrieved"."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s failed", task.get_name(), exc_info=task.exception())

@@ -81,13 +81,18 @@ class Settings(BaseSettings):
     """Dynamic batching; false = one inference per request (the naive baseline)."""
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     """Log level of the service and uvicorn."""
+    log_format: Literal["text", "json"] = "text"
+    """Log lines as plain text, or one JSON object per line (one per request and per event)."""
+    otel_endpoint: str | None = None
+    """OTLP/HTTP endpoint (``http://collector:4318``) for OpenTelemetry traces; None = tracing off.
+    ``OTEL_EXPORTER_OTLP_ENDPOINT`` is used when this is not set. Needs the ``otel`` extra."""
 
-    @field_validator("log_level", "device", mode="before")
+    @field_validator("log_level", "log_format", "device", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
 
-    @field_validator("redis_url", "admin_token", "model_repo", mode="before")
+    @field_validator("redis_url", "admin_token", "model_repo", "otel_endpoint", mode="before")
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
