@@ -506,6 +506,7 @@ def tune_fusion(
         "objective": {"name": cfg.objective, "k": cfg.k, "unit": "NDCG" if cfg.objective == "ndcg" else "seconds"},
         "baseline": _side(baseline, LengthFn(), base_valid, base_held),
         "tuned": _side(weights, fn, tuned_valid, tuned_held),
+        "found_better": tuned_valid["objective"] > base_valid["objective"],
         "improvement": {
             "valid": _relative(tuned_valid["objective"], base_valid["objective"]),
             "heldout": _relative(tuned_held["objective"], base_held["objective"]),
@@ -705,6 +706,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     if base["heldout_oracle"] is not None:
         lines.append(f"| {report['splits']['heldout']}, oracle | {_fmt(base['heldout_oracle'])} | "
                      f"{_fmt(tuned['heldout_oracle'])} | {_pct(imp['heldout_oracle'])} |")
+    if not report["found_better"]:
+        lines += ["", "**No candidate beat the baseline" + (" within the guardrails" if cfg["max_task_loss"] is not None
+                                                          else "") + ": the treatment repeats the control.**"]
     lines += ["", "| task | control weight | treatment weight |", "|---|---|---|"]
     for t, w in base["weights"].items():
         lines.append(f"| {t} | {w:g} | {tuned['weights'].get(t, 0.0):g} |")
