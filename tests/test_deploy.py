@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
+from loadtests.server import free_port
 from tests.conftest import _need
 from tests.deploy_refs import (
     ALERTS,
@@ -1234,7 +1234,7 @@ def _start_k8s_redis(memory_limit_mib: int, tmp_path: Path):
     container = _redis_container()
     assert container["command"] == ["/bin/sh", "-c"]
     [script] = container["args"]
-    port = _free_port()
+    port = free_port()
     script = script.replace("exec redis-server", f"exec {_tool('redis-server')} --port {port} --bind 127.0.0.1",
                             1)
     env = {**os.environ, "MEMORY_LIMIT_MIB": str(memory_limit_mib)}
@@ -1251,12 +1251,6 @@ def _start_k8s_redis(memory_limit_mib: int, tmp_path: Path):
                 proc.kill()
                 raise
             time.sleep(0.05)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_k8s_redis_maxmemory_is_three_quarters_of_its_memory_limit(tmp_path):
