@@ -52,9 +52,10 @@ from mtrank.manifest import (
 )
 from training.checkpoint import Run, load_run
 from training.models.base import MultiTaskModel
+from training.outputs import OutputLayer
 
 FP32_TOLERANCE = 1e-5
-"""Max abs difference between ONNX Runtime and PyTorch probabilities, fp32 graphs."""
+"""Max abs difference between ONNX Runtime and PyTorch outputs (label units), fp32 graphs."""
 FP16_TOLERANCE = 1e-2
 PARITY_BATCH_SIZES = (1, 7, 1024)
 PARITY_SEED = 0
@@ -75,17 +76,25 @@ class ParityError(ValueError):
 
 
 class ServingGraph(nn.Module):
-    """The served computation of one user group: inputs as the manifest names them, probabilities out.
+    """The served computation of one user group: inputs as the manifest names them, label units out.
 
     ``forward(dense, [ids], *store_vectors, [item_facet])``: graph-held fields are looked up with the
     model's own tables, store-held fields arrive as vectors; a three-facet model also takes each
-    row's item-facet value index and picks the head of the row's item value. One ``[B]``
-    probability per task, in spec task order.
+    row's item-facet value index and picks the head of the row's item value. One ``[B]`` output per
+    task, in spec task order: a probability for binary tasks, label units for regression tasks.
     """
 
-    def __init__(self, model: MultiTaskModel, group: str | None, graph_fields: list[int], store_fields: list[int]):
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        outputs: OutputLayer,
+        group: str | None,
+        graph_fields: list[int],
+        store_fields: list[int],
+    ):
         super().__init__()
         self.model = model
+        self.outputs = outputs
         self.group = group
         self.graph_fields = graph_fields
         self.store_fields = store_fields
@@ -102,8 +111,8 @@ class ServingGraph(nn.Module):
         for j, v in zip(self.store_fields, inputs, strict=True):
             vectors[j] = v
         logits = self.model.forward_embedded(dense, vectors, group=self.group)
-        probs = torch.sigmoid(self.model.group_task_logits(logits, self.group, item))
-        return tuple(probs[:, k] for k in range(probs.shape[1]))
+        values = self.outputs(self.model.group_task_logits(logits, self.group, item))
+        return tuple(values[:, k] for k in range(values.shape[1]))
 
 
 def export_run(
@@ -158,7 +167,7 @@ def _build_version(run: Run, run_dir: Path, name: str, out: Path, fp16: bool, pr
     parity: dict[str, Any] = {}
     for group in model.groups or [None]:
         key = group or ALL_GROUPS
-        module = ServingGraph(model, group, graph_fields, store_fields).eval()
+        module = ServingGraph(model, OutputLayer(run.outputs), group, graph_fields, store_fields).eval()
         graphs[key], parity[key] = _export_graph(module, key, out, feeds, sparse, item, fp16)
         worst = {p: max(d.values()) for p, d in parity[key].items()}
         _say(progress, f"export: graph {key!r} ok, max abs diff " + ", ".join(f"{p} {v:.2g}" for p, v in worst.items()))
@@ -168,7 +177,16 @@ def _build_version(run: Run, run_dir: Path, name: str, out: Path, fp16: bool, pr
         name=name,
         kind=meta["model"],
         version=0,
-        tasks=[{"name": t.name, "type": t.type, "behaviour": t.behaviour_name} for t in spec.tasks],
+        tasks=[
+            {
+                "name": t.name,
+                "type": t.type,
+                "behaviour": t.behaviour_name,
+                "output": o.output,
+                "fusion_range": list(o.fusion_range),
+            }
+            for t, o in zip(spec.tasks, run.outputs, strict=True)
+        ],
         dense=[
             DenseInfo(f.name, f.side, f.transform, pre.dense_stats[f.name].mean, pre.dense_stats[f.name].std, f.default)
             for f in spec.dense
@@ -213,7 +231,7 @@ def _export_graph(
     Returns the graph's manifest entry and its max abs diff per precision and output.
     """
     tasks = module.model.spec.task_names
-    reference = _torch_reference(module.model, module.group, feeds[DENSE_INPUT], sparse, item)
+    reference = _torch_reference(module, feeds[DENSE_INPUT], sparse, item)
     graph_file = f"graph_{key}.onnx"
     served = _optimise_offline(_to_onnx(module, feeds, tasks), out / graph_file)
     diffs = {"fp32": _check_parity(out / graph_file, feeds, reference, tasks, key, "fp32", FP32_TOLERANCE)}
@@ -260,14 +278,16 @@ def _parity_rows(run: Run) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
 
 @torch.no_grad()
 def _torch_reference(
-    model: MultiTaskModel, group: str | None, dense: np.ndarray, sparse: np.ndarray, item: np.ndarray
+    module: ServingGraph, dense: np.ndarray, sparse: np.ndarray, item: np.ndarray
 ) -> dict[int, np.ndarray]:
-    """The PyTorch model's probabilities ``[b, n_tasks]`` on the first ``b`` rows, per parity batch size."""
+    """The PyTorch model's outputs ``[b, n_tasks]`` (label units) on the first ``b`` rows, per parity
+    batch size: the model's own lookup of every field, not the serving graph's inputs."""
+    model, group = module.model, module.group
     out = {}
     for b in PARITY_BATCH_SIZES:
         logits = model(torch.from_numpy(dense[:b]), torch.from_numpy(sparse[:b]), group=group)
         row_item = torch.from_numpy(item[:b]) if model.uses_item_facet else None
-        out[b] = torch.sigmoid(model.group_task_logits(logits, group, row_item)).numpy()
+        out[b] = module.outputs(model.group_task_logits(logits, group, row_item)).numpy()
     return out
 
 

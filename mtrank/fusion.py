@@ -116,9 +116,19 @@ def length_factor(video_len: np.ndarray, fn: LengthFn) -> np.ndarray:
 
 
 def log_scores(
-    task_outputs: Mapping[str, np.ndarray], weights: Mapping[str, float], video_len: np.ndarray, fn: LengthFn
+    task_outputs: Mapping[str, np.ndarray],
+    weights: Mapping[str, float],
+    video_len: np.ndarray,
+    fn: LengthFn,
+    ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> np.ndarray:
-    """Log fusion score per row (float64). Tasks without a weight contribute nothing."""
+    """Log fusion score per row (float64). Tasks without a weight contribute nothing.
+
+    ``ranges``: per task ``(lo, hi)`` in the task's output units (the manifest's ``fusion_range``):
+    its output ``y`` enters as ``clip((y - lo) / (hi - lo), P_MIN, 1)``, so a regression output of
+    any unit (watch time in seconds, a standardised score) becomes a probability-like factor in
+    [P_MIN, 1]. A task without a range enters as ``clip(y, P_MIN, 1)`` (probabilities, ratios).
+    """
     total = log_length_factor(video_len, fn)
     tasks = [(task, w) for task, w in weights.items() if w != 0.0]
     if not tasks:
@@ -126,6 +136,12 @@ def log_scores(
     # All tasks as one [tasks, rows] matrix: a handful of numpy calls per request instead of five
     # per task (a 20-row request spent ~90 µs here, nearly all of it numpy call overhead).
     log_p = np.array([task_outputs[task] for task, _ in tasks], dtype=np.float64)
+    if ranges:
+        for row, (task, _) in zip(log_p, tasks, strict=True):
+            if task in ranges:
+                lo, hi = ranges[task]
+                row -= lo
+                row /= hi - lo
     np.nan_to_num(log_p, copy=False, nan=P_MIN)  # NaN (a broken graph output) is the floor, never a top score
     np.clip(log_p, P_MIN, 1.0, out=log_p)
     np.log(log_p, out=log_p)

@@ -10,9 +10,20 @@ Graph inputs (names are part of the contract):
 - ``dense``: float32 ``[batch, n_dense]``, normalised as ``features.dense`` says, in that order;
 - ``ids``: int64 ``[batch, n_graph_fields]``, vocabulary indices of the ``location == "graph"``
   sparse fields in ``features.sparse`` order (0 = out of vocabulary); absent when there are none;
-- ``emb.<field>``: float32 ``[batch, width]``, the row of store table ``<field>`` for each row.
+- ``emb.<field>``: float32 ``[batch, width]``, the row of store table ``<field>`` for each row;
+- ``item_facet``: int64 ``[batch]``, each row's index into ``item_facet.values`` (three-facet
+  models only: each group's graph picks, per row, the heads of the row's item value).
 
-Graph outputs: one float32 ``[batch]`` probability per task, named by the task.
+Graph outputs: one float32 ``[batch]`` output per task, named by the task, in label units: a
+probability for binary tasks; for regression tasks as the task's ``output`` says (``sigmoid``:
+in [0, 1]; ``identity``: standardisation undone; ``softplus`` / ``exp``: positive).
+
+``tasks``: per served task ``{"name", "type", "behaviour", "output", "fusion_range"}``. ``output``
+is ``sigmoid`` for binary tasks, else the regression output. ``fusion_range`` ``[lo, hi]`` (label
+units) is how the output enters the fusion score (``mtrank.fusion.log_scores``'s ``ranges``):
+``clip((y - lo) / (hi - lo), P_MIN, 1)`` before the log. Binary and ``sigmoid`` tasks: ``[0, 1]``
+(the clip of a probability); ``identity``: the train labels' 1st and 99th percentiles;
+``softplus`` / ``exp``: ``[0, p99]`` of the train labels.
 """
 
 from __future__ import annotations
@@ -117,8 +128,8 @@ class Manifest:
     name: str
     kind: str
     version: int
-    tasks: list[dict[str, str]]
-    """``{"name", "type", "behaviour"}`` per served task."""
+    tasks: list[dict[str, Any]]
+    """``{"name", "type", "behaviour", "output", "fusion_range"}`` per served task (module docstring)."""
     dense: list[DenseInfo]
     sparse: list[SparseInfo]
     graphs: dict[str, GraphInfo]

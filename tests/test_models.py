@@ -111,7 +111,7 @@ def test_cgc_refuses_more_than_one_level():
 def test_unknown_model_and_unknown_config_key_are_clear_errors():
     with pytest.raises(SpecError, match="unknown model 'plee'"):
         make_config("plee")
-    with pytest.raises(SpecError, match="unknown config keys \\['n_expertz'\\]"):
+    with pytest.raises(SpecError, match="model.n_expertz: unknown config key of model 'mmoe'"):
         make_config("mmoe", {"n_expertz": 3})
 
 
@@ -141,9 +141,9 @@ def test_masked_loss_ignores_rows_outside_the_space():
     assert torch.isclose(masked_task_losses(logits, labels, masks, is_binary)[1], expected)
 
 
-def test_masked_loss_regression_uses_mse_on_probabilities():
-    logits = torch.tensor([[0.0]])
-    losses = masked_task_losses(logits, torch.tensor([[1.0]]), torch.ones(1, 1), torch.tensor([False]))
+def test_masked_loss_regression_is_mse_on_the_normalised_predictions():
+    preds = torch.tensor([[0.5]])
+    losses = masked_task_losses(preds, torch.tensor([[1.0]]), torch.ones(1, 1), torch.tensor([False]))
     assert torch.isclose(losses[0], torch.tensor(0.25))
 
 

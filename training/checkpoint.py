@@ -19,6 +19,7 @@ from mtrank.spec import FeatureSpec, SpecError
 from training.features import Preprocessor
 from training.models.base import InputShape, MultiTaskModel
 from training.models.registry import create_model, make_config
+from training.outputs import TaskOutput, default_outputs
 
 FORMAT = 1
 
@@ -43,6 +44,8 @@ class Run:
     spec: FeatureSpec
     preprocessor: Preprocessor
     meta: dict[str, Any]
+    outputs: list[TaskOutput]
+    """Per task, how a logit becomes a label-unit prediction (``meta["outputs"]``)."""
 
 
 def save_run(run_dir: Path, model: MultiTaskModel, preprocessor: Preprocessor, meta: dict[str, Any]) -> None:
@@ -70,7 +73,9 @@ def load_run(run_dir: str | Path) -> Run:
         raise SpecError(f"{path}: unsupported checkpoint format {doc.get('format')!r}")
     spec = FeatureSpec.from_dict(doc["spec"])
     shape = InputShape(n_dense=doc["shape"]["n_dense"], vocab_sizes=tuple(doc["shape"]["vocab_sizes"]))
-    model = create_model(doc["model"], spec, shape, make_config(doc["model"], doc["model_config"]))
+    model = create_model(doc["model"], spec, shape, make_config(doc["model"], doc["model_config"], str(path)))
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     model.eval()
-    return Run(model=model, spec=spec, preprocessor=Preprocessor.load(spec, run_dir), meta=doc)
+    # Runs written before outputs were fitted used sigmoid outputs on every task.
+    outputs = [TaskOutput.from_dict(o) for o in doc["outputs"]] if "outputs" in doc else default_outputs(spec)
+    return Run(model=model, spec=spec, preprocessor=Preprocessor.load(spec, run_dir), meta=doc, outputs=outputs)

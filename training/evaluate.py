@@ -69,7 +69,7 @@ def metrics_path(run_dir: Path, split: str) -> Path:
 def predict_frame(run: Run, frame: pd.DataFrame) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The run's prediction per task for every row of a conformed frame (each row from its own
     user group's heads), and gate utilisation."""
-    probs, gates = predict(run.model, to_tensors(frame, run.spec, run.preprocessor))
+    probs, gates = predict(run.model, to_tensors(frame, run.spec, run.preprocessor), run.outputs)
     return {t.name: probs[:, k] for k, t in enumerate(run.spec.tasks)}, gates
 
 

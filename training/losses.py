@@ -8,16 +8,17 @@ from torch import nn
 
 
 def masked_task_losses(
-    logits: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, is_binary: torch.Tensor
+    preds: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, is_binary: torch.Tensor
 ) -> torch.Tensor:
     """Per-head loss ``[H]``: mean over the rows inside the head's sample space only.
 
-    ``logits``, ``labels``, ``masks``: ``[B, H]``; ``masks`` is 1 inside the space (the δ of the
-    PLE paper). Binary heads use BCE on logits; regression heads MSE on ``sigmoid(logit)``
-    (targets are ratios in [0, 1]). A head with no row in the batch contributes 0.
+    ``preds``, ``labels``, ``masks``: ``[B, H]``; ``masks`` is 1 inside the space (the δ of the
+    PLE paper). Binary heads: BCE, ``preds`` are logits; regression heads: MSE, ``preds`` and
+    ``labels`` in the task's normalised units (``OutputLayer.loss_inputs`` / ``normalise`` in
+    training.outputs). A head with no row in the batch contributes 0.
     """
-    bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-    mse = (torch.sigmoid(logits) - labels) ** 2
+    bce = F.binary_cross_entropy_with_logits(preds, labels, reduction="none")
+    mse = (preds - labels) ** 2
     per_row = torch.where(is_binary, bce, mse) * masks
     return per_row.sum(dim=0) / masks.sum(dim=0).clamp(min=1.0)
 

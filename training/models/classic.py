@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mtrank.spec import FeatureSpec
+from mtrank.spec import STRICT, FeatureSpec
 from training.models.base import InputShape, MultiTaskModel, task_heads
 from training.models.blocks import MLP, Gate, Tower, expert_bank, run_experts
 from training.models.registry import register
@@ -15,6 +15,8 @@ from training.models.registry import register
 
 @dataclass
 class SingleConfig:
+    __pydantic_config__ = STRICT
+
     embedding_dim: int = 16
     """Width of one embedding view."""
     bottom_hidden: tuple[int, ...] = (128, 64)
@@ -46,6 +48,8 @@ class SingleTask(MultiTaskModel):
 
 @dataclass
 class SharedBottomConfig:
+    __pydantic_config__ = STRICT
+
     embedding_dim: int = 16
     bottom_hidden: tuple[int, ...] = (256, 128)
     tower_hidden: tuple[int, ...] = (64,)
@@ -69,6 +73,8 @@ class SharedBottom(MultiTaskModel):
 
 @dataclass
 class MMoEConfig:
+    __pydantic_config__ = STRICT
+
     embedding_dim: int = 16
     n_experts: int = 6
     expert_hidden: tuple[int, ...] = (128, 64)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtrank.spec import FeatureSpec, SpecError
+from mtrank.spec import STRICT, FeatureSpec, SpecError
 from training.models.base import Head, InputShape, MultiTaskModel
 from training.models.blocks import MLP, Tower, extract, extraction_stack
 from training.models.registry import register
@@ -58,6 +58,8 @@ def _tuples(value: Any) -> Any:
 @dataclass
 class ProductTaskConfig:
     """Fields shared by every product-task model."""
+
+    __pydantic_config__ = STRICT
 
     embedding_dim: int = 16
     """Width of one field's embedding."""
@@ -90,6 +92,8 @@ class ProductTaskConfig:
 @dataclass
 class SwitcherConfig:
     """Sizes of the gated switchers (MMoE / CGC / PLE)."""
+
+    __pydantic_config__ = STRICT
 
     n_task_experts: int = 1
     """CGC/PLE: experts per output branch and extraction layer."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mtrank.spec import FeatureSpec
+from mtrank.spec import STRICT, FeatureSpec
 from training.models.base import (
     InputShape,
     MultiTaskModel,
@@ -21,6 +21,8 @@ from training.models.registry import register
 
 @dataclass
 class PLEConfig:
+    __pydantic_config__ = STRICT
+
     embedding_dim: int = 16
     """Width of one field's embedding."""
     n_levels: int = 2

@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from mtrank.spec import FeatureSpec, SpecError
+from mtrank.spec import FeatureSpec, SpecError, validate
 from training.models.base import InputShape, MultiTaskModel
 
 _REGISTRY: dict[str, tuple[type, Callable[..., MultiTaskModel]]] = {}
@@ -30,17 +30,20 @@ def model_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_config(name: str, values: dict[str, Any] | None = None):
-    """The model's config dataclass from a dict; unknown keys are an error naming them."""
+def make_config(name: str, values: dict[str, Any] | None = None, source: str = "model config"):
+    """The model's config dataclass from a dict, validated strictly (exact literals, real numbers,
+    the class's own checks); any error is one :class:`SpecError` line ``<source>: model.<key>: ...``."""
     if name not in _REGISTRY:
         raise SpecError(f"unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}")
     config_cls = _REGISTRY[name][0]
+    if values is not None and not isinstance(values, dict):
+        raise SpecError(f"{source}: model: expected a mapping of config keys, got {type(values).__name__}")
     values = dict(values or {})
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise SpecError(f"model {name!r}: unknown config keys {unknown}; known: {sorted(known)}")
-    return config_cls(**values)
+        raise SpecError(f"{source}: model.{unknown[0]}: unknown config key of model {name!r}; known: {sorted(known)}")
+    return validate(config_cls, values, source, prefix="model.")
 
 
 def create_model(name: str, spec: FeatureSpec, shape: InputShape, config: Any = None) -> MultiTaskModel:

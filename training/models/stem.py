@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mtrank.spec import FeatureSpec
+from mtrank.spec import STRICT, FeatureSpec
 from training.models.base import InputShape, SharedAndTaskViews, check_field_selection
 from training.models.blocks import Gate, Tower, expert_bank, run_experts
 from training.models.registry import register
@@ -21,6 +21,8 @@ from training.models.registry import register
 
 @dataclass
 class StemConfig:
+    __pydantic_config__ = STRICT
+
     embedding_dim: int = 16
     """Width of one embedding view (the shared one or one task's)."""
     task_embedding_fields: str | tuple[str, ...] = "all"
