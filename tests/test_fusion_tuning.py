@@ -115,22 +115,41 @@ def test_guardrail_keeps_every_task_within_the_allowed_loss(trained_run, synth_d
     assert report["tuned"]["valid"] >= report["baseline"]["valid"]
 
 
-def test_reported_objective_is_the_one_of_the_written_buckets(trained_run, synth_dir, tmp_path):
+@pytest.mark.parametrize(("objective", "length_fn"), [("ndcg", "log1p"), ("ndcg", "power"), ("watch_time", "sigmoid")])
+def test_reported_objective_is_the_one_of_the_written_buckets(trained_run, synth_dir, tmp_path, objective, length_fn):
     # Recompute the held-out objective from buckets.json with the service's fusion: same number.
     from training.checkpoint import load_run
     from training.data import load_split
     from training.evaluate import predict_frame
 
-    report = _tune(trained_run, synth_dir, tmp_path, seed=2, length_fn="power")
+    report = _tune(trained_run, synth_dir, tmp_path, seed=2, objective=objective, k=3, length_fn=length_fn)
     treatment = BucketConfig(**json.loads((tmp_path / "buckets.json").read_text())[1])
+    assert treatment.length_fn.kind == report["tuned"]["length_fn"]["kind"]
     run = load_run(trained_run("ple"))
     frame = load_split(synth_dir, "test", run.spec)
     predictions, _ = predict_frame(run, frame)
-    score = log_scores(predictions, treatment.weights, frame["video_len"].to_numpy(), treatment.length_fn)
-    value = parse_task_values(VALUE, "--value")
-    gain = sum(v * frame[t].to_numpy(dtype=np.float64) for t, v in value.items())
-    assert ndcg_at_k(frame["user_id"].to_numpy(), score, gain, k=10) == pytest.approx(
-        report["tuned"]["heldout"], rel=1e-12)
+    video_len = frame["video_len"].to_numpy()
+    score = log_scores(predictions, treatment.weights, video_len, treatment.length_fn)
+    if objective == "ndcg":
+        gain = sum(v * frame[t].to_numpy(dtype=np.float64) for t, v in parse_task_values(VALUE, "v").items())
+        expected = ndcg_at_k(frame["user_id"].to_numpy(), score, gain, k=3)
+    else:
+        watch = np.nan_to_num(frame["vcr"].to_numpy(dtype=np.float64)) * video_len
+        expected = top_k_watch_time(frame["user_id"].to_numpy(), score, watch, k=3)
+    assert report["tuned"]["heldout"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_ranking_lists_are_requests_when_the_data_has_a_request_column(trained_run, synth_dir, tmp_path):
+    def requests(frame: pd.DataFrame) -> pd.DataFrame:  # a user's impressions, three per request
+        chunk = frame.groupby("user_id").cumcount() // 3
+        return frame.assign(request_id=frame["user_id"].astype(str) + "-" + chunk.astype(str))
+
+    data = _copy_data(synth_dir, tmp_path / "data", edit=requests)
+    by_request = _tune(trained_run, data, tmp_path / "out", seed=1)
+    by_user = _tune(trained_run, data, tmp_path / "out-user", seed=1, group_by="user_id")
+    assert (by_request["group_by"], by_user["group_by"]) == ("request_id", "user_id")
+    assert by_request["lists"]["valid"]["lists"] > by_user["lists"]["valid"]["lists"]
+    assert by_request["lists"]["valid"]["mean_size"] <= 3 < by_user["lists"]["valid"]["mean_size"]
 
 
 # -- bad inputs: one line, exit 2 ---------------------------------------------------------------------
