@@ -21,9 +21,11 @@ def _synth(a: argparse.Namespace) -> None:
 def _train(a: argparse.Namespace) -> None:
     from training.trainer import train
 
+    overrides = {"lr": a.lr, "batch_size": a.batch_size, "patience": a.patience, "threads": a.threads,
+                 "loss_weighting": a.loss_weighting}
     report = train(
         a.model, a.data, a.out, config_path=a.config, epochs=a.epochs, seed=a.seed,
-        baseline=a.baseline, spec_path=a.spec,
+        baseline=a.baseline, spec_path=a.spec, overrides={k: v for k, v in overrides.items() if v is not None},
     )
     _print_summary(report)
     print(f"wrote {a.out}/metrics.json")
@@ -94,12 +96,18 @@ def _demo(a: argparse.Namespace) -> None:
 
 
 def _print_summary(report: dict) -> None:
-    line = [f"avg_auc={report.get('avg_auc')}"]
+    """One line: average AUC (only when a task is binary), then each task's AUC or MSE."""
+    line = []
+    if report.get("avg_auc") is not None:
+        line.append(f"avg_auc={report['avg_auc']:.4f}")
     if report.get("avg_oracle_auc") is not None:
-        line.append(f"avg_oracle_auc={report['avg_oracle_auc']}")
+        line.append(f"avg_oracle_auc={report['avg_oracle_auc']:.4f}")
     for name, m in report.get("tasks", {}).items():
-        value = m.get("auc", m.get("mse"))
-        line.append(f"{name}={value:.4f}" if isinstance(value, float) else f"{name}={value}")
+        if "auc" in m:
+            line.append(f"{name}_auc={m['auc']:.4f}" if m["auc"] is not None else f"{name}_auc=None")
+        else:
+            # .4g: an MSE of 0.0001234 or 1234.5 keeps its significant digits.
+            line.append(f"{name}_mse={m['mse']:.4g}" if m.get("mse") is not None else f"{name}_mse=None")
     print(" ".join(line))
 
 
@@ -108,57 +116,65 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="generate a synthetic short-video data set")
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--rows", type=int, default=200_000)
-    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--out", type=Path, required=True, help="directory for train/valid/test Parquet files and spec.yaml")
+    s.add_argument("--rows", type=int, default=200_000, help="rows in all splits together (default 200000)")
+    s.add_argument("--seed", type=int, default=1, help="generator seed: same seed, same data (default 1)")
     s.set_defaults(func=_synth)
 
     s = sub.add_parser("train", help="train a model on a data directory")
-    s.add_argument("--model", required=True)
-    s.add_argument("--data", type=Path, required=True)
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--config", type=Path)
-    s.add_argument("--epochs", type=int)
-    s.add_argument("--seed", type=int)
+    s.add_argument("--model", required=True, help="registered model name (single, ple, mfh, stem, ...)")
+    s.add_argument("--data", type=Path, required=True, help="data directory with train, valid and test splits")
+    s.add_argument("--out", type=Path, required=True, help="run directory to write (checkpoint, metrics.json)")
+    s.add_argument("--config", type=Path, help="YAML config with model: and train: sections (e.g. configs/ple.yaml)")
+    s.add_argument("--epochs", type=int, help="most passes over the train split (overrides train.epochs)")
+    s.add_argument("--seed", type=int, help="seed of initialisation and shuffling (overrides train.seed)")
+    s.add_argument("--lr", type=float, help="Adam learning rate (overrides train.lr)")
+    s.add_argument("--batch-size", type=int, help="rows per optimiser step (overrides train.batch_size)")
+    s.add_argument("--patience", type=int,
+                   help="epochs without validation improvement before stopping (overrides train.patience)")
+    s.add_argument("--threads", type=int, help="torch intra-op threads (overrides train.threads)")
+    s.add_argument("--loss-weighting", choices=("static", "dynamic", "uncertainty"),
+                   help="how task losses are combined (overrides train.loss_weighting)")
     s.add_argument("--baseline", type=Path, help="a `single` run directory, for MTL gain")
     s.add_argument("--spec", type=Path, help="feature spec (default DATA/spec.yaml)")
     s.set_defaults(func=_train)
 
     s = sub.add_parser("evaluate", help="recompute a run's metrics.json")
-    s.add_argument("--run", type=Path, required=True)
-    s.add_argument("--data", type=Path, required=True)
-    s.add_argument("--split", default="test")
-    s.add_argument("--baseline", type=Path)
+    s.add_argument("--run", type=Path, required=True, help="trained run directory")
+    s.add_argument("--data", type=Path, required=True, help="data directory holding the split to score")
+    s.add_argument("--split", default="test",
+                   help="split to score (default test → RUN/metrics.json; others → RUN/metrics.<split>.json)")
+    s.add_argument("--baseline", type=Path, help="a `single` run directory on the same data, for MTL gain")
     s.add_argument("--stem-pair", help="TASK_A,TASK_B: report the STEM paper's subsets for two tasks")
     s.set_defaults(func=_evaluate)
 
     s = sub.add_parser("export", help="export a run to the model repository")
-    s.add_argument("--run", type=Path, required=True)
-    s.add_argument("--repo", type=Path, required=True)
-    s.add_argument("--name")
-    s.add_argument("--fp16", action="store_true")
+    s.add_argument("--run", type=Path, required=True, help="trained run directory")
+    s.add_argument("--repo", type=Path, required=True, help="model repository root; writes REPO/NAME/<next version>/")
+    s.add_argument("--name", help="model name in the repository (default: the model kind)")
+    s.add_argument("--fp16", action="store_true", help="also write fp16 graphs (parity within 1e-2)")
     s.set_defaults(func=_export)
 
     s = sub.add_parser("load-embeddings", help="load a version's store-held tables into Redis")
-    s.add_argument("--repo", type=Path, required=True)
-    s.add_argument("--model", required=True)
-    s.add_argument("--version", type=int)
-    s.add_argument("--redis", required=True)
-    s.add_argument("--prune", action="store_true")
+    s.add_argument("--repo", type=Path, required=True, help="model repository root")
+    s.add_argument("--model", required=True, help="model name in the repository")
+    s.add_argument("--version", type=int, help="version to load (default: the newest)")
+    s.add_argument("--redis", required=True, help="Redis URL (redis://, redis+cluster://)")
+    s.add_argument("--prune", action="store_true", help="delete the keys of the model's other versions")
     s.set_defaults(func=_load_embeddings)
 
     s = sub.add_parser("serve", help="serve the model repository over HTTP")
-    s.add_argument("--repo", type=Path)
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--redis")
+    s.add_argument("--repo", type=Path, help="model repository root (default MTRANK_MODEL_REPO)")
+    s.add_argument("--host", help="address to listen on (default MTRANK_HOST or 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port to listen on (default MTRANK_PORT or 8000)")
+    s.add_argument("--redis", help="Redis URL of the embedding store (default MTRANK_REDIS_URL; unset: in-process)")
     s.set_defaults(func=_serve)
 
     s = sub.add_parser("bench", help="benchmark engine, service, naive server and lookups")
-    s.add_argument("--repo", type=Path, required=True)
-    s.add_argument("--model", required=True)
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--redis", default="redis://127.0.0.1:6379/15")
+    s.add_argument("--repo", type=Path, required=True, help="model repository root")
+    s.add_argument("--model", required=True, help="model name in the repository")
+    s.add_argument("--out", type=Path, required=True, help="directory for the results and profiles")
+    s.add_argument("--redis", default="redis://127.0.0.1:6379/15", help="Redis URL for the lookup benchmark")
     s.add_argument("--quick", action="store_true", help="smoke run, under 2 minutes (CI)")
     s.add_argument("--prepare", action="store_true",
                    help="synth, train and export the model first when REPO has no version of it")
@@ -195,11 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_tune_fusion)
 
     s = sub.add_parser("demo", help="synth → train → export → serve on 127.0.0.1:8000")
-    s.add_argument("--workdir", type=Path, default=Path("mtrank-demo"))
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--rows", type=int, default=100_000)
-    s.add_argument("--model", default="mfh")
+    s.add_argument("--workdir", type=Path, default=Path("mtrank-demo"),
+                   help="directory for the data, run and repository (default mtrank-demo)")
+    s.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port to serve on (default 8000)")
+    s.add_argument("--rows", type=int, default=100_000, help="synthetic rows to generate (default 100000)")
+    s.add_argument("--model", default="mfh", help="model to train (default mfh)")
     s.set_defaults(func=_demo)
     return p
 
