@@ -1,19 +1,27 @@
-"""``mtrank bench``: engine limit, service, naive server and embedding lookups, side by side in one run.
+"""``mtrank bench``: engine limit, service, naive server, overload and embedding lookups, side by side in one run.
 
-``mtrank bench --repo REPO --model NAME --out DIR [--redis URL] [--quick] [--prepare]``
+``mtrank bench --repo REPO --model NAME --out DIR [--redis URL|none] [--device cpu|cuda] [--quick]
+[--sizes 20,500] [--concurrencies 1,16] [--prepare]``
 
-1. engine: ONNX Runtime alone, in process, rows/s at batch sizes 1 … 4096 (:mod:`loadtests.engine`);
+1. engine: ONNX Runtime alone, in process, with its default session options (all cores), rows/s
+   at batch sizes 1 … 4096; its best batch size is the *engine peak* of the targets
+   (:mod:`loadtests.engine`);
 2. embedding lookups: the service's Redis lookup of 500 ids against redis-benchmark's ``MGET`` of
-   the same keys (:mod:`loadtests.lookups`);
-3. service: ``mtrank serve`` with the Redis store and dynamic batching, a closed-loop concurrency
+   the same keys (:mod:`loadtests.lookups`; informational);
+3. service: ``mtrank serve`` with the settings a user gets by default, a closed-loop concurrency
    sweep per request size, each point held until stable (:mod:`loadtests.loadgen`), then an
    open-loop point at 70 % of each size's best throughput for the tail-latency target;
-4. naive server: the same service with ``MTRANK_BATCHING=false`` (one inference per request).
+4. naive server: the same service with ``MTRANK_BATCHING=false`` (one inference per request), the
+   same sweep, so each size is compared at each server's best concurrency;
+5. overload: a fresh server with ``MTRANK_REQUEST_TIMEOUT_MS`` at a realistic value, open loop at
+   4 × the best closed-loop throughput of 500-candidate requests: goodput, 503 latency, accepted
+   p99, the server's RSS through the point and the ERROR lines of its log.
 
 The model's embedding tables are loaded into Redis under a key prefix of this run's own, deleted
-at the end. Writes ``DIR/bench.json`` (every figure and the target ratios), ``DIR/bench.md`` and
-PNG plots. Every figure that matters is a ratio of two measurements taken minutes apart on the
-same machine; absolute numbers depend on what else the machine is doing (recorded: load average).
+at the end. Writes ``DIR/bench.json`` (every figure, the target ratios and the load average before
+and after each section), ``DIR/bench.md`` and PNG plots. Every target is a ratio of two
+measurements of the same run on the same machine; absolute numbers depend on what else the
+machine is doing.
 """
 
 from __future__ import annotations
@@ -26,9 +34,12 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,18 +54,39 @@ from loadtests.workload import Catalog, RequestFactory
 from mtrank import store_keys
 from mtrank.manifest import ALL_GROUPS, load_manifest, version_dir
 
-TARGETS = {
-    "service_vs_engine_500_c16": (">=", 0.6),
-    "batching_vs_naive_20_c32": (">=", 3.0),
-    "p99_over_p50_at_70pct": ("<=", 3.0),
-    "lookup_vs_redis_benchmark_500": ("<=", 2.0),
+# name → (comparison, target, what); target None: the run's MTRANK_REQUEST_TIMEOUT_MS of the overload point.
+TARGETS: dict[str, tuple[str, float | None, str]] = {
+    "batching_vs_naive_p50_20_c1": ("<=", 1.05, "batching p50 ÷ naive p50, 20 candidates at concurrency 1"),
+    "service_vs_engine_20_c32": (">=", 0.6, "service rows/s ÷ engine peak rows/s, 20 candidates at concurrency 32"),
+    "service_vs_engine_500_c16": (">=", 0.85, "service rows/s ÷ engine peak rows/s, 500 candidates at concurrency 16"),
+    "overload_goodput": (">=", 0.8, "200 answers/s at 4 × the best closed-loop throughput ÷ that throughput"),
+    "overload_503_p99_ms": ("<=", 20.0, "p99 latency of the 503 answers under that overload, ms"),
+    "overload_accepted_p99_ms": ("<=", None, "p99 latency of the 200 answers under that overload, ms "
+                                                 "(target: the server's MTRANK_REQUEST_TIMEOUT_MS)"),
+    "overload_rss_growth": ("<=", 1.1, "server RSS at the end ÷ after the first second of the overload point"),
+    "overload_error_lines": ("<=", 0, "ERROR and Traceback lines in the overload server's log"),
 }
-TARGET_TEXT = {
-    "service_vs_engine_500_c16": "service rows/s ÷ engine rows/s, 500-candidate requests at concurrency 16",
-    "batching_vs_naive_20_c32": "batching on ÷ naive server, requests/s, 20 candidates at concurrency 32",
-    "p99_over_p50_at_70pct": "p99 ÷ p50 at 70 % of the best throughput (open loop; worst request size)",
-    "lookup_vs_redis_benchmark_500": "service Redis lookup ÷ redis-benchmark MGET, 500 ids (p50 per call)",
+# One target per request size of the run: "{size}" is filled in.
+PER_SIZE_TARGETS: dict[str, tuple[str, float | None, str]] = {
+    "batching_vs_naive_{size}": (">=", 1.0, "best batching req/s ÷ best naive req/s, {size} candidates "
+                                            "(each at its best concurrency)"),
+    "p99_over_p50_at_70pct_{size}": ("<=", 3.0, "p99 ÷ p50, open loop at 70 % of the best closed-loop "
+                                                "throughput, {size} candidates"),
 }
+INFORMATIONAL: dict[str, tuple[str, float, str]] = {
+    "lookup_vs_redis_benchmark_500": ("<=", 2.0, "service Redis lookup ÷ redis-benchmark MGET, 500 ids "
+                                                 "(p50 per call)"),
+}
+ERROR_LINE = re.compile(r"\bERROR\b|\bCRITICAL\b|Traceback")
+
+
+def target_names(sizes: list[int]) -> list[str]:
+    """Every target a run over request ``sizes`` reports."""
+    return [*TARGETS, *(name.format(size=n) for n in sorted(sizes) for name in PER_SIZE_TARGETS)]
+
+
+class BenchError(ValueError):
+    """A bad option or an unusable device; the message is one line (the CLI exits with status 2)."""
 
 
 @dataclass
@@ -62,32 +94,46 @@ class BenchConfig:
     """What one run measures; :meth:`quick` is the CI smoke check (under 2 minutes)."""
 
     sizes: list[int] = field(default_factory=lambda: [20, 100, 500, 1000])
+    """Candidates per request; every size gets the service and naive sweeps and a tail point."""
     concurrencies: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
-    naive_points: list[tuple[int, int]] | None = None
-    """(size, concurrency) of the naive server; None = the same sweep as the service."""
-    tail_sizes: list[int] = field(default_factory=lambda: [20, 100, 500, 1000])
-    """Sizes with an open-loop point at 70 % of their best throughput."""
+    """Closed-loop concurrencies of both sweeps (1 for the p50 target, 16 and 32 for the engine targets)."""
     bodies_per_size: int = 64
     warmup_s: float = 1.0
     window_s: float = 1.0
     max_windows: int = 8
     min_requests_per_window: int = 30
     engine_min_time_s: float = 0.4
+    engine_service_threads: bool = True
+    """Also measure the service's own session at 1 intra-op thread (informational, CPU only)."""
     lookup_ids: int = 500
     lookup_calls: int = 2000
     lookup_rounds: int = 3
-    intra_op_threads: int = 1
-    """ORT intra-op threads of the server and the engine: 1 leaves the second core to the event loop."""
     request_timeout_ms: int = 30_000
-    """Generous, so saturation shows as latency, not as 504s."""
+    """Server deadline in the sweeps: generous, so saturation shows as latency, not as rejections."""
+    tail_fraction: float = 0.7
+    overload_size: int = 500
+    """Request size of the overload point (the largest size of the run when it has no 500)."""
+    overload_factor: float = 4.0
+    """Open-loop rate of the overload point ÷ the best closed-loop throughput at its size."""
+    overload_s: float = 20.0
+    overload_warmup_s: float = 1.0
+    overload_timeout_ms: int = 500
+    """The overload server's MTRANK_REQUEST_TIMEOUT_MS (a realistic deadline for a ranking call)."""
+    overload_client_timeout_s: float = 2.0
+    """The load generator gives up after this (above the server's deadline, so the server decides)."""
+    rss_interval_s: float = 0.2
 
     @classmethod
     def quick(cls) -> BenchConfig:
         return cls(
-            sizes=[20, 500], concurrencies=[1, 16, 32], naive_points=[(20, 32), (500, 16)], tail_sizes=[500],
-            bodies_per_size=16, warmup_s=0.3, window_s=0.3, max_windows=3, min_requests_per_window=8,
-            engine_min_time_s=0.03, lookup_calls=200, lookup_rounds=1,
+            sizes=[20, 500], concurrencies=[1, 16, 32], bodies_per_size=16, warmup_s=0.3, window_s=0.3,
+            max_windows=3, min_requests_per_window=8, engine_min_time_s=0.03, engine_service_threads=False,
+            lookup_calls=200, lookup_rounds=1, overload_s=3.0, overload_warmup_s=0.5,
         )
+
+    @property
+    def overload_at(self) -> int:
+        return self.overload_size if self.overload_size in self.sizes else max(self.sizes)
 
 
 # -- machine ---------------------------------------------------------------------------------
@@ -155,11 +201,15 @@ def _delta(after: dict[str, float], before: dict[str, float], name: str) -> floa
 
 
 def measure_point(server, bodies_file: Path, size: int, cfg: BenchConfig, concurrency: int = 0,
-                  rate: float = 0.0) -> dict[str, Any]:
-    """One load point, with what the server's own metrics and CPU time say about it."""
+                  rate: float = 0.0, **spec_overrides: Any) -> dict[str, Any]:
+    """One load point, with what the server's own metrics and CPU time say about it.
+
+    ``spec_overrides`` replace fields of the :class:`PointSpec` (e.g. a fixed-length window).
+    """
     spec = PointSpec(host="127.0.0.1", port=server.port, bodies_file=str(bodies_file), concurrency=concurrency,
                      rate=rate, warmup_s=cfg.warmup_s, window_s=cfg.window_s, max_windows=cfg.max_windows,
                      min_requests=cfg.min_requests_per_window)
+    spec = replace(spec, **spec_overrides)
     before, cpu0, t0 = scrape(server.metrics()), _cpu_seconds(server.proc.pid), time.perf_counter()
     result = run_point(spec)
     after, cpu1, t1 = scrape(server.metrics()), _cpu_seconds(server.proc.pid), time.perf_counter()
@@ -233,10 +283,166 @@ def _main_graph(manifest) -> str:
     return ALL_GROUPS if ALL_GROUPS in manifest.graphs else next(iter(manifest.graphs))
 
 
+@contextmanager
+def _section(report: dict[str, Any], name: str) -> Iterator[None]:
+    """Records the section's load average (1/5/15 min) before and after, and its duration."""
+    before, started = _load(), time.perf_counter()
+    _say(f"{name}: load {before}")
+    try:
+        yield
+    finally:
+        report["sections"][name] = {"load_before": before, "load_after": _load(),
+                                    "seconds": round(time.perf_counter() - started, 1)}
+
+
+def server_env(device: str, redis_url: str | None, prefix: str, request_timeout_ms: int) -> dict[str, str]:
+    """The environment of the servers under test: the service's defaults, except what the bench must set."""
+    from service.settings import Settings
+
+    defaults = Settings.model_fields
+    env = {
+        "MTRANK_DEVICE": device,
+        # RemoteServer pins one intra-op thread and quiet logs for the tests; the bench measures what
+        # a user gets, so both go back to the service's defaults.
+        "MTRANK_INTRA_OP_THREADS": str(defaults["intra_op_threads"].default),
+        "MTRANK_LOG_LEVEL": str(defaults["log_level"].default),
+        "MTRANK_REQUEST_TIMEOUT_MS": str(request_timeout_ms),
+    }
+    if redis_url:
+        env |= {"MTRANK_REDIS_URL": redis_url, "MTRANK_REDIS_PREFIX": prefix}
+    return env
+
+
+def _service_defaults() -> dict[str, Any]:
+    """The service settings that shape its performance, at their defaults (as the bench runs them)."""
+    from service.settings import Settings
+
+    names = ("intra_op_threads", "max_concurrent_batches", "max_batch_rows", "max_queue_delay_ms",
+             "max_queue_rows", "max_candidates", "request_timeout_ms", "embedding_cache_size", "log_level")
+    out: dict[str, Any] = {n: Settings.model_fields[n].default for n in names if n in Settings.model_fields}
+    if hasattr(Settings, "concurrency"):
+        # What the defaults resolve to on this machine: (batches in flight per graph, intra-op threads each).
+        out["batches_and_threads_here"] = list(Settings.model_construct().concurrency())
+    return out
+
+
+@contextmanager
+def _server(report: dict[str, Any], label: str, repo: Path, env: dict[str, str], device: str) -> Iterator[RemoteServer]:
+    """A server under test; records its provider and, once stopped, the ERROR lines of its log."""
+    server = RemoteServer(repo, env=env, ready_timeout_s=180)
+    entry: dict[str, Any] = {"env": env, "pid": server.proc.pid}
+    report["servers"][label] = entry
+    try:
+        version = server.get("/v1/models").json()["models"][0]["versions"][-1]
+        entry |= {"provider": version["provider"], "device": version["device"]}
+        if device == "cuda" and version["provider"] != "CUDAExecutionProvider":
+            raise BenchError(f"--device cuda: the {label} server runs on {version['provider']}, not CUDA")
+        yield server
+    finally:
+        entry["exit_status"] = server.stop()
+        errors = [line.rstrip() for line in server.output().splitlines() if ERROR_LINE.search(line)]
+        entry |= {"log_lines": len(server.log_lines()), "error_lines": len(errors), "error_examples": errors[:5]}
+
+
+def _best(points: list[dict[str, Any]], size: int) -> dict[str, Any] | None:
+    """The point of highest throughput at ``size``."""
+    at = [p for p in points if p["size"] == size]
+    return max(at, key=lambda p: p["throughput_rps"]) if at else None
+
+
+class _RssSampler:
+    """The server's RSS every ``interval_s`` seconds, in a thread: ``[(seconds since start, KiB)]``."""
+
+    def __init__(self, server: RemoteServer, interval_s: float):
+        self.server, self.interval_s = server, interval_s
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        while True:
+            self.samples.append((round(time.perf_counter() - started, 3), self.server.rss_kib()))
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _overload(report: dict[str, Any], repo: Path, env: dict[str, str], bodies: dict[int, Path],
+              cfg: BenchConfig, device: str) -> dict[str, Any]:
+    """Open loop at ``overload_factor`` × the best closed-loop throughput, on a server with a realistic deadline."""
+    size = cfg.overload_at
+    best = _best(report["service"], size)
+    rate = cfg.overload_factor * best["throughput_rps"]
+    env = env | {"MTRANK_REQUEST_TIMEOUT_MS": str(cfg.overload_timeout_ms)}
+    with _server(report, "overload", repo, env, device) as server:
+        # The same closed loop as the best sweep point first: warm caches and ORT's memory arena,
+        # so the RSS below shows what overload adds, not the first requests' allocations.
+        warm = measure_point(server, bodies[size], size, cfg, concurrency=best["concurrency"])
+        _say(f"overload size={size}: warm closed loop c={best['concurrency']} {warm['throughput_rps']:.0f} req/s; "
+             f"now open loop at {rate:.0f} req/s ({cfg.overload_factor:g} × {best['throughput_rps']:.0f}) "
+             f"for {cfg.overload_s:g} s")
+        with _RssSampler(server, cfg.rss_interval_s) as rss:
+            point = measure_point(server, bodies[size], size, cfg, rate=rate, warmup_s=cfg.overload_warmup_s,
+                                  window_s=cfg.overload_s, max_windows=1, stable_windows=1, min_requests=1,
+                                  timeout_s=cfg.overload_client_timeout_s)
+    samples = rss.samples
+    # The load generator's own start-up and warm-up come first; "after the first second" is past both.
+    settled_at = cfg.overload_warmup_s + 1.0
+    settled = next((kib for t, kib in samples if t >= settled_at), samples[-1][1])
+    end = next((kib for _, kib in reversed(samples) if kib > 0), 0)
+    rejected = point["non_200"].get("503")
+    out = {
+        "size": size, "factor": cfg.overload_factor, "rate_rps": round(rate, 2), "seconds": point["seconds"],
+        "best_closed_loop": {k: best[k] for k in ("concurrency", "throughput_rps", "rows_per_s", "p50_ms", "p99_ms")},
+        "request_timeout_ms": cfg.overload_timeout_ms, "client_timeout_s": cfg.overload_client_timeout_s,
+        "goodput_rps": point["throughput_rps"], "accepted_p50_ms": point["p50_ms"],
+        "accepted_p99_ms": point["p99_ms"], "statuses": point["statuses"], "non_200": point["non_200"],
+        "rejected_503_p99_ms": rejected["p99_ms"] if rejected else None,
+        "rss_kib": {"start": samples[0][1], "after_first_second": settled, "end": end,
+                    "max": max(kib for _, kib in samples), "samples": len(samples)},
+        "rss_samples": samples,
+        "error_lines": report["servers"]["overload"]["error_lines"],
+        "warm_point": warm, "point": point,
+    }
+    _say(f"overload: goodput {out['goodput_rps']:.0f} req/s, accepted p99 {out['accepted_p99_ms']:.1f} ms, "
+         f"503 p99 {out['rejected_503_p99_ms']} ms, statuses {point['statuses']}, RSS {out['rss_kib']['start']} → "
+         f"{out['rss_kib']['end']} KiB (max {out['rss_kib']['max']}), {out['error_lines']} ERROR lines")
+    return out
+
+
+def _check_device(device: str) -> None:
+    import onnxruntime
+
+    if device == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise BenchError(f"--device cuda: this ONNX Runtime ({onnxruntime.__version__}) has no CUDA provider "
+                         "(install the gpu extra: onnxruntime-gpu[cuda,cudnn])")
+
+
+def config_for(args) -> BenchConfig:
+    """The run's :class:`BenchConfig`: ``--quick`` or the full one, with ``--sizes`` / ``--concurrencies``."""
+    cfg = BenchConfig.quick() if args.quick else BenchConfig()
+    if getattr(args, "sizes", None):
+        cfg.sizes = sorted(set(args.sizes))
+    if getattr(args, "concurrencies", None):
+        cfg.concurrencies = sorted(set(args.concurrencies))
+    return cfg
+
+
 def run_bench(args) -> dict[str, Any]:
     """Everything above; returns what it wrote to ``DIR/bench.json``."""
-    cfg = BenchConfig.quick() if args.quick else BenchConfig()
+    cfg = config_for(args)
+    device = getattr(args, "device", "cpu")
+    redis_url = None if str(args.redis).lower() in ("", "none") else args.redis
     repo, model, out = Path(args.repo), args.model, Path(args.out)
+    _check_device(device)
     if getattr(args, "prepare", False):
         from loadtests.prepare import ensure_model
 
@@ -247,65 +453,73 @@ def run_bench(args) -> dict[str, Any]:
     started = time.time()
     report: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
+        "device": device,
+        "store": "redis" if redis_url else "in-process",
         "model": {"repo": str(repo), "name": model, "version": manifest.version, "kind": manifest.kind,
                   "graphs": sorted(manifest.graphs)},
         "machine": describe_machine(),
         "config": asdict(cfg),
+        "service_defaults": _service_defaults(),
+        "target_names": target_names(cfg.sizes),
         "load_at_start": _load(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "sections": {},
+        "servers": {},
     }
-    _say(f"{report['mode']} run on {model} v{manifest.version} ({vdir}); load {report['load_at_start']}")
+    _say(f"{report['mode']} run on {model} v{manifest.version} ({vdir}), device {device}; "
+         f"load {report['load_at_start']}")
 
     catalog = Catalog.from_repo(repo, model, manifest.version)
     factory = RequestFactory(catalog)
     prefix = f"mtrank-bench-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="mtrank-bench-") as tmp:
-        bodies = _write_bodies(factory, sorted(set(cfg.sizes)), cfg.bodies_per_size, Path(tmp))
+        bodies = _write_bodies(factory, cfg.sizes, cfg.bodies_per_size, Path(tmp))
         graph = _main_graph(manifest)
 
-        _say(f"engine: ONNX Runtime alone, graph {graph!r}, {cfg.intra_op_threads} thread(s)")
-        report["engine"] = bench_engine(vdir, manifest, graph, cfg.intra_op_threads, cfg.engine_min_time_s)
-        if not args.quick and cfg.intra_op_threads != 0:
-            report["engine_all_threads"] = bench_engine(vdir, manifest, graph, 0, cfg.engine_min_time_s)
-        _say(f"engine peak {report['engine']['peak']['rows_per_s']:.0f} rows/s at batch "
-             f"{report['engine']['peak']['batch']}")
+        with _section(report, "engine"):
+            from service.runner import DeviceError
 
-        from export.redis_loader import load_embeddings
+            try:
+                report["engine"] = bench_engine(vdir, manifest, graph, None, cfg.engine_min_time_s, device=device)
+            except DeviceError as e:
+                raise BenchError(f"--device cuda: {e}") from None
+            if cfg.engine_service_threads and device == "cpu":
+                report["engine_1_thread"] = bench_engine(vdir, manifest, graph, 1, cfg.engine_min_time_s)
+            _say(f"engine peak (default session options, {report['engine']['provider']}): "
+                 f"{report['engine']['peak']['rows_per_s']:.0f} rows/s at batch {report['engine']['peak']['batch']}")
 
         try:
-            report["redis_load"] = load_embeddings(repo, model, args.redis, version=manifest.version,
-                                                   prefix=prefix, progress=False)
-            item_table = _local_table(manifest, vdir, model, "item_id")
-            ids = catalog.items[: cfg.lookup_ids]
-            _say(f"lookups: {len(ids)} ids, service vs redis-benchmark MGET")
-            report["lookups"] = bench_lookups(args.redis, prefix, item_table, ids, cfg.lookup_calls,
-                                              rounds=cfg.lookup_rounds)
+            if redis_url:
+                from export.redis_loader import load_embeddings
 
-            env = {"MTRANK_REDIS_URL": args.redis, "MTRANK_REDIS_PREFIX": prefix,
-                   "MTRANK_INTRA_OP_THREADS": str(cfg.intra_op_threads),
-                   "MTRANK_REQUEST_TIMEOUT_MS": str(cfg.request_timeout_ms), "MTRANK_LOG_LEVEL": "warning"}
-            service_points = [(s, c) for s in cfg.sizes for c in cfg.concurrencies]
-            with RemoteServer(repo, env=env | {"MTRANK_BATCHING": "true"}, ready_timeout_s=120) as server:
-                report["service"] = sweep(server, bodies, service_points, cfg, "service")
-                report["tail"] = []
-                for size in cfg.tail_sizes:
-                    best = max((p for p in report["service"] if p["size"] == size), key=lambda p: p["throughput_rps"])
-                    rate = 0.7 * best["throughput_rps"]
-                    p = measure_point(server, bodies[size], size, cfg, rate=rate)
-                    p["target_fraction"] = 0.7
-                    p["max_throughput_rps"] = best["throughput_rps"]
-                    _say(f"tail size={size} at {rate:.0f} req/s (70 % of {best['throughput_rps']:.0f}): "
-                         f"p50={p['p50_ms']:.2f} p99={p['p99_ms']:.2f} ms, {p['throughput_rps']:.0f} req/s done")
-                    report["tail"].append(p)
-            naive_points = cfg.naive_points if cfg.naive_points is not None else service_points
-            with RemoteServer(repo, env=env | {"MTRANK_BATCHING": "false"}, ready_timeout_s=120) as server:
-                report["naive"] = sweep(server, bodies, naive_points, cfg, "naive  ")
+                with _section(report, "lookups"):
+                    report["redis_load"] = load_embeddings(repo, model, redis_url, version=manifest.version,
+                                                           prefix=prefix, progress=False)
+                    item_table = _local_table(manifest, vdir, model, "item_id")
+                    ids = catalog.items[: cfg.lookup_ids]
+                    report["lookups"] = bench_lookups(redis_url, prefix, item_table, ids, cfg.lookup_calls,
+                                                      rounds=cfg.lookup_rounds)
+
+            env = server_env(device, redis_url, prefix, cfg.request_timeout_ms)
+            points = [(s, c) for s in cfg.sizes for c in cfg.concurrencies]
+            with _server(report, "service", repo, env | {"MTRANK_BATCHING": "true"}, device) as server:
+                with _section(report, "service"):
+                    report["service"] = sweep(server, bodies, points, cfg, "service")
+                with _section(report, "tail"):
+                    report["tail"] = [_tail_point(server, bodies, size, report["service"], cfg) for size in cfg.sizes]
+            with (_server(report, "naive", repo, env | {"MTRANK_BATCHING": "false"}, device) as server,
+                  _section(report, "naive")):
+                report["naive"] = sweep(server, bodies, points, cfg, "naive  ")
+            with _section(report, "overload"):
+                report["overload"] = _overload(report, repo, env | {"MTRANK_BATCHING": "true"}, bodies, cfg, device)
         finally:
-            report["redis_keys_deleted"] = _clean_redis(args.redis, prefix)
+            if redis_url:
+                report["redis_keys_deleted"] = _clean_redis(redis_url, prefix)
 
     report["load_at_end"] = _load()
     report["seconds"] = round(time.time() - started, 1)
     report["ratios"] = compute_ratios(report)
+    report["informational"] = compute_informational(report)
     (out / "bench.json").write_text(json.dumps(report, indent=1, allow_nan=False, default=_finite))
     from loadtests.report import write_markdown, write_plots
 
@@ -316,6 +530,18 @@ def run_bench(args) -> dict[str, Any]:
         _say(f"{name}: {r['value']} (target {r['op']} {r['target']}: {'met' if r['met'] else 'NOT met'})")
     _say(f"wrote {out}/bench.json, bench.md and plots in {report['seconds']} s")
     return report
+
+
+def _tail_point(server: RemoteServer, bodies: dict[int, Path], size: int, service: list[dict[str, Any]],
+                cfg: BenchConfig) -> dict[str, Any]:
+    best = _best(service, size)
+    rate = cfg.tail_fraction * best["throughput_rps"]
+    p = measure_point(server, bodies[size], size, cfg, rate=rate)
+    p["target_fraction"] = cfg.tail_fraction
+    p["max_throughput_rps"] = best["throughput_rps"]
+    _say(f"tail size={size} at {rate:.0f} req/s ({cfg.tail_fraction:.0%} of {best['throughput_rps']:.0f}): "
+         f"p50={p['p50_ms']:.2f} p99={p['p99_ms']:.2f} ms, {p['throughput_rps']:.0f} req/s done")
+    return p
 
 
 def _finite(v: Any) -> Any:
@@ -333,44 +559,91 @@ def _point(points: list[dict], size: int, concurrency: int) -> dict | None:
     return next((p for p in points if p["size"] == size and p["concurrency"] == concurrency), None)
 
 
+def _ratio(spec: tuple[str, float | None, str], value: float | None, target: float | None = None,
+           what: str | None = None, **parts: Any) -> dict[str, Any]:
+    op, default_target, default_what = spec
+    target = default_target if target is None else target
+    ok = value is not None and math.isfinite(value) and (value >= target if op == ">=" else value <= target)
+    return {"value": None if value is None else round(value, 3), "op": op, "target": target, "met": bool(ok),
+            "what": what or default_what, **parts}
+
+
 def compute_ratios(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The four target ratios, each with the figures it is made of."""
+    """Every target of :func:`target_names`, each with the figures it is made of; a target whose
+    points the run lacks (e.g. ``--sizes 1000`` has no 20-candidate point) has value None, ``met`` False."""
     ratios: dict[str, dict[str, Any]] = {}
+    service, naive = report["service"], report["naive"]
+    peak = report["engine"]["peak"]["rows_per_s"]
 
     def put(name: str, value: float | None, **parts: Any) -> None:
-        op, target = TARGETS[name]
-        ok = value is not None and math.isfinite(value) and (value >= target if op == ">=" else value <= target)
-        ratios[name] = {"value": None if value is None else round(value, 3), "op": op, "target": target,
-                        "met": bool(ok), "what": TARGET_TEXT[name], **parts}
+        ratios[name] = _ratio(TARGETS[name], value, **parts)
 
-    svc = _point(report["service"], 500, 16)
-    if svc:
-        engine_at = rows_per_s_at(report["engine"]["curve"], max(svc["mean_batch_rows"], 1.0))
-        peak = report["engine"]["peak"]["rows_per_s"]
-        engine_cpu_at = rows_per_s_at(report["engine"]["curve"], max(svc["mean_batch_rows"], 1.0), "rows_per_cpu_s")
-        put("service_vs_engine_500_c16", svc["rows_per_s"] / engine_at, service_rows_per_s=svc["rows_per_s"],
-            service_mean_batch_rows=svc["mean_batch_rows"], engine_rows_per_s_at_that_batch=round(engine_at, 1),
-            engine_peak_rows_per_s=peak, vs_engine_peak=round(svc["rows_per_s"] / peak, 3),
-            cpu_efficiency=round(svc["rows_per_server_cpu_s"] / engine_cpu_at, 3),
-            service_rows_per_server_cpu_s=svc["rows_per_server_cpu_s"],
-            engine_rows_per_cpu_s_at_that_batch=round(engine_cpu_at, 1))
-    on, off = _point(report["service"], 20, 32), _point(report["naive"], 20, 32)
+    def missing(name: str, why: str) -> None:
+        ratios[name] = _ratio(TARGETS[name], None, missing=why)
+
+    on, off = _point(service, 20, 1), _point(naive, 20, 1)
     if on and off:
-        put("batching_vs_naive_20_c32", on["throughput_rps"] / off["throughput_rps"],
-            batching_rps=on["throughput_rps"], naive_rps=off["throughput_rps"],
-            per_server_cpu_s=round(on["rows_per_server_cpu_s"] / off["rows_per_server_cpu_s"], 3)
-            if off["rows_per_server_cpu_s"] else None)
-    if report.get("tail"):
-        per_size = {str(p["size"]): round(p["p99_ms"] / p["p50_ms"], 3) for p in report["tail"]}
-        worst = max(report["tail"], key=lambda p: p["p99_ms"] / p["p50_ms"])
-        put("p99_over_p50_at_70pct", worst["p99_ms"] / worst["p50_ms"], worst_size=worst["size"],
-            p50_ms=worst["p50_ms"], p99_ms=worst["p99_ms"], rate_rps=worst["rate"], per_size=per_size)
-    lk = report.get("lookups") or {}
-    if lk.get("redis_benchmark"):
-        put("lookup_vs_redis_benchmark_500", lk["service"]["p50_ms"] / lk["redis_benchmark"]["p50_ms"],
-            service_p50_ms=lk["service"]["p50_ms"], redis_benchmark_p50_ms=lk["redis_benchmark"]["p50_ms"],
-            mean_ratio=round(lk["service"]["mean_ms"] / lk["redis_benchmark"]["mean_ms"], 3))
+        put("batching_vs_naive_p50_20_c1", on["p50_ms"] / off["p50_ms"], batching_p50_ms=on["p50_ms"],
+            naive_p50_ms=off["p50_ms"])
     else:
-        put("lookup_vs_redis_benchmark_500", None, missing="redis-benchmark is not installed")
-    return ratios
+        missing("batching_vs_naive_p50_20_c1", "no 20-candidate point at concurrency 1")
+    for size, c in ((20, 32), (500, 16)):
+        name, svc = f"service_vs_engine_{size}_c{c}", _point(service, size, c)
+        if svc is None:
+            missing(name, f"no {size}-candidate point at concurrency {c}")
+            continue
+        curve = report["engine"]["curve"]
+        at = rows_per_s_at(curve, max(svc["mean_batch_rows"], 1.0))
+        put(name, svc["rows_per_s"] / peak, service_rows_per_s=svc["rows_per_s"], engine_peak_rows_per_s=peak,
+            engine_peak_batch=report["engine"]["peak"]["batch"], service_mean_batch_rows=svc["mean_batch_rows"],
+            engine_rows_per_s_at_that_batch=round(at, 1), vs_engine_at_that_batch=round(svc["rows_per_s"] / at, 3),
+            service_rows_per_server_cpu_s=svc["rows_per_server_cpu_s"],
+            engine_peak_rows_per_cpu_s=report["engine"]["peak"]["rows_per_cpu_s"])
 
+    ov = report["overload"]
+    best = ov["best_closed_loop"]
+    put("overload_goodput", ov["goodput_rps"] / best["throughput_rps"], goodput_rps=ov["goodput_rps"],
+        best_closed_loop_rps=best["throughput_rps"], rate_rps=ov["rate_rps"], size=ov["size"], statuses=ov["statuses"])
+    if ov["rejected_503_p99_ms"] is None:
+        missing("overload_503_p99_ms", "no 503 answers in the overload point")
+    else:
+        put("overload_503_p99_ms", ov["rejected_503_p99_ms"], answers_503=ov["non_200"]["503"]["count"],
+            p50_ms=ov["non_200"]["503"]["p50_ms"])
+    put("overload_accepted_p99_ms", ov["accepted_p99_ms"], target=float(ov["request_timeout_ms"]),
+        accepted_p50_ms=ov["accepted_p50_ms"], accepted=ov["statuses"].get("200", 0))
+    rss = ov["rss_kib"]
+    put("overload_rss_growth", rss["end"] / rss["after_first_second"] if rss["after_first_second"] else None,
+        start_kib=rss["start"], after_first_second_kib=rss["after_first_second"], end_kib=rss["end"],
+        max_kib=rss["max"], max_over_start=round(rss["max"] / rss["start"], 3) if rss["start"] else None)
+    put("overload_error_lines", ov["error_lines"],
+        examples=report["servers"]["overload"]["error_examples"],
+        other_servers={k: s["error_lines"] for k, s in report["servers"].items() if k != "overload"})
+
+    for size in report["config"]["sizes"]:
+        spec = PER_SIZE_TARGETS["batching_vs_naive_{size}"]
+        spec = (spec[0], spec[1], spec[2].format(size=size))
+        b, n = _best(service, size), _best(naive, size)
+        ratios[f"batching_vs_naive_{size}"] = _ratio(
+            spec, b["throughput_rps"] / n["throughput_rps"], batching_rps=b["throughput_rps"],
+            batching_concurrency=b["concurrency"], naive_rps=n["throughput_rps"], naive_concurrency=n["concurrency"])
+        spec = PER_SIZE_TARGETS["p99_over_p50_at_70pct_{size}"]
+        spec = (spec[0], spec[1], spec[2].format(size=size))
+        t = next(p for p in report["tail"] if p["size"] == size)
+        ratios[f"p99_over_p50_at_70pct_{size}"] = _ratio(
+            spec, t["p99_ms"] / t["p50_ms"], p50_ms=t["p50_ms"], p99_ms=t["p99_ms"], rate_rps=t["rate"],
+            done_rps=t["throughput_rps"], errors=t["errors"])
+    return {name: ratios[name] for name in target_names(report["config"]["sizes"])}
+
+
+def compute_informational(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Figures beside the targets: the Redis lookup against redis-benchmark."""
+    spec = INFORMATIONAL["lookup_vs_redis_benchmark_500"]
+    lk = report.get("lookups") or {}
+    if not lk:
+        return {"lookup_vs_redis_benchmark_500": _ratio(spec, None, missing="no Redis in this run (--redis none)")}
+    if not lk.get("redis_benchmark"):
+        return {"lookup_vs_redis_benchmark_500": _ratio(spec, None, missing="redis-benchmark is not installed")}
+    return {"lookup_vs_redis_benchmark_500": _ratio(
+        spec, lk["service"]["p50_ms"] / lk["redis_benchmark"]["p50_ms"], service_p50_ms=lk["service"]["p50_ms"],
+        redis_benchmark_p50_ms=lk["redis_benchmark"]["p50_ms"],
+        mean_ratio=round(lk["service"]["mean_ms"] / lk["redis_benchmark"]["mean_ms"], 3))}

@@ -43,7 +43,7 @@ class PointSpec:
     host: str
     port: int
     bodies_file: str
-    """Pickled ``list[bytes]``: the JSON bodies to send, round robin."""
+    """The JSON bodies to send, round robin, one per line (:func:`write_bodies`)."""
     concurrency: int = 0
     """Closed loop: connections sending back to back (0: open loop at ``rate``)."""
     rate: float = 0.0
@@ -80,6 +80,8 @@ class PointResult:
     """User + system CPU the client process used during the measured windows."""
     window_rps: list[float] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
+    non_200: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Status (\"0\": no answer) → ``{"count", "p50_ms", "p99_ms", "max_ms"}`` of the answers that were not 200."""
 
 
 def http_request(host: str, port: int, path: str, body: bytes) -> bytes:
@@ -90,11 +92,16 @@ def http_request(host: str, port: int, path: str, body: bytes) -> bytes:
     return head.encode("ascii") + body
 
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
-    """Status code of one response; its body is read and dropped."""
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """(status code, whether the connection stays open) of one response; its body is read and dropped.
+
+    A server that refuses a request before reading its body (admission control) may close the
+    connection after the answer; the caller then opens a new one.
+    """
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
     lower = head.lower()
+    keep_alive = b"\r\nconnection: close" not in lower
     at = lower.find(b"content-length:")
     if at < 0:
         raise ValueError("response without Content-Length (chunked answers are not expected here)")
@@ -102,7 +109,7 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     length = int(lower[at + 15 : end])
     if length:
         await reader.readexactly(length)
-    return status
+    return status, keep_alive
 
 
 class _Recorder:
@@ -111,6 +118,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.latencies: list[float] = []
         self.statuses: dict[int, int] = {}
+        self.other: dict[int, list[float]] = {}
         self.errors = 0
         self.recording = False
 
@@ -121,11 +129,12 @@ class _Recorder:
             self.latencies.append(latency_s)
         else:
             self.errors += 1
+            self.other.setdefault(status, []).append(latency_s)
         self.statuses[status] = self.statuses.get(status, 0) + 1
 
-    def take(self) -> tuple[list[float], int, dict[int, int]]:
-        out = self.latencies, self.errors, self.statuses
-        self.latencies, self.errors, self.statuses = [], 0, {}
+    def take(self) -> tuple[list[float], int, dict[int, int], dict[int, list[float]]]:
+        out = self.latencies, self.errors, self.statuses, self.other
+        self.latencies, self.errors, self.statuses, self.other = [], 0, {}, {}
         return out
 
 
@@ -139,7 +148,7 @@ async def _closed_worker(spec: PointSpec, requests: list[bytes], start: int, rec
             t0 = time.perf_counter()
             writer.write(requests[i % n])
             try:
-                status = await asyncio.wait_for(_read_response(reader), spec.timeout_s)
+                status, keep_alive = await asyncio.wait_for(_read_response(reader), spec.timeout_s)
             except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                 rec.add(time.perf_counter() - t0, 0)
                 writer.close()
@@ -147,6 +156,9 @@ async def _closed_worker(spec: PointSpec, requests: list[bytes], start: int, rec
                 continue
             rec.add(time.perf_counter() - t0, status)
             i += 1
+            if not keep_alive:
+                writer.close()
+                reader, writer = await asyncio.open_connection(spec.host, spec.port)
     finally:
         writer.close()
 
@@ -169,14 +181,18 @@ class _OpenLoop:
         reader, writer = conn
         writer.write(request)
         try:
-            status = await asyncio.wait_for(_read_response(reader), self.spec.timeout_s)
+            status, keep_alive = await asyncio.wait_for(_read_response(reader), self.spec.timeout_s)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             self.rec.add(time.perf_counter() - scheduled, 0)
             writer.close()
             self.open -= 1
             return
         self.rec.add(time.perf_counter() - scheduled, status)
-        self.idle.append(conn)
+        if keep_alive:
+            self.idle.append(conn)
+        else:
+            writer.close()
+            self.open -= 1
 
     async def run(self, stop: asyncio.Event) -> None:
         interval = 1.0 / self.spec.rate
@@ -225,15 +241,15 @@ async def measure(spec: PointSpec) -> PointResult:
     await asyncio.sleep(spec.warmup_s)
     rec.recording = True
     rec.take()
-    windows: list[tuple[float, list[float], int, dict[int, int], float]] = []
+    windows: list[tuple[float, list[float], int, dict[int, int], float, dict[int, list[float]]]] = []
     stable = False
     while len(windows) < spec.max_windows:
         cpu0, t0 = _cpu_s(), time.perf_counter()
         await asyncio.sleep(spec.window_s)
         while len(rec.latencies) + rec.errors < spec.min_requests and time.perf_counter() - t0 < 5 * spec.window_s:
             await asyncio.sleep(0.02)
-        lat, err, statuses = rec.take()
-        windows.append((time.perf_counter() - t0, lat, err, statuses, _cpu_s() - cpu0))
+        lat, err, statuses, other = rec.take()
+        windows.append((time.perf_counter() - t0, lat, err, statuses, _cpu_s() - cpu0, other))
         if len(windows) >= spec.stable_windows:
             last = windows[-spec.stable_windows :]
             rps = [len(w[1]) / w[0] for w in last]
@@ -249,9 +265,12 @@ async def measure(spec: PointSpec) -> PointResult:
     seconds = sum(w[0] for w in used)
     lat_ms = np.array([x for w in used for x in w[1]]) * 1000.0
     statuses: dict[str, int] = {}
+    other: dict[int, list[float]] = {}
     for w in used:
         for s, c in w[3].items():
             statuses[str(s)] = statuses.get(str(s), 0) + c
+        for s, lat in w[5].items():
+            other.setdefault(s, []).extend(lat)
 
     def pct(q: float) -> float:
         return float(np.percentile(lat_ms, q)) if len(lat_ms) else float("nan")
@@ -273,7 +292,14 @@ async def measure(spec: PointSpec) -> PointResult:
         client_cpu_s=sum(w[4] for w in used),
         window_rps=[round(len(w[1]) / w[0], 2) for w in windows],
         statuses=statuses,
+        non_200={str(s): _summary_ms(lat) for s, lat in sorted(other.items())},
     )
+
+
+def _summary_ms(latencies_s: list[float]) -> dict[str, float]:
+    a = np.array(latencies_s) * 1000.0
+    return {"count": len(a), "p50_ms": round(float(np.percentile(a, 50)), 3),
+            "p99_ms": round(float(np.percentile(a, 99)), 3), "max_ms": round(float(a.max()), 3)}
 
 
 def write_bodies(path: Path, bodies: list[bytes]) -> None:

@@ -33,6 +33,20 @@ def _points_table(points: list[dict[str, Any]]) -> str:
                    "errors"], rows)
 
 
+def _short(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}".rstrip("0").rstrip(".")
+
+
+def _ratio_rows(ratios: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    return [[name, _short(r["value"]), f"{r['op']} {r['target']}",
+             "yes" if r["met"] else "**no**", r["what"] + (f" ({r['missing']})" if r.get("missing") else "")]
+            for name, r in ratios.items()]
+
+
+def _engine_label(e: dict[str, Any]) -> str:
+    return f"{e['session_options']}, {e['provider']}"
+
+
 def write_markdown(report: dict[str, Any], path: Path) -> None:
     m = report["machine"]
     parts = [
@@ -41,32 +55,75 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"Model `{report['model']['name']}` v{report['model']['version']} ({report['model']['kind']}, graphs "
         f"{', '.join(report['model']['graphs'])}). Machine: {m.get('model_name', '?')}, {m.get('cpus')} CPUs, "
         f"{m.get('ram_gib', '?')} GiB RAM, {m.get('hypervisor_vendor', 'bare metal?')}; ONNX Runtime "
-        f"{m['onnxruntime']}, Python {m['python']}. Load average (1/5/15 min) at start {report['load_at_start']}, "
-        f"at end {report['load_at_end']}; the run took {report['seconds']} s. Server, load generator and Redis "
-        f"share the machine's cores.",
+        f"{m['onnxruntime']}, Python {m['python']}. Device `{report['device']}`, {report['store']} embedding "
+        f"store. Load average (1/5/15 min) at start {report['load_at_start']}, at end {report['load_at_end']}; "
+        f"the run took {report['seconds']} s. Server, load generator and Redis share the machine's cores.",
         "",
         "## Targets",
         "",
-        _table(["ratio", "value", "target", "met", "what"],
-               [[name, "–" if r["value"] is None else f"{r['value']:.2f}", f"{r['op']} {r['target']}",
-                 "yes" if r["met"] else "**no**", r["what"]]
-                for name, r in report["ratios"].items()]),
+        _table(["ratio", "value", "target", "met", "what"], _ratio_rows(report["ratios"])),
         "",
-        f"## Engine: ONNX Runtime alone ({report['engine']['threads']} intra-op thread(s), graph "
-        f"`{report['engine']['graph']}`)",
+        "Informational:",
+        "",
+        _table(["ratio", "value", "reference", "met", "what"], _ratio_rows(report["informational"])),
+        "",
+        "## Sections and the machine's load",
+        "",
+        _table(["section", "seconds", "load before (1/5/15 min)", "load after"],
+               [[name, s["seconds"], str(s["load_before"]), str(s["load_after"])]
+                for name, s in report["sections"].items()]),
+        "",
+        "## Servers",
+        "",
+        "Service settings at their defaults (the bench sets only device, store, deadline and batching): "
+        + ", ".join(f"`{k}={v}`" for k, v in report["service_defaults"].items()) + ".",
+        "",
+        _table(["server", "provider", "MTRANK_BATCHING", "MTRANK_REQUEST_TIMEOUT_MS", "log lines", "ERROR lines"],
+               [[name, s.get("provider", "?"), s["env"].get("MTRANK_BATCHING", "–"),
+                 s["env"].get("MTRANK_REQUEST_TIMEOUT_MS", "–"), s.get("log_lines", 0), s.get("error_lines", 0)]
+                for name, s in report["servers"].items()]),
         "",
     ]
-    engines = [report["engine"]] + ([report["engine_all_threads"]] if report.get("engine_all_threads") else [])
-    header = (["batch"] + [f"rows/s ({e['threads'] or 'all'} thr.)" for e in engines]
-              + [f"rows per CPU-s ({e['threads'] or 'all'} thr.)" for e in engines] + ["ms/batch"])
+    examples = [line for s in report["servers"].values() for line in s.get("error_examples", [])]
+    if examples:
+        parts += ["First ERROR lines:", "", "```", *examples[:10], "```", ""]
+    engines = [report["engine"]] + ([report["engine_1_thread"]] if report.get("engine_1_thread") else [])
+    parts += [f"## Engine: ONNX Runtime alone (graph `{report['engine']['graph']}`)", "",
+              f"Peak (the targets' reference): {report['engine']['peak']['rows_per_s']:,.0f} rows/s at batch "
+              f"{report['engine']['peak']['batch']}, {_engine_label(report['engine'])}.", ""]
+    header = (["batch"] + [f"rows/s ({_engine_label(e)})" for e in engines]
+              + [f"rows per CPU-s ({_engine_label(e)})" for e in engines] + ["ms/batch"])
     rows = [[p["batch"]] + [e["curve"][i]["rows_per_s"] for e in engines]
             + [e["curve"][i].get("rows_per_cpu_s", 0.0) for e in engines] + [f"{p['ms_per_batch']:.3f}"]
             for i, p in enumerate(report["engine"]["curve"])]
     parts += [_table(header, rows), ""]
-    parts += ["## Service (dynamic batching, Redis store)", "", _points_table(report["service"]), ""]
+    parts += ["## Service (dynamic batching)", "", _points_table(report["service"]), ""]
     if report.get("tail"):
         parts += ["### Open loop at 70 % of the best throughput", "", _points_table(report["tail"]), ""]
     parts += ["## Naive server (MTRANK_BATCHING=false)", "", _points_table(report["naive"]), ""]
+    ov = report.get("overload")
+    if ov:
+        rss = ov["rss_kib"]
+        parts += [
+            f"## Overload: open loop at {ov['factor']:g} × the best closed-loop throughput, {ov['size']} candidates",
+            "",
+            f"{ov['rate_rps']:.0f} req/s for {ov['seconds']:.1f} s against a server with "
+            f"`MTRANK_REQUEST_TIMEOUT_MS={ov['request_timeout_ms']}` (client timeout {ov['client_timeout_s']:g} s); "
+            f"best closed loop {ov['best_closed_loop']['throughput_rps']:.1f} req/s at concurrency "
+            f"{ov['best_closed_loop']['concurrency']}.",
+            "",
+            _table(["goodput (200/s)", "accepted p50 ms", "accepted p99 ms", "503 p99 ms", "statuses",
+                    "RSS KiB start → after 1 s → end (max)", "ERROR lines"],
+                   [[ov["goodput_rps"], f"{ov['accepted_p50_ms']:.2f}", f"{ov['accepted_p99_ms']:.2f}",
+                     _fmt(ov["rejected_503_p99_ms"], 2), str(ov["statuses"]),
+                     f"{rss['start']:,} → {rss['after_first_second']:,} → {rss['end']:,} ({rss['max']:,})",
+                     ov["error_lines"]]]),
+            "",
+            _table(["status", "answers", "p50 ms", "p99 ms", "max ms"],
+                   [[s, v["count"], f"{v['p50_ms']:.2f}", f"{v['p99_ms']:.2f}", f"{v['max_ms']:.2f}"]
+                    for s, v in ov["non_200"].items()]),
+            "",
+        ]
     lk = report.get("lookups")
     if lk:
         rows = [[name, r["p50_ms"], r["mean_ms"], r["p99_ms"]] for name, r in lk.items()
@@ -120,12 +177,11 @@ def write_plots(report: dict[str, Any], out: Path) -> list[str]:
     written.append("latency_throughput.png")
 
     fig, (ax, ax_cpu) = plt.subplots(1, 2, figsize=(12, 4.2))
-    engines = [report["engine"]] + ([report["engine_all_threads"]] if report.get("engine_all_threads") else [])
+    engines = [report["engine"]] + ([report["engine_1_thread"]] if report.get("engine_1_thread") else [])
     for e in engines:
         x = [p["batch"] for p in e["curve"]]
-        ax.plot(x, [p["rows_per_s"] for p in e["curve"]], "o-", label=f"engine, {e['threads'] or 'all'} thread(s)")
-        ax_cpu.plot(x, [p.get("rows_per_cpu_s", 0) for p in e["curve"]], "o-",
-                    label=f"engine, {e['threads'] or 'all'} thread(s)")
+        ax.plot(x, [p["rows_per_s"] for p in e["curve"]], "o-", label=f"engine, {_engine_label(e)}")
+        ax_cpu.plot(x, [p.get("rows_per_cpu_s", 0) for p in e["curve"]], "o-", label=f"engine, {_engine_label(e)}")
     for name, points, marker in (("service", report["service"], "D"), ("naive", report["naive"], "x")):
         best: dict[int, dict] = {}
         for p in points:

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,6 +51,10 @@ class RemoteServer:
         self.proc = subprocess.Popen(
             [*cmd, *args], env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
+        self._log: list[str] = []
+        # Drained all along: a full pipe would block the server at its next log line.
+        self._log_reader = threading.Thread(target=self._read_log, daemon=True)
+        self._log_reader.start()
         self.client = httpx.Client(base_url=self.url, timeout=30.0)
         if wait_ready:
             self.wait_ready(ready_timeout_s)
@@ -71,11 +76,29 @@ class RemoteServer:
         self.stop()
         raise TimeoutError(f"server not ready after {timeout_s} s (last: {last}):\n{self.output()}")
 
+    def _read_log(self) -> None:
+        for line in self.proc.stdout:
+            self._log.append(line)
+
     def output(self) -> str:
         """Everything the process printed (only once it has exited)."""
-        if self.proc.poll() is None or self.proc.stdout is None:
+        if self.proc.poll() is None:
             return ""
-        return self.proc.stdout.read()
+        self._log_reader.join(timeout=10.0)
+        return "".join(self._log)
+
+    def log_lines(self) -> list[str]:
+        """What the process printed so far (stdout and stderr), line by line."""
+        return list(self._log)
+
+    def rss_kib(self) -> int:
+        """Resident set size of the server process (``VmRSS`` of /proc/PID/status), KiB; 0 once it has exited."""
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return 0
+        line = next((s for s in status.splitlines() if s.startswith("VmRSS:")), "VmRSS: 0 kB")
+        return int(line.split()[1])
 
     def post(self, path: str, **kwargs: Any) -> httpx.Response:
         return self.client.post(path, **kwargs)

@@ -64,6 +64,17 @@ def _bench(a: argparse.Namespace) -> None:
     run_bench(a)
 
 
+def _positive_ints(text: str) -> list[int]:
+    """``"20,500"`` → ``[20, 500]``; anything else is an argparse error (exit 2)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
 def _tune_fusion(a: argparse.Namespace) -> None:
     from training.fusion_tuning import TuningConfig, parse_task_values, tune_fusion
 
@@ -170,12 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--redis", help="Redis URL of the embedding store (default MTRANK_REDIS_URL; unset: in-process)")
     s.set_defaults(func=_serve)
 
-    s = sub.add_parser("bench", help="benchmark engine, service, naive server and lookups")
+    s = sub.add_parser("bench", help="benchmark engine, service, naive server, overload and lookups")
     s.add_argument("--repo", type=Path, required=True, help="model repository root")
     s.add_argument("--model", required=True, help="model name in the repository")
     s.add_argument("--out", type=Path, required=True, help="directory for the results and profiles")
-    s.add_argument("--redis", default="redis://127.0.0.1:6379/15", help="Redis URL for the lookup benchmark")
+    s.add_argument("--redis", default="redis://127.0.0.1:6379/15",
+                   help="Redis URL of the servers' embedding store and the lookup benchmark; 'none': in-process store")
+    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="MTRANK_DEVICE of the servers and the engine reference's provider (cuda: exit 2 when unusable)")
     s.add_argument("--quick", action="store_true", help="smoke run, under 2 minutes (CI)")
+    s.add_argument("--sizes", type=_positive_ints,
+                   help="candidates per request, e.g. '1000' or '20,500' (default 20,100,500,1000; quick 20,500)")
+    s.add_argument("--concurrencies", type=_positive_ints,
+                   help="closed-loop concurrencies, e.g. '1,4,16,64' (default 1,2,4,…,64; quick 1,16,32)")
     s.add_argument("--prepare", action="store_true",
                    help="synth, train and export the model first when REPO has no version of it")
     s.set_defaults(func=_bench)

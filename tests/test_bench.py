@@ -1,7 +1,8 @@
 """`mtrank bench --quick` end to end: the CI smoke check that keeps the harness from rotting.
 
-No thresholds: the figures depend on the machine. The test holds the shape of bench.json (every
-section, every target ratio computed) and that every figure is finite and positive.
+No thresholds on speed: the figures depend on the machine. The test holds the shape of
+bench.json (every section, every target of issue 17 computed with a boolean ``met``, the load
+average around each section) and that every figure is finite and positive.
 """
 
 from __future__ import annotations
@@ -15,45 +16,89 @@ from pathlib import Path
 
 import pytest
 
+from loadtests.bench import target_names
 from tests.conftest import IN_CI
 
 ROOT = Path(__file__).resolve().parents[1]
 POINT_FIGURES = ("throughput_rps", "rows_per_s", "p50_ms", "p90_ms", "p99_ms", "requests")
+SECTIONS = ("engine", "lookups", "service", "tail", "naive", "overload")
 
 
 def _finite_positive(value: object, where: str) -> None:
     assert isinstance(value, int | float) and math.isfinite(value) and value > 0, f"{where} = {value!r}"
 
 
+def _check_points(report: dict, section: str) -> None:
+    assert report[section], f"{section}: no load points"
+    for p in report[section]:
+        for name in POINT_FIGURES:
+            _finite_positive(p[name], f"{section} size={p['size']} c={p['concurrency']} {name}")
+        assert p["errors"] == 0, f"{section} size={p['size']} c={p['concurrency']}: {p['statuses']}"
+
+
 def check_bench_json(report: dict) -> None:
-    """Every section is there with finite, positive figures; the four ratios are computed."""
-    for section in ("machine", "config", "engine", "lookups", "service", "tail", "naive", "ratios"):
+    """Every section is there with finite, positive figures; every target ratio is computed."""
+    for section in ("machine", "config", "service_defaults", "servers", *SECTIONS, "ratios", "informational"):
         assert section in report, f"bench.json has no {section!r}"
-    curve = report["engine"]["curve"]
-    assert [p["batch"] for p in curve][:1] == [1] and curve[-1]["batch"] == 4096
-    for p in curve:
+    for section in SECTIONS:
+        loads = report["sections"][section]
+        assert len(loads["load_before"]) == 3 and len(loads["load_after"]) == 3, section
+    engine = report["engine"]
+    assert engine["session_options"] == "default" and engine["provider"] == "CPUExecutionProvider"
+    assert [p["batch"] for p in engine["curve"]][:1] == [1] and engine["curve"][-1]["batch"] == 4096
+    for p in engine["curve"]:
         _finite_positive(p["rows_per_s"], f"engine rows/s at batch {p['batch']}")
+    assert engine["peak"]["rows_per_s"] == max(p["rows_per_s"] for p in engine["curve"])
     for section in ("service", "tail", "naive"):
-        assert report[section], f"{section}: no load points"
-        for p in report[section]:
-            for name in POINT_FIGURES:
-                _finite_positive(p[name], f"{section} size={p['size']} c={p['concurrency']} {name}")
-            assert p["errors"] == 0, f"{section} size={p['size']} c={p['concurrency']}: {p['statuses']}"
-    assert {p["size"] for p in report["service"]} >= {20, 500}
+        _check_points(report, section)
+    sizes = report["config"]["sizes"]
+    for section in ("service", "naive"):
+        assert {(p["size"], p["concurrency"]) for p in report[section]} == {
+            (s, c) for s in sizes for c in report["config"]["concurrencies"]}, section
+    assert sorted(p["size"] for p in report["tail"]) == sorted(sizes)
+    assert {"service", "naive", "overload"} <= set(report["servers"])
+    for name, server in report["servers"].items():
+        assert server["provider"] == "CPUExecutionProvider", name
+        assert isinstance(server["error_lines"], int) and server["error_lines"] >= 0, name
+    assert report["servers"]["overload"]["env"]["MTRANK_REQUEST_TIMEOUT_MS"] == "500"
+
+    ov = report["overload"]
+    _finite_positive(ov["rate_rps"], "overload rate")
+    assert ov["rate_rps"] == pytest.approx(4 * ov["best_closed_loop"]["throughput_rps"], rel=0.01)
+    assert sum(ov["statuses"].values()) > 0
+    for key in ("start", "after_first_second", "end", "max"):
+        _finite_positive(ov["rss_kib"][key], f"overload RSS {key}")
+    assert ov["rss_kib"]["max"] >= max(ov["rss_kib"]["start"], ov["rss_kib"]["end"])
+
+    ratios = report["ratios"]
+    assert list(ratios) == target_names(sizes) == report["target_names"]
+    assert {"batching_vs_naive_p50_20_c1", "service_vs_engine_20_c32", "service_vs_engine_500_c16",
+            "batching_vs_naive_20", "batching_vs_naive_500", "p99_over_p50_at_70pct_20",
+            "p99_over_p50_at_70pct_500", "overload_goodput", "overload_503_p99_ms", "overload_accepted_p99_ms",
+            "overload_rss_growth", "overload_error_lines"} <= set(ratios)
+    for name, ratio in ratios.items():
+        assert isinstance(ratio["met"], bool), name
+        assert ratio["op"] in ("<=", ">=") and math.isfinite(ratio["target"]), name
+        if name == "overload_error_lines":
+            assert ratio["value"] == report["servers"]["overload"]["error_lines"]
+        elif name == "overload_503_p99_ms" and ratio["value"] is None:
+            # A server that answered every request of the overload point has no 503 to time.
+            assert "503" not in ov["statuses"] and ratio["met"] is False
+        elif name == "overload_goodput" and ov["goodput_rps"] == 0:
+            assert ratio["value"] == 0 and ratio["met"] is False
+        else:
+            _finite_positive(ratio["value"], f"ratio {name}")
+    assert ratios["overload_accepted_p99_ms"]["target"] == 500.0
+
     # redis-benchmark comes with redis-server (CI installs it); elsewhere its part may be recorded missing.
     has_redis_benchmark = IN_CI or shutil.which("redis-benchmark") is not None
     for name in ("service", "redis_benchmark", "bare_async") if has_redis_benchmark else ("service", "bare_async"):
         _finite_positive(report["lookups"][name]["p50_ms"], f"lookups.{name}.p50_ms")
-    assert set(report["ratios"]) == {
-        "service_vs_engine_500_c16", "batching_vs_naive_20_c32", "p99_over_p50_at_70pct",
-        "lookup_vs_redis_benchmark_500",
-    }
-    for name, ratio in report["ratios"].items():
-        if name == "lookup_vs_redis_benchmark_500" and not has_redis_benchmark:
-            assert ratio["value"] is None and ratio["met"] is False
-            continue
-        _finite_positive(ratio["value"], f"ratio {name}")
-        assert isinstance(ratio["met"], bool)
+    lookup = report["informational"]["lookup_vs_redis_benchmark_500"]
+    if has_redis_benchmark:
+        _finite_positive(lookup["value"], "lookup_vs_redis_benchmark_500")
+    else:
+        assert lookup["value"] is None and lookup["met"] is False
     assert report["redis_keys_deleted"] > 0
 
 
@@ -70,6 +115,32 @@ def test_bench_quick_writes_every_section_with_finite_figures(exported_repo, red
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_bench_json(json.loads((out / "bench.json").read_text()))
     markdown = (out / "bench.md").read_text()
-    assert "## Targets" in markdown and "## Naive server" in markdown
+    for heading in ("## Targets", "## Sections and the machine's load", "## Naive server", "## Overload"):
+        assert heading in markdown
     assert (out / "latency_throughput.png").stat().st_size > 0
     assert (out / "engine.png").stat().st_size > 0
+
+
+def test_bench_device_cuda_without_a_usable_gpu_is_a_one_line_error(tmp_path):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this ONNX Runtime has the CUDA provider: the error path needs a CPU-only install")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtrank.cli", "bench", "--repo", str(tmp_path / "repo"), "--model", "ple",
+         "--out", str(tmp_path / "out"), "--device", "cuda"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--device cuda" in lines[0] and "CUDA" in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_sizes_must_be_positive_integers(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtrank.cli", "bench", "--repo", str(tmp_path), "--model", "ple",
+         "--out", str(tmp_path / "out"), "--sizes", "20,x"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2 and "--sizes" in proc.stderr and "positive integers" in proc.stderr
