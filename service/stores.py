@@ -364,7 +364,7 @@ class RedisStore:
         self._retry_at = 0.0
         self._degraded = False
         self._probing = False
-        self._topology_stale = False
+        self._connections_stale = False
         self._last_error = ""
         self._to_verify: set[tuple[str, int, str]] = set()
         self._verify_task: asyncio.Task | None = None
@@ -387,7 +387,7 @@ class RedisStore:
             log.warning("Redis unreachable (%s: %s); serving default vectors, retrying every %.1f s",
                         type(e).__name__, e, self.retry_s)
         self._degraded = True
-        self._topology_stale = self.cluster
+        self._connections_stale = True
         self._last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         self._retry_at = time.monotonic() + self.retry_s
         metrics.STORE_DEGRADED.set(1)
@@ -477,16 +477,29 @@ class RedisStore:
         while self._to_verify:
             keys = list(self._to_verify)
             self._to_verify.clear()
-            states = [self._tables[k] for k in keys if k in self._tables]
             try:
                 async with asyncio.timeout(self.timeout_s * 2):
-                    raws = await asyncio.gather(*(self.client.get(s.meta_key) for s in states))
+                    await self._read_metas([self._tables[k] for k in keys if k in self._tables])
             except (RedisError, OSError, TimeoutError) as e:
                 self._fail(e)
                 return
-            now = time.monotonic()
-            for state, raw in zip(states, raws, strict=True):
-                self._check_meta(state, raw, now)
+
+    async def _read_metas(self, states: list[_TableState]) -> None:
+        raws = await asyncio.gather(*(self.client.get(s.meta_key) for s in states))
+        now = time.monotonic()
+        for state, raw in zip(states, raws, strict=True):
+            self._check_meta(state, raw, now)
+
+    async def _reset_connections(self) -> None:
+        """After a failure: reconnect instead of reusing sockets the outage broke, and on a
+        Cluster read the slot map again (a replica may have been promoted, slots moved)."""
+        if not self._connections_stale:
+            return
+        if self.cluster:
+            await self.client.nodes_manager.initialize()
+        else:
+            await self.client.connection_pool.disconnect(inuse_connections=False)
+        self._connections_stale = False
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -520,7 +533,10 @@ class RedisStore:
                 degraded = not await self._fetch(to_fetch, probe=gate == _PROBE)
                 self._cache(to_fetch, cache_misses=not degraded, now=now)
         results = [self._assemble(p) for p in plans]
-        return results, degraded or any(r.incomplete for r in results)
+        incomplete = [p.state for p, r in zip(plans, results, strict=True) if r.incomplete]
+        if incomplete and not self._degraded:
+            self._schedule_verify(incomplete, now)  # until the load completes
+        return results, degraded or bool(incomplete)
 
     async def _fetch(self, plans: list[_Plan], probe: bool) -> bool:
         """Fill the plans' fetched values from Redis; False when some could not be asked."""
@@ -529,11 +545,12 @@ class RedisStore:
         error: BaseException | None = None
         try:
             async with asyncio.timeout(self.timeout_s * (4 if probe else 2)):
-                if probe and self._topology_stale:
-                    # After a failure the slot map may be stale (a replica promoted, slots moved).
-                    await self.client.nodes_manager.initialize()
-                    self._topology_stale = False
+                if probe:
+                    await self._reset_connections()
                 error = await (self._fetch_cluster(plans) if self.cluster else self._fetch_single(plans))
+                if probe and error is None:
+                    # Redis may be back empty: this answer already says whether its tables are complete.
+                    await self._read_metas(list({id(p.state): p.state for p in plans}.values()))
         except (RedisError, OSError, TimeoutError) as e:
             error = e
         finally:
@@ -721,9 +738,8 @@ class RedisStore:
             return self._outage_reason()
         try:
             async with asyncio.timeout(self.timeout_s * 4):
-                if self._topology_stale and gate == _PROBE:
-                    await self.client.nodes_manager.initialize()
-                    self._topology_stale = False
+                if gate == _PROBE:
+                    await self._reset_connections()
                 await self._check_slots()
         except (RedisError, OSError, TimeoutError) as e:
             self._fail(e)
