@@ -18,12 +18,14 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.admission import Admission
 from service.errors import (
     BodyTimeout,
     BodyTooLarge,
@@ -37,7 +39,7 @@ from service.errors import (
 )
 from service.ranking import Ranker, RequestContext, new_request_id
 from service.repository import Repository
-from service.schemas import decode_request
+from service.schemas import decode_request, openapi_schemas
 from service.settings import Settings, load_settings
 from service.stores import EmbeddingStore, InProcessStore, RedisStore
 
@@ -60,6 +62,7 @@ class Engine:
         self.store = store
         self.repository = repository
         self.ranker = Ranker(repository, store)
+        self.admission = Admission(repository.load)
         self.draining = False
 
     @classmethod
@@ -319,21 +322,36 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_middleware(RequestMetrics, request_timeout_s=timeout_s)
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
 
-    @app.post(RANK_ROUTE)
+    request_schema, response_schema, schema_components = openapi_schemas()
+
+    @app.post(RANK_ROUTE, openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}},
+        "responses": {"200": {"description": "Candidates in rank order",
+                              "content": {"application/json": {"schema": response_schema}}}},
+    })
     async def rank(request: Request) -> Response:
+        """Rank candidates for a user: fusion score Π p_k^w_k × f(video_len) of the bucket's model."""
         started = time.monotonic()
+        engine: Engine = request.app.state.engine
+        # Before the body is read: a request that cannot finish in time costs next to nothing.
+        engine.admission.check(request.headers.get("content-length"), timeout_s)
         body = await _read_body(request, settings.max_body_bytes)
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError as e:
-            raise MalformedBody(f"malformed JSON: {e}") from None
-        query = decode_request(payload, settings.max_candidates)
+        query = decode_request(body, settings.max_candidates)
+        engine.admission.learn(len(body), query.n)
         ctx = RequestContext(request_id=request.state.request_id or query.request_id or new_request_id())
         request.state.context = ctx
-        ranker: Ranker = request.app.state.engine.ranker
         async with asyncio.timeout_at(asyncio.get_running_loop().time() + timeout_s):
-            result = await _unless_disconnected(request, ranker.rank(query, started + timeout_s, ctx))
+            result = await _unless_disconnected(request, engine.ranker.rank(query, started + timeout_s, ctx))
         return _json(result)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(schema_components)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

@@ -1,19 +1,27 @@
 """Dynamic batcher: one per (model, version, user-group graph).
 
-Concurrent requests are queued; a single worker task takes the queue's head and waits until
-``max_batch_rows`` rows are waiting or the oldest request has waited ``max_queue_delay``, then
-concatenates the rows, runs the graph in a thread (ONNX Runtime releases the GIL, so the event
-loop keeps serving) and hands each request exactly its own slice of the outputs. Requests whose
-deadline passed or whose client went away are dropped before the run. The queue holds at most
-``max_queue_rows`` rows; beyond that :meth:`Batcher.submit` raises :class:`Overloaded` at once.
-A request larger than ``max_batch_rows`` runs alone.
+- **Dispatch when idle.** A request that arrives while its graph has a free slot runs at once:
+  batching never delays a lone request. ``max_concurrent`` batches of a graph may be in flight
+  (ONNX Runtime releases the GIL, so they run on different cores while the event loop keeps
+  serving).
+- **Batch while busy.** Requests that arrive while every slot is taken queue up; when a slot
+  frees, everything queued (up to ``max_batch_rows``) runs as one batch. While other batches of
+  the graph are still running, a partial batch waits for more rows at most until its oldest
+  request has waited ``max_queue_delay`` — the longest *extra* wait batching adds.
+- **Admission.** :meth:`Batcher.submit` refuses (503, :class:`Overloaded`) a request whose rows
+  would not finish before its deadline given the rows queued ahead of it and the measured engine
+  throughput (:class:`LoadEstimate`), and any request beyond ``max_queue_rows`` queued rows.
+  Requests whose deadline passed or whose client went away are dropped before they run.
+
+Each request gets exactly its own slice of the batch outputs; its scores do not depend on which
+other requests shared its batch (tests/test_service_unit.py holds this).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +35,71 @@ from service.errors import DeadlineExceeded, Overloaded
 log = logging.getLogger("mtrank.batcher")
 
 RunFn = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+
+
+class LoadEstimate:
+    """Rows waiting and running across the whole service, and a cost model of the engine.
+
+    Shared by every batcher of a process (they compete for the same cores), read by the HTTP
+    layer to refuse a request before its body is read when it could not finish in time. A batch
+    of ``r`` rows costs ``fixed_s + r * per_row_s`` seconds: seeded from timed warm-up runs at
+    two batch sizes, then refitted online (least squares with exponential forgetting) on every
+    batch that runs, so small and large requests are both predicted well.
+    """
+
+    def __init__(self, parallelism: int, max_batch_rows: int = 4096, forgetting: float = 0.05):
+        self.parallelism = max(1, parallelism)
+        """How many batches can truly run at once (cores ÷ intra-op threads, at most the slots)."""
+        self.max_batch_rows = max(1, max_batch_rows)
+        self.forgetting = forgetting
+        self.queued_rows = 0
+        self.running_rows = 0
+        self.fixed_s = 0.0
+        self.per_row_s: float | None = None
+        self._moments: list[float] | None = None  # E[r], E[t], E[r²], E[r·t]
+
+    def seed(self, small: tuple[int, float], large: tuple[int, float]) -> None:
+        """Two timed runs, (rows, seconds) each, at two batch sizes."""
+        (r1, t1), (r2, t2) = small, large
+        self.per_row_s = max((t2 - t1) / max(r2 - r1, 1), 1e-9)
+        self.fixed_s = max(t1 - self.per_row_s * r1, 0.0)
+        mean_r, mean_t = (r1 + r2) / 2, (t1 + t2) / 2
+        self._moments = [mean_r, mean_t, (r1 * r1 + r2 * r2) / 2, (r1 * t1 + r2 * t2) / 2]
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """One finished batch: its rows and wall time (under whatever concurrency it ran)."""
+        sample = [rows, seconds, rows * rows, rows * seconds]
+        if self._moments is None:
+            self._moments = sample
+        else:
+            w = self.forgetting
+            self._moments = [(1 - w) * m + w * x for m, x in zip(self._moments, sample, strict=True)]
+        mean_r, mean_t, mean_rr, mean_rt = self._moments
+        var = mean_rr - mean_r * mean_r
+        if var > (0.05 * mean_r) ** 2 and var > 1.0:
+            self.per_row_s = max((mean_rt - mean_r * mean_t) / var, 1e-9)
+        elif self.per_row_s is None:
+            self.per_row_s = mean_t / max(mean_r, 1.0)  # one batch size seen so far: no fixed part
+        self.fixed_s = max(mean_t - self.per_row_s * mean_r, 0.0)
+
+    @property
+    def rows_per_s(self) -> float | None:
+        """Service-wide rows/s of large batches with every slot busy; None before any measurement."""
+        return None if not self.per_row_s else self.parallelism / self.per_row_s
+
+    def expected_wait_s(self, rows: int) -> float:
+        """Seconds until ``rows`` more rows would be done: half of what is running, then the
+        queued rows and these in batches of at most ``max_batch_rows``, ``parallelism`` at a time."""
+        if not self.per_row_s:
+            return 0.0
+        running = (self.fixed_s + self.running_rows * self.per_row_s) / 2 if self.running_rows else 0.0
+        ahead = self.queued_rows + rows
+        batches = math.ceil(ahead / self.max_batch_rows)
+        return running + (batches * self.fixed_s + ahead * self.per_row_s) / self.parallelism
+
+    def retry_after_s(self) -> int:
+        """Whole seconds a refused client should wait: about the time to drain the queue."""
+        return max(1, math.ceil(self.expected_wait_s(0)))
 
 
 @dataclass
@@ -51,6 +124,8 @@ class Batcher:
         max_queue_delay_s: float = 0.002,
         max_queue_rows: int = 65536,
         batching: bool = True,
+        max_concurrent: int = 2,
+        load: LoadEstimate | None = None,
     ):
         self._run = run
         self.output_names = output_names
@@ -58,10 +133,14 @@ class Batcher:
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_rows = max_queue_rows
         self.batching = batching
+        self.max_concurrent = max(1, max_concurrent)
+        self.load = load or LoadEstimate(self.max_concurrent)
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
-        self._wake = asyncio.Event()
-        self._worker: asyncio.Task | None = None
+        self._running = 0
+        self._tasks: set[asyncio.Task] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
         self._m_wait = metrics.QUEUE_WAIT.labels(model, group)
         self._m_rows = metrics.BATCH_ROWS.labels(model, group)
         self._m_requests = metrics.BATCH_REQUESTS.labels(model, group)
@@ -74,57 +153,80 @@ class Batcher:
     async def submit(self, inputs: dict[str, np.ndarray], deadline: float) -> dict[str, np.ndarray]:
         """This request's outputs by name, ``[rows]`` each. Raises Overloaded, DeadlineExceeded."""
         rows = len(next(iter(inputs.values())))
-        if self._queued_rows + rows > self.max_queue_rows:
-            raise Overloaded(
-                f"{self._queued_rows} rows already waiting for this model graph, limit {self.max_queue_rows}"
-                " (MTRANK_MAX_QUEUE_ROWS)"
-            )
+        self._admit(rows, deadline)
         if not self.batching:
-            return await self._run_alone(inputs, rows, deadline)
-        if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._work(), name="mtrank-batcher")
+            return await self._run_alone(inputs, rows)
         pending = _Pending(inputs, rows, deadline, asyncio.get_running_loop().create_future())
         self._queue.append(pending)
         self._queued_rows += rows
-        self._wake.set()
+        self.load.queued_rows += rows
+        self._dispatch()
         return await pending.future
 
-    async def _run_alone(self, inputs: dict[str, np.ndarray], rows: int, deadline: float) -> dict[str, np.ndarray]:
+    def _admit(self, rows: int, deadline: float) -> None:
+        if self._closed:
+            raise DeadlineExceeded("model version unloaded")
+        if self._queued_rows + rows > self.max_queue_rows:
+            raise Overloaded(
+                f"{self._queued_rows} rows already waiting for this model graph, limit {self.max_queue_rows}"
+                " (MTRANK_MAX_QUEUE_ROWS)", self.load.retry_after_s()
+            )
+        busy = self._running >= self.max_concurrent or self._queued_rows > 0
+        wait = self.load.expected_wait_s(rows)
+        if busy and time.monotonic() + wait > deadline:
+            raise Overloaded(
+                f"expected to finish in {wait * 1000:.0f} ms, after the request's deadline "
+                f"({self._queued_rows} rows queued for this graph)", self.load.retry_after_s()
+            )
+
+    async def _run_alone(self, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
         """MTRANK_BATCHING=false: one inference per request, as a naive server does it."""
         self._queued_rows += rows
+        self.load.running_rows += rows
         try:
             started = time.perf_counter()
             outputs = await asyncio.get_running_loop().run_in_executor(None, self._run, inputs)
-            self._m_infer.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
         finally:
             self._queued_rows -= rows
+            self.load.running_rows -= rows
+        self.load.observe(rows, elapsed)
+        self._m_infer.observe(elapsed)
         self._m_wait.observe(0.0)
         self._m_rows.observe(rows)
         self._m_requests.observe(1)
         return dict(zip(self.output_names, outputs, strict=True))
 
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-            await self._wait_for_batch()
-            batch = self._take_batch()
-            if batch:
-                await self._run_batch(loop, batch)
+    # -- dispatch ------------------------------------------------------------------------------
 
-    async def _wait_for_batch(self) -> None:
-        """Until the batch is full or the oldest waiting request has waited max_queue_delay."""
-        while self._queued_rows < self.max_batch_rows and self._queue:
-            remaining = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
-            if remaining <= 0:
+    def _dispatch(self) -> None:
+        """Start batches while a slot is free and work is queued (on submit and on completion)."""
+        while self._queue and self._running < self.max_concurrent and not self._closed:
+            if self._running > 0 and not self._full_or_due():
+                self._arm_timer()
                 return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
-                return
+            batch = self._take_batch()
+            if not batch:
+                continue
+            self._running += 1
+            task = asyncio.get_running_loop().create_task(self._run_batch(batch), name="mtrank-batch")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _full_or_due(self) -> bool:
+        """A partial batch may wait for company only while other batches of the graph run."""
+        return (self._queued_rows >= self.max_batch_rows
+                or time.monotonic() >= self._queue[0].enqueued + self.max_queue_delay_s)
+
+    def _arm_timer(self) -> None:
+        if self._timer is None:
+            due = self._queue[0].enqueued + self.max_queue_delay_s
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(loop.time() + max(0.0, due - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
 
     def _take_batch(self) -> list[_Pending]:
         now = time.monotonic()
@@ -133,6 +235,7 @@ class Batcher:
         while self._queue and (not batch or rows + self._queue[0].rows <= self.max_batch_rows):
             p = self._queue.popleft()
             self._queued_rows -= p.rows
+            self.load.queued_rows -= p.rows
             if p.future.done():  # cancelled: the client went away or its handler timed out
                 continue
             if p.deadline <= now:
@@ -143,40 +246,50 @@ class Batcher:
             self._m_wait.observe(now - p.enqueued)
         return batch
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
-        if len(batch) == 1:
-            feed = batch[0].inputs
-        else:
-            feed = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
+    async def _run_batch(self, batch: list[_Pending]) -> None:
         rows = sum(p.rows for p in batch)
-        started = time.perf_counter()
+        self.load.running_rows += rows
         try:
-            outputs = await loop.run_in_executor(None, self._run, feed)
-        except Exception as e:  # a runtime failure fails this batch's requests, not the worker
-            log.exception("inference failed for a batch of %d rows", rows)
+            if len(batch) == 1:
+                feed = batch[0].inputs
+            else:
+                feed = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
+            started = time.perf_counter()
+            try:
+                outputs = await asyncio.get_running_loop().run_in_executor(None, self._run, feed)
+            except Exception as e:  # a runtime failure fails this batch's requests, not the batcher
+                log.exception("inference failed for a batch of %d rows", rows)
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(RuntimeError(f"inference failed: {e}"))
+                return
+            elapsed = time.perf_counter() - started
+            self.load.observe(rows, elapsed)
+            self._m_infer.observe(elapsed)
+            self._m_rows.observe(rows)
+            self._m_requests.observe(len(batch))
+            offset = 0
             for p in batch:
+                end = offset + p.rows
                 if not p.future.done():
-                    p.future.set_exception(RuntimeError(f"inference failed: {e}"))
-            return
-        self._m_infer.observe(time.perf_counter() - started)
-        self._m_rows.observe(rows)
-        self._m_requests.observe(len(batch))
-        offset = 0
-        for p in batch:
-            end = offset + p.rows
-            if not p.future.done():
-                p.future.set_result({n: out[offset:end] for n, out in zip(self.output_names, outputs, strict=True)})
-            offset = end
+                    p.future.set_result({n: out[offset:end] for n, out in zip(self.output_names, outputs, strict=True)})
+                offset = end
+        finally:
+            self.load.running_rows -= rows
+            self._running -= 1
+            self._dispatch()
 
     async def close(self) -> None:
-        """Stop the worker; requests still queued fail with DeadlineExceeded."""
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+        """Stop dispatching; requests still queued fail with DeadlineExceeded; wait for running batches."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         while self._queue:
             p = self._queue.popleft()
+            self.load.queued_rows -= p.rows
             if not p.future.done():
                 p.future.set_exception(DeadlineExceeded("model version unloaded"))
         self._queued_rows = 0
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

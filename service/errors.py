@@ -13,9 +13,11 @@ class NotReady(RuntimeError):
 
 
 class Overloaded(RuntimeError):
-    """The graph's queue cannot take the request in time: 503 with Retry-After."""
+    """The request could not finish in time given the work queued ahead of it: 503 with Retry-After."""
 
-    retry_after_s = 1
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(TimeoutError):

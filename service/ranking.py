@@ -65,7 +65,8 @@ class Ranker:
         feed, degraded = await self._features(lv, graph, query, ctx)
         outputs = await graph.batcher.submit(feed, deadline)
         task_scores = {task: outputs[out] for task, out in graph.task_outputs}
-        log_score = fusion.log_scores(task_scores, _weights(bucket, task_scores), query.video_len, bucket.length_fn)
+        log_score = fusion.log_scores(task_scores, _weights(bucket, task_scores), query.video_len, bucket.length_fn,
+                                      ranges=lv.fusion_ranges)
         order = fusion.rank_order(log_score)
         if query.top_k is not None:
             order = order[: query.top_k]
@@ -75,6 +76,7 @@ class Ranker:
             "bucket": bucket.name,
             "user_group": group,
             "degraded": degraded,
+            "missing_ids": ctx.missing_ids,
             "items": _items(query, order, np.exp(log_score[order]),
                             task_scores if query.return_task_scores else None),
         }

@@ -63,7 +63,7 @@ class Repository:
         self.settings = settings
         self.store = store
         batches, threads = settings.concurrency()
-        self.load = load or LoadEstimate(min(batches, max(1, available_cores() // threads)))
+        self.load = load or LoadEstimate(min(batches, max(1, available_cores() // threads)), settings.max_batch_rows)
         """Rows queued and running in every batcher, and the engine's measured rows/s."""
         self.root = Path(settings.model_repo) if settings.model_repo else None
         self._models: dict[str, dict[int, LoadedVersion]] = {}
@@ -298,7 +298,9 @@ class Repository:
                 batches, threads = s.concurrency()
                 runner = GraphRunner(vdir / info.file, s.device, threads)
                 check_graph(key, info, runner, transform, tables)
-                runner.warm_up((1, s.max_batch_rows))
+                small, large = runner.warm_up((1, s.max_batch_rows))
+                if self.load.per_row_s is None:
+                    self.load.seed(small, large)
                 batcher = Batcher(
                     runner.run, runner.output_names, manifest.name, key, runner.device,
                     max_batch_rows=s.max_batch_rows, max_queue_delay_s=s.max_queue_delay_ms / 1000.0,

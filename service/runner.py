@@ -7,6 +7,7 @@ to stderr), so the provider actually active is read back from the session after 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,10 +72,16 @@ class GraphRunner:
         """Outputs in graph order for a batch of rows."""
         return self.session.run(self.output_names, feed)
 
-    def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
-        """Run zero inputs at each batch size so the first real request pays no allocation."""
+    def warm_up(self, batch_sizes: tuple[int, ...]) -> list[tuple[int, float]]:
+        """Run zero inputs at each batch size so the first real request pays no allocation, then
+        once more timed: (rows, seconds) per batch size, the seed of the service's cost model."""
+        timings = []
         for n in batch_sizes:
             feed = {
                 i.name: np.zeros((n, i.width) if i.width is not None else (n,), dtype=i.dtype) for i in self.inputs
             }
             self.run(feed)
+            started = time.perf_counter()
+            self.run(feed)
+            timings.append((n, time.perf_counter() - started))
+        return timings

@@ -1,106 +1,89 @@
 """Request and response bodies of ``POST /v1/rank`` (DESIGN.md §5).
 
-The request is strict: unknown fields, wrong types (a number where a string belongs and the
-reverse), non-finite numbers and oversized strings are rejected with 422. The candidate count is
-checked on the raw JSON first (:func:`check_candidate_count`) so a huge list gets a 413 without
-being validated.
+The request is decoded and validated in one pass by msgspec (C code, about three times faster
+than JSON parsing plus pydantic for 500 candidates) and turned into columns (:class:`RankQuery`)
+for the shared feature transform. It is strict: unknown fields, wrong types (a number where a
+string belongs and the reverse), non-finite numbers and oversized strings are a 422 naming the
+field; more candidates than ``MTRANK_MAX_CANDIDATES`` a 413.
+
+The same structs give ``/openapi.json`` its request and response schemas (:func:`openapi_schemas`).
 """
 
 from __future__ import annotations
 
-import math
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+import msgspec
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints, model_validator
+import orjson
+from msgspec import Meta, Struct
 
-from service.errors import TooManyCandidates
+from service.errors import MalformedBody, RequestError, TooManyCandidates
 
 MAX_ID_CHARS = 256
 MAX_FEATURE_CHARS = 256
 MAX_FEATURES = 64
+MAX_FEATURE_NAME_CHARS = 64
 MAX_VIDEO_LEN_S = 86400.0
 
-Id = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=MAX_ID_CHARS)]
+Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS)]
+FeatureValue = Annotated[str, Meta(max_length=MAX_FEATURE_CHARS)] | int | float | bool
+Features = Annotated[
+    dict[Annotated[str, Meta(min_length=1, max_length=MAX_FEATURE_NAME_CHARS)], FeatureValue],
+    Meta(max_length=MAX_FEATURES, description="Feature name → a string, a finite number or a boolean."),
+]
 
 
-def _check_features(features: dict[str, Any]) -> dict[str, Any]:
-    """Feature values are strings (≤ 256 chars), finite numbers (|int| ≤ 2^53) or booleans.
-
-    One check per dict instead of a per-value union: a 500-candidate request validates ~2× faster.
-    """
-    if len(features) > MAX_FEATURES:
-        raise ValueError(f"at most {MAX_FEATURES} features, got {len(features)}")
-    for name, v in features.items():
-        if len(name) > 64 or not name:
-            raise ValueError(f"feature names must have 1 to 64 characters, got {len(name)}")
-        kind = type(v)
-        if kind is str:
-            if len(v) > MAX_FEATURE_CHARS:
-                raise ValueError(f"{name}: string of {len(v)} characters, more than {MAX_FEATURE_CHARS}")
-        elif kind is float:
-            if not math.isfinite(v):
-                raise ValueError(f"{name}: must be a finite number")
-        elif kind is int:
-            if abs(v) > 2**53:
-                raise ValueError(f"{name}: integer out of range (|x| <= 2^53)")
-        elif kind is not bool:
-            raise ValueError(f"{name}: must be a string, a number or a boolean, got {_json_type(v)}")
-    return features
-
-
-def _json_type(v: Any) -> str:
-    return {list: "an array", dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
-
-
-Features = Annotated[dict[str, Any], AfterValidator(_check_features)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class User(_Strict):
+class User(Struct, forbid_unknown_fields=True):
     user_id: Id
     features: Features = {}
-    group: Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64)] | None = None
+    group: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
     """Explicit user group; when absent the model's rule assigns one from the features."""
 
 
-class Candidate(_Strict):
+class Candidate(Struct, forbid_unknown_fields=True):
     item_id: Id
-    video_len: Annotated[float, Field(ge=0.0, le=MAX_VIDEO_LEN_S, strict=True)]
-    """Seconds, finite, in [0, 86400]."""
+    video_len: Annotated[float, Meta(ge=0.0, le=MAX_VIDEO_LEN_S, description="Seconds, in [0, 86400].")]
     features: Features = {}
 
 
-class RankRequest(_Strict):
-    request_id: Annotated[str, StringConstraints(strict=True, max_length=128)] | None = None
+class RankRequest(Struct, forbid_unknown_fields=True):
     user: User
-    candidates: Annotated[list[Candidate], Field(min_length=1)]
-    top_k: Annotated[int, Field(ge=1, strict=True)] | None = None
-    """Return the best ``top_k`` items; None = all."""
-    return_task_scores: StrictBool = False
-
-    @model_validator(mode="after")
-    def _unique_items(self) -> RankRequest:
-        ids = [c.item_id for c in self.candidates]
-        if len(set(ids)) != len(ids):
-            seen: set[str] = set()
-            dup = next(i for i in ids if i in seen or seen.add(i))
-            raise ValueError(f"duplicate item_id {dup!r} in candidates")
-        return self
+    candidates: Annotated[list[Candidate], Meta(min_length=1)]
+    request_id: Annotated[str, Meta(max_length=128)] | None = None
+    top_k: Annotated[int, Meta(ge=1, description="Return the best top_k items; absent = all.")] | None = None
+    return_task_scores: bool = False
 
 
-def check_candidate_count(body: Any, max_candidates: int) -> None:
-    """413 before validation when the raw body carries more than ``max_candidates``."""
-    if isinstance(body, dict):
-        candidates = body.get("candidates")
-        if isinstance(candidates, list) and len(candidates) > max_candidates:
-            raise TooManyCandidates(
-                f"{len(candidates)} candidates, more than the limit of {max_candidates} (MTRANK_MAX_CANDIDATES)"
-            )
+class ModelRef(Struct):
+    name: str
+    version: int
+
+
+class RankedItem(Struct):
+    item_id: str
+    rank: int
+    score: float
+    tasks: dict[str, float] | None = None
+
+
+class RankResponse(Struct):
+    """What ``/v1/rank`` answers (the handler builds the same shape directly)."""
+
+    request_id: str
+    model: ModelRef
+    bucket: str
+    user_group: str | None
+    degraded: bool
+    items: list[RankedItem]
+    missing_ids: int = 0
+    """Store ids that got their table's default vector (unknown ids, or an unreachable store)."""
+
+
+_DECODER = msgspec.json.Decoder(RankRequest)
+_PATH = re.compile(r" - at `\$(.*)`$")
 
 
 @dataclass
@@ -139,19 +122,75 @@ class RankQuery:
         return column
 
 
-def decode_request(payload: Any, max_candidates: int) -> RankQuery:
-    """Check the candidate count (413), validate (422) and turn the body into columns."""
-    check_candidate_count(payload, max_candidates)
-    req = RankRequest.model_validate(payload)
+def decode_request(body: bytes, max_candidates: int) -> RankQuery:
+    """Parse and validate a body (422 :class:`RequestError` / :class:`MalformedBody`, 413
+    :class:`TooManyCandidates`) into columns."""
+    try:
+        req = _DECODER.decode(body)
+    except msgspec.ValidationError as e:
+        raise RequestError(_explain(e, body)) from None
+    except msgspec.DecodeError as e:
+        raise MalformedBody(f"malformed JSON: {e}") from None
     cands = req.candidates
+    if len(cands) > max_candidates:
+        raise TooManyCandidates(
+            f"{len(cands)} candidates, more than the limit of {max_candidates} (MTRANK_MAX_CANDIDATES)"
+        )
+    item_ids = [c.item_id for c in cands]
+    if len(set(item_ids)) != len(item_ids):
+        seen: set[str] = set()
+        dup = next(i for i in item_ids if i in seen or seen.add(i))
+        raise RequestError(f"invalid request: candidates: duplicate item_id {dup!r} in candidates")
     return RankQuery(
         request_id=req.request_id,
         user_id=req.user.user_id,
         user_features=req.user.features,
         user_group=req.user.group,
-        item_ids=[c.item_id for c in cands],
+        item_ids=item_ids,
         video_len=np.fromiter((c.video_len for c in cands), dtype=np.float64, count=len(cands)),
         item_features=[c.features for c in cands],
         top_k=req.top_k,
         return_task_scores=req.return_task_scores,
     )
+
+
+def _explain(e: msgspec.ValidationError, body: bytes) -> str:
+    """msgspec's message as ``invalid request: <field path>: <what is wrong>``.
+
+    msgspec names a dict entry ``features[...]``; for those the path gets the feature's name.
+    """
+    text = str(e)
+    match = _PATH.search(text)
+    path = match.group(1).lstrip(".") if match else ""
+    what = text[: match.start()] if match else text
+    if what == "Number out of range":
+        what = "must be a finite number"
+    if path.endswith("features[...]"):
+        name = _bad_feature(body, path)
+        path = path.removesuffix("[...]") + (f".{name}" if name else "")
+    return f"invalid request: {path or 'body'}: {what}"
+
+
+def _bad_feature(body: bytes, path: str) -> str | None:
+    """The name of the first feature of ``path``'s dict whose value is not acceptable."""
+    try:
+        node: Any = orjson.loads(body)
+        for part in re.findall(r"[A-Za-z_]+|\[\d+\]", path.removesuffix("[...]")):
+            node = node[int(part[1:-1])] if part.startswith("[") else node[part]
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
+        return None
+    if not isinstance(node, dict):
+        return None
+    for name, v in node.items():
+        bad_string = isinstance(v, str) and len(v) > MAX_FEATURE_CHARS
+        if bad_string or not isinstance(v, str | int | float | bool) or not name or len(name) > MAX_FEATURE_NAME_CHARS:
+            return name
+    return None
+
+
+def openapi_schemas() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(request schema ref, response schema ref, components) for ``/openapi.json``."""
+    (request, response), components = msgspec.json.schema_components(
+        [RankRequest, RankResponse], ref_template="#/components/schemas/{name}"
+    )
+    return request, response, components

@@ -48,9 +48,13 @@ class Settings(BaseSettings):
     max_batch_rows: int = Field(4096, ge=1, le=1_000_000)
     """Most rows (candidates) one inference call concatenates."""
     max_queue_delay_ms: float = Field(2.0, ge=0.0, le=1000.0)
-    """Longest time the oldest waiting request waits for a batch to fill, milliseconds."""
+    """Longest extra wait batching adds, milliseconds: only while the graph is busy does a partial
+    batch wait (at most this, counted from its oldest request) for more rows; an idle graph runs
+    a request at once."""
     max_queue_rows: int = Field(65536, ge=1, le=100_000_000)
-    """Rows allowed waiting per graph; beyond it requests get 503 + Retry-After."""
+    """Rows allowed waiting per graph, a hard cap; beyond it requests get 503 + Retry-After."""
+    max_concurrent_batches: int = Field(0, ge=0, le=64)
+    """Batches of one graph in flight at once; 0 = one per CPU core."""
     max_candidates: int = Field(2000, ge=1, le=100_000)
     """Most candidates per request; more is a 413."""
     request_timeout_ms: float = Field(1000.0, gt=0.0, le=600_000.0)
@@ -72,7 +76,8 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(20.0, ge=0.0, le=3600.0)
     """On SIGTERM, seconds to let in-flight requests finish."""
     intra_op_threads: int = Field(0, ge=0, le=1024)
-    """ONNX Runtime intra-op threads per session; 0 = ONNX Runtime's default (one per core)."""
+    """ONNX Runtime intra-op threads per session; 0 = cores ÷ concurrent batches, so the batches in
+    flight together use every core once."""
     embedding_cache_size: int = Field(200_000, ge=0, le=100_000_000)
     """Entries of the in-process cache in front of Redis; 0 disables it."""
     embedding_cache_ttl_s: float = Field(60.0, ge=0.0, le=86400.0)
@@ -86,6 +91,13 @@ class Settings(BaseSettings):
     otel_endpoint: str | None = None
     """OTLP/HTTP endpoint (``http://collector:4318``) for OpenTelemetry traces; None = tracing off.
     ``OTEL_EXPORTER_OTLP_ENDPOINT`` is used when this is not set. Needs the ``otel`` extra."""
+
+    def concurrency(self, cores: int | None = None) -> tuple[int, int]:
+        """(batches in flight per graph, intra-op threads per batch) on ``cores`` CPU cores."""
+        cores = cores or available_cores()
+        batches = self.max_concurrent_batches or cores
+        threads = self.intra_op_threads or max(1, cores // batches)
+        return batches, threads
 
     @field_validator("log_level", "log_format", "device", mode="before")
     @classmethod
@@ -119,6 +131,14 @@ class Settings(BaseSettings):
                 " a full-size request could never be queued"
             )
         return self
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (the container's CPU set, not the host's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def load_settings(**overrides: Any) -> Settings:

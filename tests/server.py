@@ -53,7 +53,28 @@ TOY_AUTHORS = [f"a{i}" for i in range(60)]
 TOY_STORE_FIELDS = (("user_id", "user", TOY_USERS), ("item_id", "item", TOY_ITEMS), ("author_id", "item", TOY_AUTHORS))
 
 
-def _toy_graph(path: Path, seed: int, tasks: Sequence[str]) -> None:
+BUSY_DIM = 384
+
+
+def _busy_nodes(inits: list, rounds: int) -> list:
+    """Nodes whose cost per run does not depend on the batch: ``rounds`` [384, 384] matrix
+    products fed from the input (so nothing is folded at load), contributing exactly 0 to ``z``."""
+    from onnx import helper, numpy_helper
+
+    w = np.random.default_rng(0).normal(0, 0.05, (BUSY_DIM, BUSY_DIM)).astype(np.float32)
+    inits += [numpy_helper.from_array(w, "busy_w"),
+              numpy_helper.from_array(np.zeros((BUSY_DIM, BUSY_DIM), np.float32), "busy_zero"),
+              numpy_helper.from_array(np.array(0.0, np.float32), "busy_scale")]
+    nodes = [helper.make_node("ReduceSum", ["dense"], ["busy_s"], keepdims=0),
+             helper.make_node("Mul", ["busy_s", "busy_zero"], ["busy_0"])]
+    for i in range(rounds):
+        nodes.append(helper.make_node("MatMul", [f"busy_{i}", "busy_w"], [f"busy_{i + 1}"]))
+    nodes += [helper.make_node("ReduceSum", [f"busy_{rounds}"], ["busy_sum"], keepdims=0),
+              helper.make_node("Mul", ["busy_sum", "busy_scale"], ["busy"])]
+    return nodes
+
+
+def _toy_graph(path: Path, seed: int, tasks: Sequence[str], busy_rounds: int = 0) -> None:
     """dense ‖ emb(ids) ‖ store vectors → MLP(16) → sigmoid per task; batch axis symbolic."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -85,7 +106,14 @@ def _toy_graph(path: Path, seed: int, tasks: Sequence[str]) -> None:
         helper.make_node("Add", ["h0", "b1"], ["h1"]),
         helper.make_node("Relu", ["h1"], ["h"]),
         helper.make_node("MatMul", ["h", "w2"], ["z0"]),
-        helper.make_node("Add", ["z0", "b2"], ["z"]),
+        helper.make_node("Add", ["z0", "b2"], ["z1"]),
+    ]
+    if busy_rounds:
+        nodes += _busy_nodes(inits, busy_rounds)
+        nodes.append(helper.make_node("Add", ["z1", "busy"], ["z"]))
+    else:
+        nodes.append(helper.make_node("Identity", ["z1"], ["z"]))
+    nodes += [
         helper.make_node("Sigmoid", ["z"], ["p"]),
     ]
     nodes += [helper.make_node("Gather", ["p", f"k{k}"], [t], axis=1) for k, t in enumerate(tasks)]
@@ -106,10 +134,13 @@ def _toy_graph(path: Path, seed: int, tasks: Sequence[str]) -> None:
 
 def build_toy_version(
     repo: Path, name: str = "toy", version: int = 1, grouped: bool = False, seed: int = 0,
-    tasks: Sequence[tuple[str, str]] = TOY_TASKS,
+    tasks: Sequence[tuple[str, str]] = TOY_TASKS, busy_rounds: int = 0,
 ) -> Path:
     """Write ``repo/name/version`` with one graph (``all``) or one per user group (new/low/high),
-    whose weights differ by group. Store tables hold TOY_USERS / TOY_ITEMS / TOY_AUTHORS."""
+    whose weights differ by group. Store tables hold TOY_USERS / TOY_ITEMS / TOY_AUTHORS.
+
+    ``busy_rounds`` makes every inference call cost that many [384, 384] matrix products whatever
+    its batch size (a slow engine for queueing tests) without changing any output."""
     vdir = Path(repo) / name / str(version)
     vdir.mkdir(parents=True)
     rng = np.random.default_rng(seed + 1000)
@@ -127,7 +158,7 @@ def build_toy_version(
     graphs = {}
     for g, key in enumerate(TOY_GROUPS.values if grouped else ("all",)):
         (vdir / "graphs").mkdir(exist_ok=True)
-        _toy_graph(vdir / "graphs" / f"{key}.onnx", seed * 10 + g, task_names)
+        _toy_graph(vdir / "graphs" / f"{key}.onnx", seed * 10 + g, task_names, busy_rounds)
         graphs[key] = GraphInfo(
             file=f"graphs/{key}.onnx", inputs=inputs,
             outputs=[TensorInfo(t, "float32", ["batch"]) for t in task_names], tasks=task_names,

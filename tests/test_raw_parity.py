@@ -27,6 +27,12 @@ INT_ID_FIELDS = ("user_id", "item_id", "author_id")
 """Ids rewritten as integers (``a6`` → 6) so the data set has integer-valued ids."""
 ITEM_FEATURES = ("author_id", "category", "item_age_days")
 USER_FEATURES = ("account_age_days", "watch_minutes_30d", "device")
+CASES = {
+    "ple": ("ple", {}),
+    "mfh": ("mfh", {}),
+    # Three facets: each group graph also takes the item facet, derived from item_age_days.
+    "mfh_item_facet": ("mfh", {"item_facet": True, "orders": [["user_group", "behaviour", "item"]]}),
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +50,23 @@ def int_id_data(synth_dir: Path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served_runs(int_id_data: Path, tmp_path_factory):
-    """``get(model)`` → (run dir, repository) trained and exported on the integer-id data (cached)."""
+    """``get(case)`` → (run dir, repository) trained and exported on the integer-id data (cached)."""
     from export.exporter import export_run
     from training.trainer import train
 
     cache: dict[str, tuple[Path, Path]] = {}
 
-    def get(model: str) -> tuple[Path, Path]:
-        if model not in cache:
-            run = tmp_path_factory.mktemp(f"raw-{model}")
+    def get(case: str) -> tuple[Path, Path]:
+        if case not in cache:
+            model, model_config = CASES[case]
+            run = tmp_path_factory.mktemp(f"raw-{case}")
             config = run / "config.yaml"
-            config.write_text(yaml.safe_dump(FAST_MODEL_CONFIGS))
+            config.write_text(yaml.safe_dump({**FAST_MODEL_CONFIGS, "model": model_config}))
             train(model, int_id_data, run / "run", config_path=config, progress=False)
-            repo = tmp_path_factory.mktemp(f"raw-repo-{model}")
+            repo = tmp_path_factory.mktemp(f"raw-repo-{case}")
             export_run(run / "run", repo, name=model, progress=False)
-            cache[model] = (run / "run", repo)
-        return cache[model]
+            cache[case] = (run / "run", repo)
+        return cache[case]
 
     return get
 
@@ -133,10 +140,10 @@ def _torch_scores(run_dir: Path, rows: pd.DataFrame) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["ple", "mfh"])
-def test_raw_rows_rank_like_pytorch(model, served_runs, int_id_data):
-    run_dir, repo = served_runs(model)
-    rows = _raw_rows(int_id_data, seed=len(model))
+@pytest.mark.parametrize("case", list(CASES))
+def test_raw_rows_rank_like_pytorch(case, served_runs, int_id_data):
+    run_dir, repo = served_runs(case)
+    rows = _raw_rows(int_id_data, seed=len(case))
     expected = _torch_scores(run_dir, rows)
     bodies = _requests(rows)
     groups = set()
@@ -154,9 +161,9 @@ def test_raw_rows_rank_like_pytorch(model, served_runs, int_id_data):
                 for task, score in item["tasks"].items():
                     diff = abs(score - float(expected[task][row]))
                     worst = max(worst, diff)
-                    assert diff <= TOLERANCE, (model, task, item["item_id"], score, float(expected[task][row]))
+                    assert diff <= TOLERANCE, (case, task, item["item_id"], score, float(expected[task][row]))
             offset += len(body["candidates"])
     assert offset == len(rows)
-    if model == "mfh":
+    if case.startswith("mfh"):
         assert "new" in groups and len(groups) >= 2, groups  # several group graphs were exercised
-    print(f"{model}: {len(rows)} rows in {len(bodies)} requests, max abs diff {worst:.2g}")
+    print(f"{case}: {len(rows)} rows in {len(bodies)} requests, max abs diff {worst:.2g}")

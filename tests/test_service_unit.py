@@ -15,7 +15,8 @@ import pytest
 from loadtests.server import free_port
 from mtrank import fusion
 from mtrank.fusion import BucketConfig, LengthFn
-from service.batcher import Batcher
+from service.admission import Admission
+from service.batcher import Batcher, LoadEstimate
 from service.buckets import BucketTable, user_slot
 from service.errors import DeadlineExceeded, Overloaded
 from service.runner import GraphRunner
@@ -201,7 +202,7 @@ def _rows(seed: int, n: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(0, 1, (n, 4)).astype(np.float32)
 
 
-def test_batcher_merges_concurrent_requests_and_returns_each_its_own_rows(tiny_runner):
+def test_batcher_runs_at_once_when_idle_and_merges_what_queues_while_busy(tiny_runner):
     async def main():
         rec = _Recorder(tiny_runner)
         batcher = _batcher(tiny_runner, rec, max_batch_rows=1000, max_queue_delay_s=0.05)
@@ -212,7 +213,7 @@ def test_batcher_merges_concurrent_requests_and_returns_each_its_own_rows(tiny_r
         return rec.batches, inputs, outs
 
     batches, inputs, outs = asyncio.run(main())
-    assert batches == [27]  # all six requests in one inference call
+    assert batches == [3, 24]  # the first request ran alone at once; the five behind it in one call
     for x, out in zip(inputs, outs, strict=True):
         alone_a, alone_b = tiny_runner.run({"dense": x})
         assert out["a"].shape == (len(x),)
@@ -253,7 +254,7 @@ def test_batcher_splits_at_max_batch_rows_and_runs_an_oversized_request_alone(ti
 def test_batcher_full_queue_raises_overloaded(tiny_runner):
     async def main():
         batcher = _batcher(tiny_runner, _Recorder(tiny_runner, delay_s=0.2), max_batch_rows=8,
-                           max_queue_delay_s=0.0, max_queue_rows=20)
+                           max_queue_delay_s=0.0, max_queue_rows=20, max_concurrent=1)
         deadline = time.monotonic() + 5
         first = asyncio.ensure_future(batcher.submit({"dense": _rows(0, 8)}, deadline))
         await asyncio.sleep(0.05)  # the first batch is running; the queue is empty again
@@ -270,7 +271,7 @@ def test_batcher_full_queue_raises_overloaded(tiny_runner):
 def test_batcher_drops_expired_and_cancelled_requests_before_running_them(tiny_runner):
     async def main():
         rec = _Recorder(tiny_runner, delay_s=0.1)
-        batcher = _batcher(tiny_runner, rec, max_batch_rows=1000, max_queue_delay_s=0.0)
+        batcher = _batcher(tiny_runner, rec, max_batch_rows=1000, max_queue_delay_s=0.0, max_concurrent=1)
         now = time.monotonic()
         busy = asyncio.ensure_future(batcher.submit({"dense": _rows(0, 2)}, now + 5))
         await asyncio.sleep(0.02)  # the worker is inside the first run; these three wait
@@ -288,6 +289,78 @@ def test_batcher_drops_expired_and_cancelled_requests_before_running_them(tiny_r
 
     batches, out = asyncio.run(main())
     assert batches == [2, 5] and len(out["a"]) == 5
+
+
+def test_a_lone_request_does_not_wait_for_the_queue_delay(tiny_runner):
+    async def main():
+        batcher = _batcher(tiny_runner, max_queue_delay_s=30.0)
+        # Far below the 30 s delay: an idle graph runs the request at once.
+        out = await asyncio.wait_for(batcher.submit({"dense": _rows(0, 4)}, time.monotonic() + 60), timeout=5.0)
+        await batcher.close()
+        return out
+
+    assert len(asyncio.run(main())["a"]) == 4
+
+
+def test_several_batches_of_a_graph_run_at_once(tiny_runner):
+    running, peak = 0, 0
+
+    def slow_run(feed):
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        time.sleep(0.2)
+        running -= 1
+        return tiny_runner.run(feed)
+
+    async def staggered():
+        batcher = _batcher(tiny_runner, slow_run, max_queue_delay_s=0.0, max_concurrent=3)
+        deadline = time.monotonic() + 10
+
+        async def later(i: int):
+            await asyncio.sleep(0.02 * i)
+            return await batcher.submit({"dense": _rows(i, 2)}, deadline)
+
+        await asyncio.gather(*(later(i) for i in range(3)))
+        await batcher.close()
+
+    asyncio.run(staggered())
+    assert peak == 3
+
+
+def test_a_request_that_cannot_meet_its_deadline_is_refused_before_it_queues(tiny_runner):
+    async def main():
+        load = LoadEstimate(parallelism=1)
+        load.observe(rows=100, seconds=1.0)  # the engine does 100 rows/s
+        batcher = _batcher(tiny_runner, _Recorder(tiny_runner, delay_s=0.3), max_queue_delay_s=0.0,
+                           max_concurrent=1, load=load)
+        now = time.monotonic()
+        running = asyncio.ensure_future(batcher.submit({"dense": _rows(0, 50)}, now + 10))
+        await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(batcher.submit({"dense": _rows(1, 50)}, now + 10))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as refused:  # 25 + 50 + 50 rows ahead at 100 rows/s: 1.25 s
+            await batcher.submit({"dense": _rows(2, 50)}, now + 0.5)
+        assert refused.value.retry_after_s >= 1
+        later = await batcher.submit({"dense": _rows(3, 10)}, now + 30)  # a patient one is taken
+        await asyncio.gather(running, queued)
+        await batcher.close()
+        return later
+
+    assert len(asyncio.run(main())["a"]) == 10
+
+
+def test_admission_refuses_a_body_before_reading_it_only_when_busy():
+    load = LoadEstimate(parallelism=1)
+    admission = Admission(load)
+    admission.check("100000", budget_s=0.001)  # nothing learnt yet: admitted
+    admission.learn(body_bytes=10_000, rows=100)  # 100 bytes per candidate
+    load.observe(rows=1000, seconds=1.0)  # 1000 rows/s
+    admission.check("100000", budget_s=0.5)  # idle: admitted, it would run at once
+    load.queued_rows = 2000
+    with pytest.raises(Overloaded):
+        admission.check("100000", budget_s=0.5)  # ~1000 rows behind 2000 queued: ~3 s
+    admission.check("1000", budget_s=3.0)  # a small one fits
 
 
 def test_unbatched_mode_runs_one_request_per_inference(tiny_runner):
