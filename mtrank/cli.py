@@ -49,7 +49,7 @@ def _export(a: argparse.Namespace) -> None:
 def _load_embeddings(a: argparse.Namespace) -> None:
     from export.redis_loader import load_embeddings
 
-    load_embeddings(a.repo, a.model, a.redis, version=a.version, prune=a.prune)
+    load_embeddings(a.repo, a.model, a.redis, version=a.version, prune=a.prune, shards=a.shards)
 
 
 def _serve(a: argparse.Namespace) -> None:
@@ -73,6 +73,17 @@ def _positive_ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
     return values
+
+
+def _positive_int(text: str) -> int:
+    """A positive integer; anything else is an argparse error (exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _tune_fusion(a: argparse.Namespace) -> None:
@@ -172,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--version", type=int, help="version to load (default: the newest)")
     s.add_argument("--redis", required=True, help="Redis URL (redis://, redis+cluster://)")
     s.add_argument("--prune", action="store_true", help="delete the keys of the model's other versions")
+    s.add_argument("--shards", type=_positive_int,
+                   help="hash tags per table (default: from the table size and the Redis Cluster's primaries, "
+                        "one per 64 MiB of vectors up to one per primary; 1 on a single Redis)")
     s.set_defaults(func=_load_embeddings)
 
     s = sub.add_parser("serve", help="serve the model repository over HTTP")
