@@ -1,4 +1,4 @@
-"""Fusion score ``score = Π_k p_k^{w_k} × f(video_len)`` in log space (DESIGN.md §5), and the A/B
+"""Fusion score ``score = Π_k p_k^{w_k} × f(video_len)`` in log space (docs/architecture.md §5), and the A/B
 bucket contract (``MTRANK_BUCKETS``): shared by the service and the offline fusion tuner.
 
 ``log score = Σ_k w_k · log(clip(p_k, ε, 1)) + log f(video_len)`` with ``ε = 1e-6``. Every task

@@ -1,4 +1,4 @@
-"""The FastAPI app (DESIGN.md §5): thin routes over :class:`service.ranking.Ranker`.
+"""The FastAPI app (docs/architecture.md §5): thin routes over :class:`service.ranking.Ranker`.
 
 ``create_app(settings)`` builds the app; its lifespan owns the :class:`Engine` (store,
 repository, batchers). Routes parse, call one function and format; errors map to JSON bodies

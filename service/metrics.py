@@ -1,4 +1,4 @@
-"""Every Prometheus object of the service (names fixed by DESIGN.md §7); the rest records here.
+"""Every Prometheus object of the service (names fixed by docs/architecture.md §7); the rest records here.
 
 Histogram buckets are explicit and fine in the millisecond range: a ranking call takes a few
 milliseconds, so the default buckets (5 ms upwards) would hide everything interesting.

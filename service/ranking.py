@@ -50,7 +50,7 @@ class Ranker:
         self._lookup_seconds = metrics.LOOKUP_DURATION.labels(store.name)
 
     async def rank(self, query: RankQuery, deadline: float, ctx: RequestContext) -> dict[str, Any]:
-        """The response body for ``query`` (DESIGN.md §5); ``deadline`` is time.monotonic() seconds."""
+        """The response body for ``query`` (docs/architecture.md §5); ``deadline`` is time.monotonic() seconds."""
         bucket = self._bucket(query.user_id)
         ctx.bucket = bucket.name
         lv = self.repository.resolve(bucket.model, bucket.version)

@@ -1,4 +1,4 @@
-"""Request and response bodies of ``POST /v1/rank`` (DESIGN.md §5).
+"""Request and response bodies of ``POST /v1/rank`` (docs/architecture.md §5).
 
 The request is decoded and validated in one pass by msgspec (C code, about three times faster
 than JSON parsing plus pydantic for 500 candidates) and turned into columns (:class:`RankQuery`)

@@ -1,4 +1,4 @@
-"""Service configuration: environment variables with the ``MTRANK_`` prefix (DESIGN.md §6).
+"""Service configuration: environment variables with the ``MTRANK_`` prefix (docs/architecture.md §6).
 
 Every field has a default and a one-line doc. :func:`load_settings` turns any validation error
 into a :class:`ConfigError` whose one-line message names the variable, e.g.

@@ -1,5 +1,5 @@
 """The Prometheus metrics that deploy/ depends on: names and labels referenced by the Grafana
-dashboard and the alert rules, checked against the metric contract (DESIGN.md section 7).
+dashboard and the alert rules, checked against the metric contract (docs/architecture.md §7).
 
 ``tests/test_deploy.py`` holds the files to the contract; a service test compares a running
 server's ``/metrics`` with :func:`referenced_series_names` (see :func:`missing_from_exposition`).
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "mtrank.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 
-# Family names as DESIGN.md spells them (counters carry their ``_total``), with their labels.
+# Family names as the metric contract spells them (counters carry their ``_total``), with their labels.
 COUNTERS: dict[str, frozenset[str]] = {
     "mtrank_requests_total": frozenset({"route", "status", "bucket"}),
     "mtrank_embedding_cache_hits_total": frozenset(),
@@ -109,7 +109,7 @@ def referenced_series_names() -> set[str]:
 
 
 def referenced_metric_families() -> set[str]:
-    """Metric families (DESIGN.md spelling) the dashboard and the alerts depend on. A series name
+    """Metric families (the metric contract's spelling) the dashboard and the alerts depend on. A series name
     that belongs to no known family is returned unchanged, so a comparison flags it."""
     return {family_of(name) or name for name in referenced_series_names()}
 

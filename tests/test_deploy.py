@@ -51,7 +51,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DEPLOY_README = ROOT / "deploy" / "README.md"
 
-# DESIGN.md section 6 plus the process settings; every one must be a field of the service's Settings.
+# docs/architecture.md §6 plus the process settings; every one must be a field of the service's Settings.
 CONTRACT_SETTINGS = frozenset(
     {
         "MTRANK_MODEL_REPO",

@@ -27,7 +27,7 @@ from tests.server import ROOT, rank_body
 
 ADMIN_TOKEN = "test-admin-token"
 SALT = "http-test-salt"
-METRIC_NAMES = (  # DESIGN.md §7, plus the store health metrics the dashboard uses
+METRIC_NAMES = (  # docs/architecture.md §7, plus the store health metrics the dashboard uses
     "mtrank_requests_total", "mtrank_request_duration_seconds", "mtrank_candidates_per_request",
     "mtrank_queue_wait_seconds", "mtrank_batch_rows", "mtrank_inference_duration_seconds",
     "mtrank_embedding_lookup_duration_seconds", "mtrank_embedding_cache_hits_total",
