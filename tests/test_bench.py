@@ -144,3 +144,50 @@ def test_bench_sizes_must_be_positive_integers(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2 and "--sizes" in proc.stderr and "positive integers" in proc.stderr
+
+
+def _hand_point(size: int, concurrency: int, rps: float, p50: float, p99: float, rate: float = 0.0) -> dict:
+    return {"size": size, "concurrency": concurrency, "rate": rate, "throughput_rps": rps, "rows_per_s": rps * size,
+            "p50_ms": p50, "p99_ms": p99, "mean_batch_rows": float(size), "rows_per_server_cpu_s": 1.0,
+            "errors": 0}
+
+
+def test_target_ratios_from_hand_made_figures():
+    """Each target is the quotient the issue names, compared the way it names; missing points are None."""
+    from loadtests.bench import compute_ratios, target_names
+
+    curve = [{"batch": b, "rows_per_s": r, "rows_per_cpu_s": r} for b, r in ((1, 1000.0), (512, 100_000.0))]
+    report = {
+        "config": {"sizes": [500, 1000]},
+        "engine": {"curve": curve, "peak": curve[1]},
+        "service": [_hand_point(500, 1, 30.0, 10.0, 20.0), _hand_point(500, 16, 170.0, 90.0, 200.0),
+                    _hand_point(1000, 16, 80.0, 190.0, 400.0)],
+        "naive": [_hand_point(500, 16, 200.0, 80.0, 100.0), _hand_point(1000, 4, 80.0, 50.0, 60.0)],
+        "tail": [_hand_point(500, 0, 119.0, 10.0, 40.0, rate=119.0), _hand_point(1000, 0, 56.0, 20.0, 30.0, rate=56.0)],
+        "overload": {"size": 500, "rate_rps": 680.0, "best_closed_loop": {"throughput_rps": 170.0},
+                     "goodput_rps": 136.0, "statuses": {"200": 2720, "503": 10_000}, "request_timeout_ms": 500,
+                     "non_200": {"503": {"count": 10_000, "p50_ms": 1.0, "p99_ms": 25.0, "max_ms": 40.0}},
+                     "rejected_503_p99_ms": 25.0, "accepted_p50_ms": 200.0, "accepted_p99_ms": 480.0,
+                     "rss_kib": {"start": 100_000, "after_first_second": 200_000, "end": 230_000, "max": 240_000},
+                     "error_lines": 2},
+        "servers": {"overload": {"error_lines": 2, "error_examples": ["x ERROR y"]}, "service": {"error_lines": 0}},
+    }
+    ratios = compute_ratios(report)
+    assert list(ratios) == target_names([500, 1000])
+    expected = {  # name: (value, met)
+        "batching_vs_naive_p50_20_c1": (None, False),
+        "service_vs_engine_20_c32": (None, False),
+        "service_vs_engine_500_c16": (0.85, True),  # 170 × 500 rows/s ÷ the 100 000 rows/s peak
+        "overload_goodput": (0.8, True),
+        "overload_503_p99_ms": (25.0, False),
+        "overload_accepted_p99_ms": (480.0, True),
+        "overload_rss_growth": (1.15, False),
+        "overload_error_lines": (2, False),
+        "batching_vs_naive_500": (0.85, False),  # best batching 170 ÷ best naive 200 req/s
+        "p99_over_p50_at_70pct_500": (4.0, False),
+        "batching_vs_naive_1000": (1.0, True),
+        "p99_over_p50_at_70pct_1000": (1.5, True),
+    }
+    assert {name: (r["value"], r["met"]) for name, r in ratios.items()} == expected
+    assert ratios["overload_accepted_p99_ms"]["target"] == 500.0
+    assert ratios["batching_vs_naive_p50_20_c1"]["missing"] == "no 20-candidate point at concurrency 1"
