@@ -44,7 +44,8 @@ def _ratio_rows(ratios: dict[str, dict[str, Any]]) -> list[list[Any]]:
 
 
 def _engine_label(e: dict[str, Any]) -> str:
-    return f"{e['session_options']}, {e['provider']}"
+    options = "default session options" if e["session_options"] == "default" else e["session_options"]
+    return f"{options}, {e['provider']}"
 
 
 def write_markdown(report: dict[str, Any], path: Path) -> None:
@@ -120,7 +121,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
                      ov["error_lines"]]]),
             "",
             _table(["status", "answers", "p50 ms", "p99 ms", "max ms"],
-                   [[s, v["count"], f"{v['p50_ms']:.2f}", f"{v['p99_ms']:.2f}", f"{v['max_ms']:.2f}"]
+                   [["no answer (client timeout or closed)" if s == "0" else s, v["count"], f"{v['p50_ms']:.2f}",
+                     f"{v['p99_ms']:.2f}", f"{v['max_ms']:.2f}"]
                     for s, v in ov["non_200"].items()]),
             "",
         ]
