@@ -105,12 +105,21 @@ class TableInfo:
 
 @dataclass(frozen=True)
 class DenseInfo:
+    """A dense field and its train statistics: model input = clip((t(x) − mean) / std)
+    (:mod:`mtrank.transform`)."""
+
     name: str
     side: str
     transform: str
+    """``none`` or ``log1p``."""
     mean: float
     std: float
     default: float
+    """Raw value used when a row does not carry the feature."""
+
+    def __post_init__(self) -> None:
+        if self.transform not in ("none", "log1p"):
+            raise ManifestError(f"dense field {self.name!r}: unknown transform {self.transform!r}")
 
 
 @dataclass(frozen=True)
@@ -152,13 +161,16 @@ class Manifest:
     def item_facet_rule(self) -> Facet | None:
         return _facet(self.item_facet)
 
-    def graph_for(self, group: str | None) -> GraphInfo:
-        """The graph serving ``group``; models without groups serve everyone from one graph."""
+    def graph_key(self, group: str | None) -> str:
+        """The key of the graph serving ``group``; models without groups serve everyone from one graph."""
         if group is not None and group in self.graphs:
-            return self.graphs[group]
+            return group
         if ALL_GROUPS in self.graphs:
-            return self.graphs[ALL_GROUPS]
+            return ALL_GROUPS
         raise ManifestError(f"model {self.name} v{self.version} has no graph for user group {group!r}")
+
+    def graph_for(self, group: str | None) -> GraphInfo:
+        return self.graphs[self.graph_key(group)]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,7 +3,7 @@
 The trainer's preprocessing, the exporter's parity rows and the service's request path all call
 this module, so a raw value becomes the same model input everywhere:
 
-- **dense** (:class:`DenseColumn`): missing → the field's default; ``log1p`` → ``log1p(max(x, 0))``;
+- **dense** (:class:`mtrank.manifest.DenseInfo`): missing → the field's default; ``log1p`` → ``log1p(max(x, 0))``;
   ``(x − mean) / std`` with train statistics; clipped to ±:data:`DENSE_LIMIT`; float32.
 - **sparse keys** (:func:`sparse_keys`): a raw value becomes the string its vocabulary or store
   table is keyed by: strings stay, integers and integral floats print as integers (``3``, ``3.0``
@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from mtrank.manifest import DenseInfo, Manifest
 from mtrank.spec import Facet
 
 DENSE_LIMIT = 1e6
@@ -73,28 +74,6 @@ def _floats(values: Sequence, name: str) -> np.ndarray:
         return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
     except (TypeError, ValueError):
         raise TransformError(f"{name}: must be a number") from None
-
-
-@dataclass(frozen=True)
-class DenseColumn:
-    """One dense field with its train statistics: model input = clip((t(x) − mean) / std)."""
-
-    name: str
-    side: str
-    transform: str
-    """``none`` or ``log1p``."""
-    mean: float
-    std: float
-    default: float
-    """Raw value used when a row does not carry the feature."""
-
-    def __post_init__(self) -> None:
-        if self.transform not in ("none", "log1p"):
-            raise TransformError(f"dense field {self.name!r}: unknown transform {self.transform!r}")
-
-    def apply(self, raw: np.ndarray) -> np.ndarray:
-        """Raw float64 values (defaults already filled) → standardised float64."""
-        return (pre_standardise(raw, self.transform) - self.mean) / (self.std or 1.0)
 
 
 def pre_standardise(raw: np.ndarray, transform: str) -> np.ndarray:
@@ -205,18 +184,40 @@ class Vocabulary:
 
 
 class VocabularyCounter:
-    """Key frequencies over batches; :meth:`vocabulary` keeps keys seen ``min_count`` times or more."""
+    """Key frequencies over batches; :meth:`vocabulary` keeps keys seen ``min_count`` times or more.
 
-    def __init__(self) -> None:
+    ``capacity`` bounds memory for fields with hundreds of millions of distinct ids: when more than
+    ``2 * capacity`` keys are held, the counter keeps the ``capacity`` most frequent and lowers every
+    count by the first dropped one's (Misra-Gries, batched). A key seen more than ``total /
+    (capacity + 1)`` times is never dropped and its count is low by at most that much; below
+    ``2 * capacity`` distinct keys the counts are exact. None: exact, unbounded.
+    """
+
+    def __init__(self, capacity: int | None = None) -> None:
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"vocabulary counter capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
         self.counts: Counter[str] = Counter()
+        self.pruned = 0
+        """Times the counter was cut back to ``capacity`` keys (0: the counts are exact)."""
 
     def update(self, keys: Iterable[str]) -> None:
         self.counts.update(keys)
+        if self.capacity is not None and len(self.counts) > 2 * self.capacity:
+            self._prune()
 
-    def vocabulary(self, min_count: int = 1) -> list[str]:
-        """Most frequent first, ties by key: deterministic for a data set."""
+    def _prune(self) -> None:
+        kept = self.counts.most_common(self.capacity + 1)
+        floor = kept[-1][1]
+        self.counts = Counter({k: c - floor for k, c in kept[:-1] if c > floor})
+        self.pruned += 1
+
+    def vocabulary(self, min_count: int = 1, max_size: int | None = None) -> list[str]:
+        """Most frequent first, ties by key: deterministic for a data set; at most ``max_size`` keys."""
         kept = [(-c, k) for k, c in self.counts.items() if c >= min_count]
         kept.sort()
+        if max_size is not None:
+            kept = kept[:max_size]
         return [k for _, k in kept]
 
 
@@ -262,7 +263,7 @@ class FeatureTransform:
 
     def __init__(
         self,
-        dense: Sequence[DenseColumn],
+        dense: Sequence[DenseInfo],
         sparse: Sequence[SparseColumn],
         user_groups: Facet | None = None,
         item_facet: Facet | None = None,
@@ -279,10 +280,9 @@ class FeatureTransform:
         self._log1p = [j for j, d in enumerate(self.dense) if d.transform == "log1p"]
 
     @classmethod
-    def from_manifest(cls, manifest: Any) -> FeatureTransform:
-        """From a :class:`mtrank.manifest.Manifest` (duck-typed: this module does not import it)."""
-        dense = [DenseColumn(d.name, d.side, d.transform, float(d.mean), float(d.std), float(d.default))
-                 for d in manifest.dense]
+    def from_manifest(cls, manifest: Manifest) -> FeatureTransform:
+        """From a loaded model version's manifest."""
+        dense = list(manifest.dense)
         sparse = [
             SparseColumn(s.name, s.side, s.location, Vocabulary(s.vocab or []) if s.location == "graph" else None)
             for s in manifest.sparse

@@ -9,13 +9,13 @@ from functools import cached_property
 from pathlib import Path
 
 from mtrank.manifest import (
-    ALL_GROUPS,
     DENSE_INPUT,
     EMB_PREFIX,
     IDS_INPUT,
     ITEM_FACET_INPUT,
     GraphInfo,
     Manifest,
+    ManifestError,
 )
 from mtrank.transform import FeatureTransform
 from service.batcher import Batcher
@@ -107,11 +107,10 @@ class LoadedVersion:
         return {t["name"]: tuple(t["fusion_range"]) for t in self.manifest.tasks if t.get("fusion_range")}
 
     def graph_for(self, group: str | None) -> GroupGraph:
-        if group is not None and group in self.graphs:
-            return self.graphs[group]
-        if ALL_GROUPS in self.graphs:
-            return self.graphs[ALL_GROUPS]
-        raise NotReady(f"model {self.name} v{self.version} has no graph for user group {group!r}")
+        try:
+            return self.graphs[self.manifest.graph_key(group)]
+        except ManifestError as e:
+            raise NotReady(str(e)) from None
 
     async def close(self) -> None:
         for g in self.graphs.values():

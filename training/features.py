@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mtrank.manifest import DenseInfo
 from mtrank.spec import FeatureSpec
 from mtrank.transform import (
     Column,
-    DenseColumn,
     DenseStatsAccumulator,
     FeatureTransform,
     SparseColumn,
@@ -67,7 +67,7 @@ class Preprocessor:
         self.dense_stats = dense_stats
         self.vocabs = vocabs
         self.feature_transform = FeatureTransform(
-            [DenseColumn(f.name, f.side, f.transform, dense_stats[f.name].mean, dense_stats[f.name].std, f.default)
+            [DenseInfo(f.name, f.side, f.transform, dense_stats[f.name].mean, dense_stats[f.name].std, f.default)
              for f in spec.dense],
             [SparseColumn(f.name, f.side, f.location, Vocabulary(vocabs[f.name])) for f in spec.sparse],
             spec.user_groups,
