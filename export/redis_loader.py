@@ -1,20 +1,23 @@
 """Load a model version's store-held embedding tables into Redis, then flip the model's pointer.
 
-Key layout: :mod:`mtrank.store_keys`. A table is written shard by shard (one hash tag per shard,
-one slot): its rows go in as ``MSET`` chunks streamed on one connection to the node owning the
-shard's slot, then the table's meta key (with the shard layout) marks it complete; after every
-table the pointer ``{prefix}:ptr:<model>`` is set to the version in one ``SET``. Until then
-readers following the pointer keep using the old version, whose keys are not touched. Row 0 (the
-default vector) is not stored: the service takes defaults from the repository.
+Key layout: :mod:`mtrank.store_keys`. The version's shard layout (``N`` hash tags shared by all
+its tables) is chosen once, then each table is written shard by shard (one tag, one slot): its
+rows go in as ``MSET`` chunks streamed on one connection to the node owning the shard's slot,
+then the table's meta key (with the version layout) marks it complete; after every table the
+pointer ``{prefix}:ptr:<model>`` is set to the version in one ``SET``. Until then readers
+following the pointer keep using the old version, whose keys are not touched. Row 0 (the default
+vector) is not stored: the service takes defaults from the repository.
 
-On Redis Cluster a table of at least :data:`mtrank.store_keys.SHARD_MIN_BYTES` of values is spread
-over several primaries (``shards``: auto from table size and cluster size, or given). Chunks that
-meet a slot being moved (``MOVED``, ``ASK``, ``TRYAGAIN`` while ``redis-cli --cluster reshard``
-runs) are written again key by key through the cluster client, which follows the redirections.
+On Redis Cluster a version of at least :data:`mtrank.store_keys.SHARD_MIN_BYTES` of values (all
+tables together) is spread over several primaries (``shards``: auto from the version's size and
+the cluster's size, or given). Chunks that meet a slot being moved (``MOVED``, ``ASK``,
+``TRYAGAIN`` while ``redis-cli --cluster reshard`` runs) are written again key by key through
+the cluster client, which follows the redirections.
 
-Re-running is idempotent: a table whose meta key already matches (rows, width, checksums) is
-skipped. ``prune`` deletes the keys of every other version of the model (meta keys first, so a
-half-pruned table is never taken for complete).
+Re-running is idempotent: a table whose meta key already matches (rows, width, checksums, layout)
+is skipped, and a version partly loaded keeps the layout its complete tables recorded. ``prune``
+deletes the keys of every other version of the model, in this layout or in the earlier one with a
+hash tag per table (meta keys first, so a half-pruned table is never taken for complete).
 """
 
 from __future__ import annotations
@@ -53,12 +56,12 @@ def load_embeddings(
 ) -> dict[str, Any]:
     """Load ``model``'s version (default: newest) into Redis and point the model at it.
 
-    ``shards``: hash tags per table (None: chosen per table from its size and the number of
-    Cluster primaries, :func:`mtrank.store_keys.choose_shards`; 1 on a single Redis).
-    Returns ``{"model", "version", "ids", "seconds", "ids_per_s", "tables", "shards",
-    "redirected_ids", "pruned_keys"}``; ``ids`` counts the ids written by this call (0 when
-    everything was already loaded), ``redirected_ids`` those written again key by key after a
-    slot moved under them.
+    ``shards``: hash tags of the version, shared by its tables (None: chosen from the version's
+    size and the number of Cluster primaries, :func:`mtrank.store_keys.choose_shards`; 1 on a
+    single Redis). Returns ``{"model", "version", "ids", "seconds", "ids_per_s", "tables",
+    "shards", "shard_salts", "redirected_ids", "pruned_keys"}``; ``ids`` counts the ids written
+    by this call (0 when everything was already loaded), ``redirected_ids`` those written again
+    key by key after a slot moved under them.
     """
     vdir = version_dir(repo, model, version)
     manifest = load_manifest(vdir)
@@ -68,10 +71,11 @@ def load_embeddings(
     client = store_keys.connect(redis_url)
     try:
         started = time.perf_counter()
-        report: dict[str, Any] = {"shards": {}, "redirected_ids": 0}
+        report: dict[str, Any] = {"redirected_ids": 0}
+        layout = version_layout(client, manifest, model=model, prefix=prefix, shards=shards)
         tables = {
             field: load_table(
-                client, vdir, manifest, field, model=model, prefix=prefix, progress=progress, shards=shards,
+                client, vdir, manifest, field, model=model, prefix=prefix, progress=progress, layout=layout,
                 report=report,
             )
             for field in manifest.tables
@@ -89,7 +93,8 @@ def load_embeddings(
         "seconds": round(seconds, 3),
         "ids_per_s": round(ids / seconds) if seconds > 0 else 0,
         "tables": tables,
-        "shards": report["shards"],
+        "shards": layout.shards,
+        "shard_salts": list(layout.salts),
         "redirected_ids": report["redirected_ids"],
         "pruned_keys": pruned,
     }
@@ -126,27 +131,29 @@ def load_table(
     model: str | None = None,
     prefix: str = store_keys.DEFAULT_PREFIX,
     progress: bool = True,
-    shards: int | None = None,
+    layout: store_keys.VersionLayout | None = None,
     report: dict[str, Any] | None = None,
 ) -> int:
     """Write one table's rows, then its meta key; returns the ids written (0: already complete).
 
-    ``shards``: see :func:`load_embeddings`. ``report``, when given, gets the table's shard count
-    under ``["shards"][field]`` and adds to ``["redirected_ids"]``. Does not touch the pointer: a
-    caller can load every table of a new version while readers stay on the old one.
+    ``layout``: the version's (None: :func:`version_layout` with its defaults, which keeps the
+    layout of the version's tables already loaded). ``report``, when given, adds to
+    ``["redirected_ids"]``. Does not touch the pointer: a caller can load every table of a new
+    version while readers stay on the old one.
     """
     model = model or manifest.name
+    layout = layout or version_layout(client, manifest, model=model, prefix=prefix)
     table = manifest.tables[field]
     meta = table_meta(manifest, field)
+    meta.update(layout.meta_fields())
     meta_key = store_keys.meta_key(prefix, model, manifest.version, field)
-    report = report if report is not None else {"shards": {}, "redirected_ids": 0}
+    report = report if report is not None else {"redirected_ids": 0}
     current = client.get(meta_key)
-    if current is not None and _same_table(json.loads(current), meta):
-        report["shards"][field] = store_keys.TableLayout.from_meta(json.loads(current)).shards
+    if current is not None and _same_table(json.loads(current), meta) and _layout_of(current) == layout:
         return 0
     if current is not None:
-        # A different table went in under this model and version before (the version directory
-        # was replaced): it stops counting as complete before its rows are overwritten.
+        # A different table (the version directory was replaced) or layout (another --shards)
+        # went in under this model and version before: it stops counting as complete first.
         client.delete(meta_key)
 
     ids = read_ids(vdir / table.ids_file)
@@ -156,7 +163,6 @@ def load_table(
             f"{vdir}: table {field!r} has {len(ids)} ids and vectors {vectors.shape}, "
             f"manifest says {table.rows - 1} ids and ({table.rows}, {table.width})"
         )
-    layout = _layout(client, model, manifest.version, field, len(ids) * table.width * 4, shards)
     key_prefixes = layout.key_prefixes(prefix, model, manifest.version, field)
     # vectors row 0 is the default (not stored): id i is row i + 1.
     rows_of_shard = _rows_by_shard(ids, layout.shards)
@@ -173,25 +179,44 @@ def load_table(
             redirected = _stream(_shard_node(client, encoded_prefix), commands, on_reply=bar.update)
             if redirected:
                 report["redirected_ids"] += _write_key_by_key(client, redirected)
-    meta.update(layout.meta_fields())
     client.set(meta_key, json.dumps(meta))
-    report["shards"][field] = layout.shards
     return len(ids)
 
 
-def _layout(client, model: str, version: int, field: str, value_bytes: int, shards: int | None):
-    """The table's shard layout: ``shards`` (None: from its size and the cluster's primaries)."""
+def version_layout(
+    client, manifest: Manifest, model: str | None = None, prefix: str = store_keys.DEFAULT_PREFIX,
+    shards: int | None = None,
+) -> store_keys.VersionLayout:
+    """The shard layout of the version's tables: the one its complete tables already recorded
+    (when ``shards`` is None or agrees), else ``shards`` tags (None: one per
+    :data:`mtrank.store_keys.SHARD_MIN_BYTES` of all tables' values, at most one per Cluster
+    primary; 1 on a single Redis) with salts placing them on distinct primaries."""
     from redis.cluster import RedisCluster
 
+    model = model or manifest.name
+    fields = list(manifest.tables)
+    keys = [store_keys.meta_key(prefix, model, manifest.version, f) for f in fields]
+    for field, key in zip(fields, keys, strict=True):
+        raw = client.get(key)
+        if raw is not None and _same_table(json.loads(raw), table_meta(manifest, field)):
+            recorded = _layout_of(raw)
+            if shards is None or recorded.shards == shards:
+                return recorded
     if not isinstance(client, RedisCluster):
-        return store_keys.TableLayout(shards or 1, (0,) * (shards or 1) if (shards or 1) > 1 else ())
+        n = shards or 1
+        return store_keys.VersionLayout(n, (0,) * n if n > 1 else ())
     slots = client.nodes_manager.slots_cache
     owner = {slot: nodes[0].name for slot, nodes in slots.items() if nodes}
     primaries = sorted(set(owner.values()), key=lambda name: min(s for s, n in owner.items() if n == name))
+    value_bytes = sum((t.rows - 1) * t.width * 4 for t in manifest.tables.values())
     n = shards or store_keys.choose_shards(value_bytes, len(primaries))
     if n == 1:
-        return store_keys.TableLayout()
-    return store_keys.TableLayout(n, store_keys.pick_salts(model, version, field, n, owner.get, primaries))
+        return store_keys.VersionLayout()
+    return store_keys.VersionLayout(n, store_keys.pick_salts(model, manifest.version, n, owner.get, primaries))
+
+
+def _layout_of(raw_meta: bytes) -> store_keys.VersionLayout:
+    return store_keys.VersionLayout.from_meta(json.loads(raw_meta))
 
 
 def _rows_by_shard(ids: list[str], shards: int) -> list[np.ndarray]:
@@ -321,7 +346,8 @@ def _hash_tag(key: bytes) -> bytes | None:
 
 
 def _stale(tag: bytes, model: str, keep: int) -> bool:
-    """``tag`` = ``<model>:<version>:<field>[:<shard>.<salt>]`` of ``model`` with a version other than ``keep``."""
+    """``tag`` of ``model`` with a version other than ``keep``: ``<model>:<version>[:<shard>.<salt>]``,
+    or ``<model>:<version>:<field>[:<shard>.<salt>]`` of the earlier per-table layout."""
     text = tag.decode("utf-8", "replace")
     if not text.startswith(model + ":"):
         return False

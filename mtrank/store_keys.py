@@ -1,17 +1,21 @@
 """Redis layout of the embedding store, shared by the loader (export) and the service.
 
-- ``{prefix}:{<model>:<version>:<field>}:<id>`` → the table row of ``id``: ``width`` float32
-  values, little-endian, no header (STEM: the shared and every task view in one value).
-  The hash tag keeps one table of one version in one Cluster slot, so a request's MGET for a
-  field is a single command even on Redis Cluster. This is the layout of a table with one shard.
-- A table spread over ``N > 1`` shards (a large table on a Cluster): ``id`` lives under
-  ``{prefix}:{<model>:<version>:<field>:<s>.<salt>}:<id>`` with ``s = crc32(id) mod N``
-  (:func:`shard_of`). The loader picks each shard's ``salt`` so that the shards' slots sit on
-  different primaries (:func:`pick_salts`): a request then needs at most one MGET per node
-  for the table, and the table's memory and lookup work spread over the cluster.
-- ``{prefix}:meta:{<model>:<version>:<field>}`` → JSON ``{"rows", "width", "sha256", ...,
+Every table of one (model, version) shares the version's hash tags, so a request that looks up
+several tables still sends at most one ``MGET`` per Cluster node:
+
+- One shard (a single Redis, a small version): ``{prefix}:{<model>:<version>}:<field>:<id>``
+  → the table row of ``id``: ``width`` float32 values, little-endian, no header (STEM: the
+  shared and every task view in one value). One tag, one Cluster slot for the whole version.
+- ``N > 1`` shards (a large version on a Cluster): ``id`` of every table lives under
+  ``{prefix}:{<model>:<version>:<s>.<salt>}:<field>:<id>`` with ``s = crc32(id) mod N``
+  (:func:`shard_of`). The loader picks the ``N`` salts once per version so that the ``N`` tags'
+  slots sit on ``N`` different primaries (:func:`pick_salts`): a request's keys of all tables
+  then fall into at most ``N`` slots on ``N`` nodes, one ``MGET`` each, and the version's memory
+  and lookup work spread over the cluster.
+- ``{prefix}:meta:{<model>:<version>}:<field>`` → JSON ``{"rows", "width", "sha256", ...,
   "shards", "shard_salts"}`` written after the table's rows: a table is complete when its meta
-  key exists; the service reads the shard layout from it (absent ``shards``: one shard).
+  key exists, a version when all its tables' are. Every table's meta carries the same version
+  layout (:class:`VersionLayout`); the service reads it from there.
 - ``{prefix}:ptr:<model>`` → the version the loader flipped to last (an integer as text).
 
 A URL with the scheme ``redis+cluster://`` (or ``rediss+cluster://``) selects Redis Cluster.
@@ -30,25 +34,27 @@ import numpy as np
 DEFAULT_PREFIX = "mtrank"
 CLUSTER_SLOTS = 16384
 SHARD_MIN_BYTES = 64 * 1024 * 1024
-"""A table gets one shard per this many bytes of values (up to one per primary)."""
+"""A version gets one shard per this many bytes of values, all tables together (up to one per primary)."""
 MAX_SALT = 1_000_000
 
 
-def table_tag(model: str, version: int, field: str) -> str:
-    return f"{{{model}:{version}:{field}}}"
+def version_tag(model: str, version: int) -> str:
+    """The hash tag of a one-shard version."""
+    return f"{{{model}:{version}}}"
 
 
-def shard_tag(model: str, version: int, field: str, shard: int, salt: int) -> str:
-    return f"{{{model}:{version}:{field}:{shard}.{salt}}}"
+def shard_tag(model: str, version: int, shard: int, salt: int) -> str:
+    """The hash tag of shard ``shard`` of a version spread over several shards."""
+    return f"{{{model}:{version}:{shard}.{salt}}}"
 
 
 def id_key_prefix(prefix: str, model: str, version: int, field: str) -> str:
     """Prepend to an id to get its key (one-shard layout)."""
-    return f"{prefix}:{table_tag(model, version, field)}:"
+    return f"{prefix}:{version_tag(model, version)}:{field}:"
 
 
 def meta_key(prefix: str, model: str, version: int, field: str) -> str:
-    return f"{prefix}:meta:{table_tag(model, version, field)}"
+    return f"{prefix}:meta:{version_tag(model, version)}:{field}"
 
 
 def pointer_key(prefix: str, model: str) -> str:
@@ -63,7 +69,7 @@ def key_slot(key: str | bytes) -> int:
 
 
 def shard_of(ids: Sequence[str], shards: int) -> list[int]:
-    """Per id its shard: ``crc32(utf-8 id) mod shards`` (stable across processes and versions)."""
+    """Per id its shard: ``crc32(utf-8 id) mod shards`` (stable across processes, tables and versions)."""
     if shards == 1:
         return [0] * len(ids)
     crc = zlib.crc32
@@ -71,39 +77,44 @@ def shard_of(ids: Sequence[str], shards: int) -> list[int]:
 
 
 @dataclass(frozen=True)
-class TableLayout:
-    """Where one table of one version lives: ``shards`` hash tags, ``salts[s]`` naming shard s."""
+class VersionLayout:
+    """Where the tables of one version live: ``shards`` hash tags, ``salts[s]`` naming shard s."""
 
     shards: int = 1
     salts: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.shards < 1 or (self.shards > 1 and len(self.salts) != self.shards):
-            raise ValueError(f"table layout: {self.shards} shards with {len(self.salts)} salts")
+            raise ValueError(f"version layout: {self.shards} shards with {len(self.salts)} salts")
+
+    def tags(self, model: str, version: int) -> list[str]:
+        """Per shard, its hash tag."""
+        if self.shards == 1:
+            return [version_tag(model, version)]
+        return [shard_tag(model, version, s, salt) for s, salt in enumerate(self.salts)]
 
     def key_prefixes(self, prefix: str, model: str, version: int, field: str) -> list[str]:
-        """Per shard, the string to prepend to an id to get its key."""
-        if self.shards == 1:
-            return [id_key_prefix(prefix, model, version, field)]
-        return [f"{prefix}:{shard_tag(model, version, field, s, salt)}:" for s, salt in enumerate(self.salts)]
+        """Per shard, the string to prepend to an id of table ``field`` to get its key."""
+        return [f"{prefix}:{tag}:{field}:" for tag in self.tags(model, version)]
 
     def meta_fields(self) -> dict[str, Any]:
         return {"shards": self.shards, "shard_salts": list(self.salts)} if self.shards > 1 else {"shards": 1}
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> TableLayout:
+    def from_meta(cls, meta: dict[str, Any]) -> VersionLayout:
         shards = int(meta.get("shards", 1))
         return cls(shards, tuple(int(s) for s in meta.get("shard_salts", ()))) if shards > 1 else cls()
 
 
 def choose_shards(value_bytes: int, primaries: int) -> int:
-    """Shards for a table of ``value_bytes`` on a cluster of ``primaries``: one per
-    :data:`SHARD_MIN_BYTES`, at most one per primary (more would need two MGETs on a node)."""
+    """Shards for a version whose tables hold ``value_bytes`` of values in all, on a cluster of
+    ``primaries``: one per :data:`SHARD_MIN_BYTES`, at most one per primary (more would need two
+    MGETs on a node)."""
     return max(1, min(primaries, math.ceil(value_bytes / SHARD_MIN_BYTES)))
 
 
 def pick_salts(
-    model: str, version: int, field: str, shards: int, owner: Callable[[int], str], primaries: Sequence[str]
+    model: str, version: int, shards: int, owner: Callable[[int], str], primaries: Sequence[str]
 ) -> tuple[int, ...]:
     """Per shard the smallest salt whose tag's slot ``owner(slot)`` is a primary of its own.
 
@@ -115,11 +126,9 @@ def pick_salts(
     salts = []
     for s in range(shards):
         target = primaries[s * len(primaries) // shards]
-        salt = next(
-            (k for k in range(MAX_SALT) if owner(key_slot(shard_tag(model, version, field, s, k))) == target), None
-        )
+        salt = next((k for k in range(MAX_SALT) if owner(key_slot(shard_tag(model, version, s, k))) == target), None)
         if salt is None:
-            raise ValueError(f"no hash tag of shard {s} of table {field!r} lands on primary {target}")
+            raise ValueError(f"no hash tag of shard {s} of {model} v{version} lands on primary {target}")
         salts.append(salt)
     return tuple(salts)
 

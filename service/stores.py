@@ -5,9 +5,10 @@ Two stores behind one interface, :class:`EmbeddingStore`:
 - :class:`InProcessStore`: the repository's tables (ids file → dict, vectors memory-mapped);
   used when ``MTRANK_REDIS_URL`` is unset.
 - :class:`RedisStore`: the versioned keys of :mod:`mtrank.store_keys` on one Redis or a Redis
-  Cluster (``redis+cluster://``). One round trip per request on a single Redis (one MGET per
-  field); on a Cluster one MGET per slot holding the request's keys, all sent at once (a table
-  spread over N shards has its shards on different primaries: one MGET per node). A bounded TTL
+  Cluster (``redis+cluster://``). One round trip per request on a single Redis (one MGET of
+  every table's keys); on a Cluster one MGET per slot holding the request's keys, whatever their
+  table, all sent at once (a version's tables share its N hash tags, which sit on N different
+  primaries: one MGET per node for the whole request). A bounded TTL
   cache in front, and a circuit breaker: on a Redis error the answer is served from the cache
   and default vectors with ``degraded=True``; after ``MTRANK_REDIS_RETRY_S`` one call (a
   request or a readiness check) probes Redis while the others keep answering degraded, so
@@ -271,9 +272,9 @@ class _TableState:
     cache_prefix: str
     """Prepended to an id for its cache key (the one-shard key, whatever the layout)."""
     key_prefixes: list[str]
-    """Per shard, prepended to an id for its Redis key."""
+    """Per shard of the version, prepended to an id for its Redis key in this table."""
     slots: list[int]
-    """Per shard, its Cluster slot."""
+    """Per shard of the version, its Cluster slot (the same for every table of the version)."""
     meta_key: str
     rows: int
     width: int
@@ -417,7 +418,7 @@ class RedisStore:
 
     # -- tables -------------------------------------------------------------------------------
 
-    def _register(self, table: LocalTable, layout: store_keys.TableLayout) -> _TableState:
+    def _register(self, table: LocalTable, layout: store_keys.VersionLayout) -> _TableState:
         key_prefixes = layout.key_prefixes(self.prefix, table.model, table.version, table.field)
         state = _TableState(
             cache_prefix=store_keys.id_key_prefix(self.prefix, table.model, table.version, table.field),
@@ -433,7 +434,7 @@ class RedisStore:
 
     def _state(self, table: LocalTable) -> _TableState:
         state = self._tables.get((table.model, table.version, table.field))
-        return state if state is not None else self._register(table, store_keys.TableLayout())
+        return state if state is not None else self._register(table, store_keys.VersionLayout())
 
     def _check_meta(self, state: _TableState, raw: bytes | None, now: float) -> str | None:
         """Record the state of ``state``'s meta value ``raw``; returns why it is not complete, or None."""
@@ -563,15 +564,14 @@ class RedisStore:
         return True
 
     async def _fetch_single(self, plans: list[_Plan]) -> None:
-        if len(plans) == 1:
-            replies = [await self.client.mget(plans[0].state.redis_keys(plans[0].fetched_ids()))]
-        else:
-            pipe = self.client.pipeline(transaction=False)
-            for plan in plans:
-                pipe.mget(plan.state.redis_keys(plan.fetched_ids()))
-            replies = await pipe.execute()
-        for plan, reply in zip(plans, replies, strict=True):
-            plan.fill(reply)
+        """One MGET of every plan's keys (one command, one round trip)."""
+        keys = [key for plan in plans for key in plan.state.redis_keys(plan.fetched_ids())]
+        reply = await self.client.mget(keys)
+        start = 0
+        for plan in plans:
+            end = start + len(plan.fetch)
+            plan.fill(reply[start:end])
+            start = end
 
     async def _fetch_cluster(self, plans: list[_Plan]) -> BaseException | None:
         """One MGET per slot holding the plans' keys, all at once; returns a failure, if any
@@ -707,20 +707,28 @@ class RedisStore:
             self._fail(e)
             return f"cannot check its tables in Redis at {self.url}: {self._last_error}"
         self._recovered()
-        now = time.monotonic()
+        layouts: dict[tuple[str, int], tuple[str, store_keys.VersionLayout]] = {}
         for t, key, raw in zip(tables, keys, metas, strict=True):
             if raw is None:
                 return (f"table {t.field!r} of {t.model} v{t.version} is not loaded in Redis (no key {key}); "
                         f"run `mtrank load-embeddings --model {t.model} --version {t.version}`")
             try:
                 meta = json.loads(raw)
-                layout = store_keys.TableLayout.from_meta(meta)
+                layout = store_keys.VersionLayout.from_meta(meta)
             except (ValueError, TypeError, AttributeError):
                 return f"table {t.field!r}: meta key {key} is not a JSON object with a valid shard layout"
             if int(meta.get("width", -1)) != t.width or int(meta.get("rows", -1)) != t.info.rows:
                 return (f"table {t.field!r} in Redis has rows={meta.get('rows')} width={meta.get('width')}, "
                         f"the repository has rows={t.info.rows} width={t.width}")
-            self._check_meta(self._register(t, layout), raw, now)
+            first_field, first = layouts.setdefault((t.model, t.version), (t.field, layout))
+            if layout != first:
+                # The tables of a version share its hash tags: one request, one MGET per node.
+                return (f"tables {first_field!r} and {t.field!r} of {t.model} v{t.version} were loaded with "
+                        f"different shard layouts ({first.shards} and {layout.shards} shards); run "
+                        f"`mtrank load-embeddings --model {t.model} --version {t.version}` again")
+        now = time.monotonic()
+        for t, raw in zip(tables, metas, strict=True):
+            self._check_meta(self._register(t, layouts[(t.model, t.version)][1]), raw, now)
         return None
 
     async def health(self) -> str | None:

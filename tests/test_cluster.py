@@ -40,10 +40,10 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ple(exported_repo, cluster) -> Path:
-    """The exported PLE, its tables loaded with one shard per primary."""
+    """The exported PLE, its version loaded with one shard per primary."""
     repo = exported_repo("ple")
     stats = load_embeddings(repo, "ple", cluster.url, progress=False, shards=3)
-    assert set(stats["shards"].values()) == {3}
+    assert stats["shards"] == 3 and len(stats["shard_salts"]) == 3
     return repo
 
 
@@ -127,43 +127,60 @@ def test_cluster_answers_equal_the_in_process_store_bit_for_bit(in_process, on_c
     assert on_cluster.get("/readyz").json() == {"ready": True}
 
 
-def test_a_sharded_table_spreads_over_all_primaries_and_a_lookup_needs_one_mget_per_node(ple, cluster, on_cluster):
+def _version_keys_per_node(cluster: LocalCluster, model: str, version: int, prefix: str = PREFIX) -> dict[int, int]:
+    """Per live primary's port, the row keys of ``model`` v``version`` (sharded layout) it holds."""
+    counts = {}
+    for node in cluster.primaries():
+        c = node.client()
+        try:
+            counts[node.port] = sum(1 for _ in c.scan_iter(match=f"{prefix}:{{{model}:{version}:*", count=1000))
+        finally:
+            c.close()
+    return counts
+
+
+def test_a_sharded_version_spreads_over_all_primaries_and_a_request_needs_one_mget_per_node(
+    ple, cluster, on_cluster
+):
     vdir = version_dir(ple, "ple")
     manifest = load_manifest(vdir)
     primaries = cluster.primaries()
-    item = manifest.tables["item_id"]
-    counts = {}
-    for node in primaries:
-        c = node.client()
-        pattern = f"{PREFIX}:{{ple:{manifest.version}:item_id:*"
-        counts[node.port] = sum(1 for _ in c.scan_iter(match=pattern, count=1000))
-        c.close()
-    even = (item.rows - 1) / len(primaries)
-    assert all(abs(n - even) <= 0.2 * even for n in counts.values()), counts
+    counts = _version_keys_per_node(cluster, "ple", manifest.version)
+    total = sum(t.rows - 1 for t in manifest.tables.values())
+    even = total / len(primaries)
+    assert sum(counts.values()) == total and all(abs(n - even) <= 0.2 * even for n in counts.values()), counts
 
-    ids = read_ids(vdir / item.ids_file)[:500]
-    table = LocalTable("ple", manifest.version, item, vdir)
+    # The store alone: every table of the version in one lookup, 500 ids of the largest.
+    tables = [LocalTable("ple", manifest.version, t, vdir) for t in manifest.tables.values()]
+    ids = {t.field: read_ids(vdir / t.info.ids_file)[:500] for t in tables}
+    assert max(map(len, ids.values())) == 500 and len(tables) >= 3
 
     async def one_lookup() -> tuple[dict[int, int], bool]:
         store = RedisStore(cluster.url, timeout_s=1.0)
         try:
-            assert await store.version_problem([table]) is None
-            before = {n.port: n.mget_calls() for n in primaries}
-            (result,), degraded = await store.lookup_many([(table, ids)])
-            np.testing.assert_array_equal(result.vectors, np.asarray(open_vectors(vdir / item.vectors_file))[1:501])
-            return {n.port: n.mget_calls() - before[n.port] for n in primaries}, degraded
+            assert await store.version_problem(tables) is None
+            before = {n.port: n.mget_calls() for n in cluster.live()}
+            results, degraded = await store.lookup_many([(t, ids[t.field]) for t in tables])
+            for t, result in zip(tables, results, strict=True):
+                expected = np.asarray(open_vectors(vdir / t.info.vectors_file))[1 : len(ids[t.field]) + 1]
+                np.testing.assert_array_equal(result.vectors, expected)
+            return {n.port: n.mget_calls() - before[n.port] for n in cluster.live()}, degraded
         finally:
             await store.close()
 
     mgets, degraded = asyncio.run(one_lookup())
-    assert not degraded and mgets == {n.port: 1 for n in primaries}, mgets
+    on_primaries = {n.port: 1 for n in primaries}
+    assert not degraded and mgets == {**dict.fromkeys(mgets, 0), **on_primaries}, mgets
 
-    # Through the service: a 500-candidate request, one MGET per node per store table at most.
-    before = {n.port: n.mget_calls() for n in primaries}
+    # Through the service: a 500-candidate request (user, item and author tables) is one MGET per node.
+    assert {"user_id", "item_id", "author_id"} <= set(manifest.tables), sorted(manifest.tables)
+    before = {n.port: n.mget_calls() for n in cluster.live()}
     r = on_cluster.post("/v1/rank", json=rank_body(user_id="u3", n=500))
     assert r.status_code == 200 and r.json()["degraded"] is False
-    per_node = {n.port: n.mget_calls() - before[n.port] for n in primaries}
-    assert all(1 <= n <= len(manifest.tables) for n in per_node.values()), per_node
+    per_node = {n.port: n.mget_calls() - before[n.port] for n in cluster.live()}
+    assert per_node == {**dict.fromkeys(per_node, 0), **on_primaries}, per_node
+    print(f"version keys per primary {sorted(counts.values())} (even {even:.0f}); MGETs per node of a "
+          f"500-candidate request: {sorted(per_node.values())}")
 
 
 def test_a_killed_primary_degrades_answers_only_until_its_replica_is_promoted(in_process, on_cluster, cluster):
@@ -196,9 +213,9 @@ def test_a_killed_primary_degrades_answers_only_until_its_replica_is_promoted(in
 
 
 def _bulk_model(slot: int) -> str:
-    """A model name whose one-shard table ``emb`` of version 1 hashes to ``slot``."""
+    """A model name whose one-shard version 1 hashes to ``slot``."""
     return next(m for m in (f"bulk{k}" for k in itertools.count())
-                if store_keys.key_slot(store_keys.table_tag(m, 1, "emb")) == slot)
+                if store_keys.key_slot(store_keys.version_tag(m, 1)) == slot)
 
 
 def _write_bulk_version(repo: Path, model: str, n_ids: int, dim: int = 16) -> np.ndarray:
@@ -224,12 +241,12 @@ def test_a_reshard_under_load_fails_no_request_and_the_loader_survives_it(in_pro
     requests = bodies(12)
     expected = [in_process.post("/v1/rank", json=b).json()["items"] for b in requests]
     # Move a primary's slots from its lowest up to the highest of this model's slots on it: the
-    # served item shard moves, and slot-first a bulk table being loaded meanwhile.
+    # served shard of the version moves, and slot-first a bulk table being loaded meanwhile.
     src = cluster.primaries()[0]
     src_id, _ = next((i, n) for i, n in cluster.topology().items() if n["port"] == src.port)
     src_slots = sorted(cluster.topology()[src_id]["slots"])
-    layout_slots = [store_keys.key_slot(store_keys.shard_tag("ple", 1, "item_id", s, salt)) for s, salt in
-                    enumerate(_item_salts(cluster))]
+    layout_slots = [store_keys.key_slot(store_keys.shard_tag("ple", 1, s, salt)) for s, salt in
+                    enumerate(_ple_salts(cluster))]
     moved_slot = max(s for s in layout_slots if s in src_slots)
     bulk = _bulk_model(src_slots[0])
     n_ids = 100_000
@@ -263,7 +280,7 @@ def test_a_reshard_under_load_fails_no_request_and_the_loader_survives_it(in_pro
           f"loader rewrote {loader['stats']['redirected_ids']} redirected ids")
 
 
-def _item_salts(cluster: LocalCluster) -> list[int]:
+def _ple_salts(cluster: LocalCluster) -> list[int]:
     import json
 
     client = store_keys.connect(cluster.url)
@@ -296,6 +313,39 @@ def test_the_loader_follows_ask_while_a_slot_migrates_and_moved_after(cluster, t
     finally:
         src_node.close()
         dst_node.close()
+
+
+def test_prune_deletes_a_sharded_version_on_every_primary_and_the_per_table_layout_too(cluster, tmp_path):
+    repo = tmp_path / "repo"
+    prefix = "mtrank-prune"
+    for version in (1, 2):
+        build_toy_version(repo, "toy", version, seed=version)
+    v1 = load_embeddings(repo, "toy", cluster.url, version=1, prefix=prefix, progress=False, shards=3)
+    assert v1["shards"] == 3 and all(n > 0 for n in _version_keys_per_node(cluster, "toy", 1, prefix).values())
+    client = store_keys.connect(cluster.url)
+    try:
+        # Version 0 in the earlier layout (a hash tag per table, sharded and not): pruned as well.
+        old = [f"{prefix}:{{toy:0:item_id:1.7}}:v1", f"{prefix}:{{toy:0:user_id}}:u1",
+               f"{prefix}:meta:{{toy:0:item_id}}", f"{prefix}:meta:{{toy:0:user_id}}"]
+        for key in old:
+            client.set(key, b"x")
+        v2 = load_embeddings(repo, "toy", cluster.url, version=2, prefix=prefix, progress=False, shards=3, prune=True)
+        tables = load_manifest(version_dir(repo, "toy", 2)).tables
+        assert v2["pruned_keys"] == v1["ids"] + len(tables) + len(old)
+        assert all(n == 0 for n in _version_keys_per_node(cluster, "toy", 1, prefix).values())
+        assert client.exists(*old) == 0
+        assert not any(client.exists(store_keys.meta_key(prefix, "toy", 1, f)) for f in tables)
+        # Version 2 untouched: every row reads back, spread over the three primaries.
+        layout = store_keys.VersionLayout(v2["shards"], tuple(v2["shard_salts"]))
+        vdir = version_dir(repo, "toy", 2)
+        for field, table in tables.items():
+            ids = read_ids(vdir / table.ids_file)
+            key_prefixes = layout.key_prefixes(prefix, "toy", 2, field)
+            keys = [key_prefixes[s] + i for s, i in zip(store_keys.shard_of(ids, 3), ids, strict=True)]
+            assert client.mget_nonatomic(keys) == store_keys.encode_rows(open_vectors(vdir / table.vectors_file)[1:])
+        assert sum(_version_keys_per_node(cluster, "toy", 2, prefix).values()) == v2["ids"]
+    finally:
+        client.close()
 
 
 def test_two_replicas_serve_through_a_hot_reload_with_no_failed_request(cluster, tmp_path):

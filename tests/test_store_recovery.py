@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -159,3 +160,29 @@ def test_the_half_open_breaker_lets_one_probe_through(own_redis, toy):
     assert [d for _, d in answers].count(False) == 1  # the probe; the 19 others answered degraded at once
     assert all(r.unserved == 5 for (r,), d in answers if d)
     assert not still_degraded and not after_degraded and after.defaults == 0
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_a_lookup_of_every_table_is_one_mget_on_a_single_redis(own_redis, toy, shards):
+    """Several tables, one or several shards: one command, one round trip; values bit-exact."""
+    repo, tables = toy
+    load_embeddings(repo, "toy", own_redis.url, prefix=PREFIX, progress=False, shards=shards)
+    wanted = {"user_id": ["u7"], "item_id": TOY_ITEMS[:300] + ["nope"], "author_id": [f"a{k % 60}" for k in range(300)]}
+
+    async def main():
+        store = RedisStore(own_redis.url, prefix=PREFIX, timeout_s=1.0, cache_size=0)
+        try:
+            assert await store.version_problem(list(tables.values())) is None
+            before = own_redis.mget_calls()
+            results, degraded = await store.lookup_many([(tables[f], ids) for f, ids in wanted.items()])
+            return results, degraded, own_redis.mget_calls() - before
+        finally:
+            await store.close()
+
+    results, degraded, mgets = asyncio.run(main())
+    assert mgets == 1 and not degraded
+    for (field, ids), result in zip(wanted.items(), results, strict=True):
+        table = tables[field]
+        rows = [table.index.get(i, 0) for i in ids]
+        np.testing.assert_array_equal(result.vectors, table.vectors[rows])
+        assert result.missing == (1 if field == "item_id" else 0)

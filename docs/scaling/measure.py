@@ -40,7 +40,7 @@ try:
         out[f"load_ids_per_s_dim{dim}"] = st["ids_per_s"]
     # 2. MGET of 500 keys of one slot (64-dim values, 256 B) on one primary
     meta = json.loads(store_keys.connect(cluster.url).get(store_keys.meta_key("mtrank", "mem64", 1, "item_id")))
-    layout = store_keys.TableLayout.from_meta(meta)
+    layout = store_keys.VersionLayout.from_meta(meta)
     prefix0 = layout.key_prefixes("mtrank", "mem64", 1, "item_id")[0]
     ids = [f"i{k}" for k in range(n)]
     keys = [prefix0 + i for i, s in zip(ids, store_keys.shard_of(ids, 3), strict=True) if s == 0][:500]
