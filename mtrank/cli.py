@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--redis", required=True, help="Redis URL (redis://, redis+cluster://)")
     s.add_argument("--prune", action="store_true", help="delete the keys of the model's other versions")
     s.add_argument("--shards", type=_positive_int,
-                   help="hash tags per table (default: from the table size and the Redis Cluster's primaries, "
-                        "one per 64 MiB of vectors up to one per primary; 1 on a single Redis)")
+                   help="hash tags per version, shared by its tables (default: from the version's size and "
+                        "the Redis Cluster's primaries, one per 64 MiB of vectors up to one per primary; "
+                        "1 on a single Redis)")
     s.set_defaults(func=_load_embeddings)
 
     s = sub.add_parser("serve", help="serve the model repository over HTTP")
