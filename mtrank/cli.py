@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -14,21 +15,55 @@ class CLIError(Exception):
 def _synth(a: argparse.Namespace) -> None:
     from training.synth import generate
 
-    generate(a.out, rows=a.rows, seed=a.seed)
-    print(f"wrote {a.out}/{{train,valid,test}}.parquet and {a.out}/spec.yaml")
+    generate(a.out, rows=a.rows, seed=a.seed, shards=a.shards)
+    splits = f"{{train,valid,test}}/ ({a.shards} Parquet files each)" if a.shards else "{train,valid,test}.parquet"
+    print(f"wrote {a.out}/{splits} and {a.out}/spec.yaml")
 
 
-def _train(a: argparse.Namespace) -> None:
-    from training.trainer import train
+def _train(a: argparse.Namespace) -> int:
+    if a.resume is None and None in (a.model, a.data, a.out):
+        raise CLIError("--model, --data and --out are required (or --resume RUN to continue a killed run)")
+    nproc = a.nproc
+    if a.resume is not None and nproc is None:
+        from training.trainer import resume_world
 
-    overrides = {"lr": a.lr, "batch_size": a.batch_size, "patience": a.patience, "threads": a.threads,
-                 "loss_weighting": a.loss_weighting}
-    report = train(
-        a.model, a.data, a.out, config_path=a.config, epochs=a.epochs, seed=a.seed,
-        baseline=a.baseline, spec_path=a.spec, overrides={k: v for k, v in overrides.items() if v is not None},
-    )
-    _print_summary(report)
-    print(f"wrote {a.out}/metrics.json")
+        nproc = resume_world(a.resume)
+    if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from training.distributed import launch
+
+        return launch(_without_option(a.argv, "--nproc"), nproc)
+    if a.resume is not None:
+        from training.trainer import resume
+
+        report = resume(a.resume, progress=True)
+        out = a.resume
+    else:
+        from training.trainer import train
+
+        overrides = {"lr": a.lr, "batch_size": a.batch_size, "patience": a.patience, "threads": a.threads,
+                     "loss_weighting": a.loss_weighting}
+        report = train(
+            a.model, a.data, a.out, config_path=a.config, epochs=a.epochs, seed=a.seed,
+            baseline=a.baseline, spec_path=a.spec, overrides={k: v for k, v in overrides.items() if v is not None},
+        )
+        out = a.out
+    if report is not None:  # rank 0 of a data-parallel job, or the only process
+        _print_summary(report)
+        print(f"wrote {out}/metrics.json")
+    return 0
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
 
 
 def _evaluate(a: argparse.Namespace) -> None:
@@ -141,12 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True, help="directory for train/valid/test Parquet files and spec.yaml")
     s.add_argument("--rows", type=int, default=200_000, help="rows in all splits together (default 200000)")
     s.add_argument("--seed", type=int, default=1, help="generator seed: same seed, same data (default 1)")
+    s.add_argument("--shards", type=int, default=0,
+                   help="write each split as a directory of this many Parquet files (default 0: one file per split)")
     s.set_defaults(func=_synth)
 
     s = sub.add_parser("train", help="train a model on a data directory")
-    s.add_argument("--model", required=True, help="registered model name (single, ple, mfh, stem, ...)")
-    s.add_argument("--data", type=Path, required=True, help="data directory with train, valid and test splits")
-    s.add_argument("--out", type=Path, required=True, help="run directory to write (checkpoint, metrics.json)")
+    s.add_argument("--model", help="registered model name (single, ple, mfh, stem, ...)")
+    s.add_argument("--data", type=Path,
+                   help="data directory with train, valid and test splits (Parquet files or directories, or CSV)")
+    s.add_argument("--out", type=Path,
+                   help="run directory to write (checkpoint, metrics.json); OUT.partial holds checkpoints meanwhile")
     s.add_argument("--config", type=Path, help="YAML config with model: and train: sections (e.g. configs/ple.yaml)")
     s.add_argument("--epochs", type=int, help="most passes over the train split (overrides train.epochs)")
     s.add_argument("--seed", type=int, help="seed of initialisation and shuffling (overrides train.seed)")
@@ -159,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how task losses are combined (overrides train.loss_weighting)")
     s.add_argument("--baseline", type=Path, help="a `single` run directory, for MTL gain")
     s.add_argument("--spec", type=Path, help="feature spec (default DATA/spec.yaml)")
+    s.add_argument("--nproc", type=_positive_int,
+                   help="data-parallel workers on this machine (torch.distributed: gloo on CPU, NCCL with CUDA); "
+                        "under torchrun, leave it out")
+    s.add_argument("--resume", type=Path, metavar="RUN",
+                   help="continue the killed run whose --out was RUN from its last checkpoint (RUN.partial)")
     s.set_defaults(func=_train)
 
     s = sub.add_parser("evaluate", help="recompute a run's metrics.json")
@@ -256,17 +300,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     from mtrank.spec import SpecError
 
     try:
-        args.func(args)
+        status = args.func(args)  # None, or the exit status of a job it launched
     except (CLIError, SpecError, FileNotFoundError, ValueError) as e:
-        print(f"mtrank {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-              file=sys.stderr)
+        # In a data-parallel job every worker checks the same data and config; rank 0 says what is wrong.
+        if not (os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+            print(f"mtrank {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                  file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

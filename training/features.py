@@ -39,12 +39,19 @@ class DenseStats:
 
 
 class PreprocessorFitter:
-    """Accumulates dense statistics and key counts over batches of train rows."""
+    """Accumulates dense statistics and key counts over batches of train rows.
 
-    def __init__(self, spec: FeatureSpec):
+    ``max_vocab``: most keys per sparse field — the most frequent of those seen ``min_count`` times
+    or more; the rest share the out-of-vocabulary row. It also bounds each key counter (see
+    :class:`mtrank.transform.VocabularyCounter`), so a field with hundreds of millions of distinct
+    ids costs memory for ``2 * max_vocab`` keys at most. None: exact and unbounded.
+    """
+
+    def __init__(self, spec: FeatureSpec, max_vocab: int | None = None):
         self.spec = spec
+        self.max_vocab = max_vocab
         self._dense = {f.name: DenseStatsAccumulator() for f in spec.dense}
-        self._sparse = {f.name: VocabularyCounter() for f in spec.sparse}
+        self._sparse = {f.name: VocabularyCounter(max_vocab) for f in spec.sparse}
 
     def update(self, columns: Mapping[str, Column], n: int) -> None:
         for f in self.spec.dense:
@@ -55,7 +62,7 @@ class PreprocessorFitter:
 
     def finish(self) -> Preprocessor:
         stats = {name: DenseStats(*acc.result()) for name, acc in self._dense.items()}
-        vocabs = {f.name: self._sparse[f.name].vocabulary(f.min_count) for f in self.spec.sparse}
+        vocabs = {f.name: self._sparse[f.name].vocabulary(f.min_count, self.max_vocab) for f in self.spec.sparse}
         return Preprocessor(self.spec, stats, vocabs)
 
 

@@ -435,13 +435,21 @@ def _simulate(rows: int, seed: int, p: SynthParams) -> tuple[pd.DataFrame, dict[
     return frame, {k: round(v, 6) for k, v in intercepts.items()}
 
 
-def generate(out_dir: Path, rows: int, seed: int, progress: bool = True) -> FeatureSpec:
+ROW_GROUP_ROWS = 65_536
+"""Rows per Parquet row group: the unit a reader loads, shuffles and hands to one worker."""
+
+
+def generate(out_dir: Path, rows: int, seed: int, progress: bool = True, shards: int = 0) -> FeatureSpec:
     """Write ``train/valid/test.parquet`` (80/10/10 of shuffled rows) and ``spec.yaml`` to ``out_dir``.
 
-    Deterministic: the same ``rows`` and ``seed`` give the same bytes.
+    ``shards`` K ≥ 1: each split is a directory ``<split>/`` of K files ``part-00000.parquet`` …
+    (consecutive slices of equal size). Row groups hold :data:`ROW_GROUP_ROWS` rows.
+    Deterministic: the same ``rows``, ``seed`` and ``shards`` give the same bytes.
     """
     if rows < 10:
         raise ValueError(f"rows must be at least 10, got {rows}")
+    if shards < 0:
+        raise ValueError(f"shards must be >= 0, got {shards}")
     start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -452,7 +460,15 @@ def generate(out_dir: Path, rows: int, seed: int, progress: bool = True) -> Feat
     bounds[-1] = rows
     for (split, _), a, b in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
         part = frame.iloc[order[a:b]].reset_index(drop=True)
-        part.to_parquet(out_dir / f"{split}.parquet", index=False)
+        if shards == 0:
+            part.to_parquet(out_dir / f"{split}.parquet", index=False, row_group_size=ROW_GROUP_ROWS)
+            continue
+        split_dir = out_dir / split
+        split_dir.mkdir(exist_ok=True)
+        cuts = np.linspace(0, len(part), shards + 1).round().astype(int)
+        for k, (c0, c1) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+            part.iloc[c0:c1].to_parquet(split_dir / f"part-{k:05d}.parquet", index=False,
+                                        row_group_size=ROW_GROUP_ROWS)
     spec = feature_spec(params, rows=rows, seed=seed, intercepts=intercepts)
     spec.save(out_dir / "spec.yaml")
     if progress:
