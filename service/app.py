@@ -243,10 +243,17 @@ class RequestMetrics:
                 async with asyncio.timeout_at(body_deadline):
                     message = await receive()
             except TimeoutError:
-                raise BodyTimeout(
-                    f"request body not received within {self.request_timeout_s * 1000:.0f} ms"
-                    " (MTRANK_REQUEST_TIMEOUT_MS)"
-                ) from None
+                # A busy loop may not have read yet what the client did send: look once more after
+                # one loop iteration (it polls the sockets) before calling the client slow.
+                await asyncio.sleep(0)
+                try:
+                    async with asyncio.timeout(0):
+                        message = await receive()
+                except TimeoutError:
+                    raise BodyTimeout(
+                        f"request body not received within {self.request_timeout_s * 1000:.0f} ms"
+                        " (MTRANK_REQUEST_TIMEOUT_MS)"
+                    ) from None
             body_done = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 

@@ -1,0 +1,90 @@
+"""Logs and request ids: ``MTRANK_LOG_FORMAT=json`` lines from a real ``mtrank serve``, the
+JSON formatter itself, and ``X-Request-ID`` accepted, validated, echoed and logged."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtests.server import RemoteServer
+from service.logs import JsonFormatter
+from tests.server import build_toy_version, rank_body
+
+
+@pytest.fixture(scope="module")
+def toy_repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("logs-repo")
+    build_toy_version(repo, "toy", 1)
+    return repo
+
+
+def test_json_log_lines_parse_and_carry_the_request_id(toy_repo):
+    server = RemoteServer(toy_repo, env={"MTRANK_LOG_FORMAT": "json", "MTRANK_LOG_LEVEL": "info"})
+    body = rank_body(user_id="u7", n=12)
+    del body["request_id"]
+    r = server.post("/v1/rank", json=body, headers={"X-Request-ID": "trace-abc-123"})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-request-id"] == "trace-abc-123" and r.json()["request_id"] == "trace-abc-123"
+    bad = server.post("/v1/rank", content=b"{not json", headers={"X-Request-ID": "trace-bad-1"})
+    assert bad.status_code == 422 and bad.headers["x-request-id"] == "trace-bad-1"
+    server.stop()
+    lines = server.output().splitlines()
+
+    records = [json.loads(line) for line in lines]  # every line, uvicorn's included, is JSON
+    assert len(records) >= 5
+    assert all({"ts", "level", "logger", "message"} <= rec.keys() for rec in records)
+    (ok,) = [rec for rec in records if rec.get("request_id") == "trace-abc-123"]
+    assert ok["status"] == 200 and ok["bucket"] == "default" and ok["model"] == "toy" and ok["version"] == 1
+    assert ok["user_group"] == "high" and ok["candidates"] == 12 and 0 < ok["latency_ms"] < 5000
+    (failed,) = [rec for rec in records if rec.get("request_id") == "trace-bad-1"]
+    assert failed["status"] == 422 and failed["level"] == "INFO"
+    events = {rec.get("event") for rec in records}
+    assert {"startup", "model_loaded"} <= events
+    assert any(rec["logger"].startswith("uvicorn") for rec in records)
+
+
+def test_request_id_precedence_and_validation(toy_repo):
+    s = RemoteServer(toy_repo, env={"MTRANK_LOG_LEVEL": "info"})
+    try:
+        # The body's request_id names the answer; the header's names the request (and its log line).
+        r = s.post("/v1/rank", json=rank_body(n=3), headers={"X-Request-ID": "hdr-1"})
+        assert r.json()["request_id"] == "r-u1-3-0" and r.headers["x-request-id"] == "hdr-1"
+        # Without a header, the body's id is echoed.
+        r = s.post("/v1/rank", json=rank_body(n=3))
+        assert r.headers["x-request-id"] == "r-u1-3-0"
+        # Unusable ids (too long, control characters) are replaced by a generated one.
+        anonymous = rank_body(n=3)
+        del anonymous["request_id"]
+        for given in ("x" * 129, "bad\tid"):
+            r = s.post("/v1/rank", json=anonymous, headers={"X-Request-ID": given})
+            assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"]), r.headers
+        r = s.post("/v1/rank", json=rank_body(n=3), headers={"X-Request-ID": "x" * 128})
+        assert r.headers["x-request-id"] == "x" * 128
+        # Every route echoes it, errors included.
+        assert s.get("/healthz", headers={"X-Request-ID": "probe-1"}).headers["x-request-id"] == "probe-1"
+        assert s.get("/nope", headers={"X-Request-ID": "lost-1"}).headers["x-request-id"] == "lost-1"
+        assert re.fullmatch(r"[0-9a-f]{32}", s.get("/v1/models").headers["x-request-id"])
+    finally:
+        s.stop()
+    lines = s.output().splitlines()
+    # Text lines name the request too.
+    (line,) = [ln for ln in lines if "request_id=hdr-1" in ln]
+    assert " INFO mtrank.access: POST /v1/rank 200 " in line and "model=toy v1" in line, line
+
+
+def test_json_formatter_keeps_the_traceback_in_one_line():
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.getLogger("x").makeRecord("x", logging.ERROR, __file__, 1, "failed %s", ("it",),
+                                                   exc_info=sys.exc_info(), extra={"request_id": "r-9"})
+    text = JsonFormatter().format(record)
+    assert "\n" not in text
+    line = json.loads(text)
+    assert line["message"] == "failed it" and line["request_id"] == "r-9" and line["level"] == "ERROR"
+    assert "Traceback" in line["exc"] and "ValueError: boom" in line["exc"]
