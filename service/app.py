@@ -8,6 +8,7 @@ repository, batchers). Routes parse, call one function and format; errors map to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics
+from service import metrics, tracing
 from service.admission import Admission
 from service.errors import (
     BodyTimeout,
@@ -274,25 +275,38 @@ class RequestMetrics:
 
         if is_rank:
             metrics.INFLIGHT.inc()
-        try:
-            await self.app(scope, receive_in_time, send_with_id)
-        except Exception as e:
-            if response_started:
-                raise
-            log.exception("internal error in %s %s", scope.get("method"), path,
-                          extra={"request_id": request_id(), "event": "error"})
-            await _error(500, f"internal error: {type(e).__name__}")(scope, receive, send_with_id)
-        finally:
-            if is_rank:
-                metrics.INFLIGHT.dec()
-            elapsed = time.perf_counter() - started
-            ctx = state.get("context") if is_rank else None
-            bucket = ctx.bucket if ctx is not None else ("none" if is_rank else "")
-            metrics.REQUESTS.labels(route, str(status), bucket).inc()
-            metrics.REQUEST_DURATION.labels(route, bucket).observe(elapsed)
-            level = logging.DEBUG if route in PROBE_ROUTES else logging.INFO
-            if access_log.isEnabledFor(level):
-                _log_request(level, scope, request_id(), status, elapsed, ctx)
+        traced = route not in PROBE_ROUTES
+        with tracing.request_span(scope.get("method", ""), route, scope.get("headers", ())) if traced \
+                else contextlib.nullcontext() as root:
+            try:
+                await self.app(scope, receive_in_time, send_with_id)
+            except Exception as e:
+                if response_started:
+                    raise
+                log.exception("internal error in %s %s", scope.get("method"), path,
+                              extra={"request_id": request_id(), "event": "error"})
+                await _error(500, f"internal error: {type(e).__name__}")(scope, receive, send_with_id)
+            finally:
+                if is_rank:
+                    metrics.INFLIGHT.dec()
+                elapsed = time.perf_counter() - started
+                ctx = state.get("context") if is_rank else None
+                bucket = ctx.bucket if ctx is not None else ("none" if is_rank else "")
+                metrics.REQUESTS.labels(route, str(status), bucket).inc()
+                metrics.REQUEST_DURATION.labels(route, bucket).observe(elapsed)
+                level = logging.DEBUG if route in PROBE_ROUTES else logging.INFO
+                if access_log.isEnabledFor(level):
+                    _log_request(level, scope, request_id(), status, elapsed, ctx)
+                if root is not None:
+                    root.set_attributes(_span_attributes(request_id(), status, ctx))
+
+
+def _span_attributes(request_id: str, status: int, ctx: RequestContext | None) -> dict[str, Any]:
+    attributes: dict[str, Any] = {"http.response.status_code": status, "mtrank.request_id": request_id}
+    if ctx is not None and ctx.model is not None:
+        attributes.update({"mtrank.bucket": ctx.bucket, "mtrank.model": ctx.model, "mtrank.version": ctx.version,
+                           "mtrank.user_group": ctx.user_group or "", "mtrank.candidates": ctx.candidates})
+    return attributes
 
 
 def _log_request(level: int, scope: Scope, request_id: str, status: int, elapsed_s: float,

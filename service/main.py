@@ -17,6 +17,7 @@ from pathlib import Path
 
 import uvicorn
 
+from service import tracing
 from service.app import Engine, create_app
 from service.logs import configure_logging
 from service.repository import StartupError
@@ -49,6 +50,11 @@ def serve(repo: str | Path | None = None, host: str | None = None, port: int | N
     except ConfigError as e:
         _die(str(e))
     configure_logging(settings.log_level, settings.log_format)
+    try:
+        if tracing.configure(settings.otel_endpoint):
+            log.info("tracing to %s", settings.otel_endpoint or "OTEL_EXPORTER_OTLP_ENDPOINT")
+    except tracing.TracingError as e:
+        _die(str(e))
     for message in unknown_variables():
         log.warning(message)
     try:
@@ -57,8 +63,11 @@ def serve(repo: str | Path | None = None, host: str | None = None, port: int | N
         loop_factory = uvloop.new_event_loop
     except ImportError:
         loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_serve(settings))
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_serve(settings))
+    finally:
+        tracing.shutdown()  # flushes the spans still buffered
 
 
 async def _serve(settings: Settings) -> None:

@@ -19,7 +19,7 @@ from mtrank import fusion
 from mtrank.fusion import BucketConfig
 from mtrank.manifest import DENSE_INPUT, IDS_INPUT, ITEM_FACET_INPUT, emb_input
 from mtrank.transform import FeatureTransform, TransformError
-from service import metrics
+from service import metrics, tracing
 from service.errors import NotReady, RequestError
 from service.schemas import RankQuery
 from service.stores import EmbeddingStore
@@ -62,12 +62,16 @@ class Ranker:
         graph = lv.graph_for(group)
         metrics.CANDIDATES.observe(query.n)
 
-        feed, degraded = await self._features(lv, graph, query, ctx)
-        outputs = await graph.batcher.submit(feed, deadline)
-        task_scores = {task: outputs[out] for task, out in graph.task_outputs}
-        log_score = fusion.log_scores(task_scores, _weights(bucket, task_scores), query.video_len, bucket.length_fn,
-                                      ranges=lv.fusion_ranges)
-        order = fusion.rank_order(log_score)
+        with tracing.span("features", candidates=query.n):
+            feed, degraded = await self._features(lv, graph, query, ctx)
+        # Queue wait and inference: the request's rows ride in a batch shared with others.
+        with tracing.span("batch", model=lv.name, version=lv.version, group=group or ""):
+            outputs = await graph.batcher.submit(feed, deadline)
+        with tracing.span("fusion"):
+            task_scores = {task: outputs[out] for task, out in graph.task_outputs}
+            log_score = fusion.log_scores(task_scores, _weights(bucket, task_scores), query.video_len,
+                                          bucket.length_fn, ranges=lv.fusion_ranges)
+            order = fusion.rank_order(log_score)
         if query.top_k is not None:
             order = order[: query.top_k]
         return {
@@ -110,7 +114,8 @@ class Ranker:
             return feed, False
         started = time.perf_counter()
         tables = [lv.tables[name] for name in graph.store_fields]
-        lookups, degraded = await self.store.lookup_many(list(zip(tables, keys, strict=True)))
+        with tracing.span("lookup", store=self.store.name, fields=len(tables)):
+            lookups, degraded = await self.store.lookup_many(list(zip(tables, keys, strict=True)))
         self._lookup_seconds.observe(time.perf_counter() - started)
         for name, result in zip(graph.store_fields, lookups, strict=True):
             vectors = result.vectors

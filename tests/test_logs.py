@@ -13,6 +13,7 @@ import pytest
 
 from loadtests.server import RemoteServer
 from service.logs import JsonFormatter
+from tests.conftest import _need
 from tests.server import build_toy_version, rank_body
 
 
@@ -88,3 +89,54 @@ def test_json_formatter_keeps_the_traceback_in_one_line():
     line = json.loads(text)
     assert line["message"] == "failed it" and line["request_id"] == "r-9" and line["level"] == "ERROR"
     assert "Traceback" in line["exc"] and "ValueError: boom" in line["exc"]
+
+
+# -- tracing -------------------------------------------------------------------------------
+
+
+def test_tracing_is_a_shared_no_op_when_off():
+    from service import tracing
+
+    assert not tracing.enabled()
+    assert tracing.span("lookup") is tracing.span("fusion", rows=3)
+    assert tracing.request_span("POST", "/v1/rank", []) is tracing.span("batch")
+
+
+def test_a_traced_rank_request_has_its_stage_spans_under_the_callers_trace(toy_repo):
+    try:
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    except ImportError as e:
+        _need(f"opentelemetry-sdk (the otel extra) is not installed: {e}")
+    from fastapi.testclient import TestClient
+
+    from service import tracing
+    from service.app import create_app
+    from service.settings import load_settings
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    tracing.use(provider)
+    try:
+        settings = load_settings(model_repo=toy_repo, device="cpu", intra_op_threads=1)
+        with TestClient(create_app(settings)) as client:
+            r = client.post("/v1/rank", json=rank_body(n=6), headers={
+                "X-Request-ID": "traced-1", "traceparent": f"00-{trace_id}-{parent_id}-01"})
+            assert r.status_code == 200, r.text
+            assert client.get("/healthz").status_code == 200  # probes are not traced
+    finally:
+        tracing.shutdown()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"POST /v1/rank", "features", "lookup", "batch", "fusion"}, set(spans)
+    root = spans["POST /v1/rank"]
+    assert f"{root.context.trace_id:032x}" == trace_id and f"{root.parent.span_id:016x}" == parent_id
+    assert root.attributes["mtrank.request_id"] == "traced-1" and root.attributes["http.response.status_code"] == 200
+    assert root.attributes["mtrank.model"] == "toy" and root.attributes["mtrank.candidates"] == 6
+    for name in ("features", "batch", "fusion"):
+        assert spans[name].parent.span_id == root.context.span_id, name
+    assert spans["lookup"].parent.span_id == spans["features"].context.span_id
+    assert spans["batch"].attributes["model"] == "toy"
+    assert all(root.start_time <= s.start_time and s.end_time <= root.end_time for s in spans.values())
