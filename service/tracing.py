@@ -3,7 +3,7 @@
 On when ``MTRANK_OTEL_ENDPOINT`` (or the standard ``OTEL_EXPORTER_OTLP_ENDPOINT``) is set and the
 ``otel`` extra is installed: spans go over OTLP/HTTP in batches from a background thread. Off,
 :func:`span` returns one shared no-op context manager, so an instrumented line costs a global
-read and a call (about 0.1 µs) and nothing of OpenTelemetry is imported.
+read, a call and an empty with-block (0.23 µs measured) and nothing of OpenTelemetry is imported.
 """
 
 from __future__ import annotations
