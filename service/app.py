@@ -155,44 +155,58 @@ def _validation_detail(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
     return out
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise BodyTooLarge(f"request body of {length} bytes is over the limit of {limit} (MTRANK_MAX_BODY_BYTES)")
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {limit} (MTRANK_MAX_BODY_BYTES)")
     chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge(f"request body is over the limit of {limit} bytes (MTRANK_MAX_BODY_BYTES)")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise ClientGone("client disconnected while sending the body") from None
-    return b"".join(chunks)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone("client disconnected while sending the body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body is over the limit of {limit} bytes (MTRANK_MAX_BODY_BYTES)")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
-    """Run ``work``; if the client disconnects first, cancel it (its queued rows are then
-    dropped by the batcher) and raise ClientGone."""
+async def _unless_disconnected(receive: Receive, work: Awaitable[Any]) -> Any:
+    """Await ``work``; if the client disconnects first, cancel it (its queued rows are then
+    dropped by the batcher) and raise ClientGone.
 
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
+    The work runs in this task (no task of its own whose failure could go unobserved); a watcher
+    task waits for the disconnect and cancels this one.
+    """
+    current = asyncio.current_task()
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
             pass
+        gone = True
+        current.cancel()
 
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(disconnected())
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if gone:
+            current.uncancel()
+            raise ClientGone("client disconnected") from None
+        raise
     finally:
-        for t in (task, watcher):
-            t.cancel()
-            # When the deadline cancels this request just as the work fails (a batcher deadline),
-            # nobody reads that failure: consume it, or asyncio logs "Task exception was never
-            # retrieved" at ERROR for what is a plain 504.
-            t.add_done_callback(_consume_outcome)
-    if task.cancelled() or not task.done():
-        raise ClientGone("client disconnected")
-    return task.result()
+        watcher.cancel()
+        watcher.add_done_callback(_consume_outcome)
 
 
 def _consume_outcome(task: asyncio.Future) -> None:
@@ -216,9 +230,11 @@ class RequestMetrics:
     (``request_timeout_s`` from arrival, else :class:`BodyTimeout`); one log line per request; and
     the 500 answer for an unexpected exception (logged once, with its traceback)."""
 
-    def __init__(self, app: ASGIApp, request_timeout_s: float):
+    def __init__(self, app: ASGIApp, request_timeout_s: float, rank: ASGIApp | None = None):
         self.app = app
         self.request_timeout_s = request_timeout_s
+        self.rank = rank
+        """The ranking endpoint, called directly for ``POST /v1/rank``."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -279,7 +295,8 @@ class RequestMetrics:
         with tracing.request_span(scope.get("method", ""), route, scope.get("headers", ())) if traced \
                 else contextlib.nullcontext() as root:
             try:
-                await self.app(scope, receive_in_time, send_with_id)
+                endpoint = self.rank if is_rank and self.rank is not None else self.app
+                await endpoint(scope, receive_in_time, send_with_id)
             except Exception as e:
                 if response_started:
                     raise
@@ -340,35 +357,57 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app = FastAPI(title="mtrank", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     timeout_s = settings.request_timeout_ms / 1000.0
-    app.add_middleware(RequestMetrics, request_timeout_s=timeout_s)
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
 
-    request_schema, response_schema, schema_components = openapi_schemas()
-
-    @app.post(RANK_ROUTE, openapi_extra={
-        "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}},
-        "responses": {"200": {"description": "Candidates in rank order",
-                              "content": {"application/json": {"schema": response_schema}}}},
-    })
-    async def rank(request: Request) -> Response:
-        """Rank candidates for a user: fusion score Π p_k^w_k × f(video_len) of the bucket's model."""
+    async def rank(scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /v1/rank as a plain ASGI endpoint: the hot path skips the framework's routing,
+        request objects and exception middleware (the request middleware calls it directly)."""
         started = time.monotonic()
-        engine: Engine = request.app.state.engine
-        # Before the body is read: a request that cannot finish in time costs next to nothing.
-        engine.admission.check(request.headers.get("content-length"), timeout_s)
-        body = await _read_body(request, settings.max_body_bytes)
-        query = decode_request(body, settings.max_candidates)
-        engine.admission.learn(len(body), query.n)
-        ctx = RequestContext(request_id=request.state.request_id or query.request_id or new_request_id())
-        request.state.context = ctx
-        async with asyncio.timeout_at(asyncio.get_running_loop().time() + timeout_s):
-            result = await _unless_disconnected(request, engine.ranker.rank(query, started + timeout_s, ctx))
-        return _json(result)
+        state = scope["state"]
+        if scope.get("method") != "POST":
+            await _error(405, "method not allowed: use POST", headers={"Allow": "POST"})(scope, receive, send)
+            return
+        try:
+            engine: Engine = app.state.engine
+            declared = _header(scope, b"content-length")
+            # Before the body is read: a request that cannot finish in time costs next to nothing.
+            engine.admission.check(declared, timeout_s)
+            body = await _read_body(receive, declared, settings.max_body_bytes)
+            with tracing.span("parse", bytes=len(body)):
+                query = decode_request(body, settings.max_candidates)
+            engine.admission.learn(len(body), query.n)
+            ctx = RequestContext(request_id=state["request_id"] or query.request_id or new_request_id())
+            state["context"] = ctx
+            async with asyncio.timeout(started + timeout_s - time.monotonic()):
+                result = await _unless_disconnected(receive, engine.ranker.rank(query, started + timeout_s, ctx))
+            response = _json(result)
+        except Exception as e:
+            response = error_response(e)
+            if response is None:
+                raise
+        await response(scope, receive, send)
+
+    app.add_middleware(RequestMetrics, request_timeout_s=timeout_s, rank=rank)
+    request_schema, response_schema, schema_components = openapi_schemas()
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
             schema.setdefault("components", {}).setdefault("schemas", {}).update(schema_components)
+            schema["paths"][RANK_ROUTE] = {"post": {
+                "summary": "Rank candidates for a user",
+                "description": "Fusion score Π_k p_k^w_k × f(video_len) of the bucket's model, best first.",
+                "operationId": "rank",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}},
+                "responses": {
+                    "200": {"description": "Candidates in rank order",
+                            "content": {"application/json": {"schema": response_schema}}},
+                    "413": {"description": "Too many candidates or too large a body"},
+                    "422": {"description": "Invalid request (the message names the field)"},
+                    "503": {"description": "Overloaded or not ready (Retry-After)"},
+                    "504": {"description": "Deadline exceeded"},
+                },
+            }}
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -420,54 +459,48 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     return app
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    def rejected(reason: str, status: int, message: str, detail: list | None = None,
-                 headers: dict[str, str] | None = None) -> Response:
-        metrics.REJECTED.labels(reason).inc()
-        return _error(status, message, detail, headers)
+def _rejected(reason: str, status: int, message: str, detail: list | None = None,
+              headers: dict[str, str] | None = None) -> Response:
+    metrics.REJECTED.labels(reason).inc()
+    return _error(status, message, detail, headers)
 
-    @app.exception_handler(ValidationError)
-    async def on_validation(_: Request, e: ValidationError) -> Response:
-        detail = _validation_detail(e.errors())
-        return rejected("invalid", 422, f"invalid request: {detail[0]['loc']}: {detail[0]['msg']}", detail)
 
-    @app.exception_handler(RequestValidationError)
-    async def on_request_validation(_: Request, e: RequestValidationError) -> Response:
+def error_response(e: Exception) -> Response | None:
+    """The answer to a request that failed for a reason of its own or of load (4xx, 503, 504),
+    counted in ``mtrank_rejected_total``; None for a fault of the server (500)."""
+    if isinstance(e, MalformedBody | RequestError):
+        return _rejected("invalid", 422, str(e))
+    if isinstance(e, ValidationError | RequestValidationError):
         detail = _validation_detail(list(e.errors()))
-        return rejected("invalid", 422, f"invalid request: {detail[0]['loc']}: {detail[0]['msg']}", detail)
-
-    @app.exception_handler(MalformedBody)
-    @app.exception_handler(RequestError)
-    async def on_bad_input(_: Request, e: ValueError) -> Response:
-        return rejected("invalid", 422, str(e))
-
-    @app.exception_handler(BodyTooLarge)
-    @app.exception_handler(TooManyCandidates)
-    async def on_too_large(_: Request, e: ValueError) -> Response:
-        return rejected("too_large", 413, str(e))
-
-    @app.exception_handler(Overloaded)
-    async def on_overloaded(_: Request, e: Overloaded) -> Response:
-        return rejected("overloaded", 503, f"overloaded: {e}", headers={"Retry-After": str(e.retry_after_s)})
-
-    @app.exception_handler(NotReady)
-    async def on_not_ready(_: Request, e: NotReady) -> Response:
-        return rejected("not_ready", 503, f"not ready: {e}", headers={"Retry-After": "1"})
-
-    @app.exception_handler(TimeoutError)
-    async def on_deadline(_: Request, e: TimeoutError) -> Response:
-        return rejected("deadline", 504, "deadline exceeded: the request took longer than MTRANK_REQUEST_TIMEOUT_MS")
-
-    @app.exception_handler(DeadlineExceeded)
-    async def on_deadline_queued(_: Request, e: DeadlineExceeded) -> Response:
-        return rejected("deadline", 504, f"deadline exceeded: {e}")
-
-    @app.exception_handler(ClientGone)
-    @app.exception_handler(ClientDisconnect)
-    async def on_client_gone(_: Request, e: Exception) -> Response:
-        return rejected("client_gone", 499, "client closed the request")
-
-    @app.exception_handler(BodyTimeout)
-    async def on_body_timeout(_: Request, e: BodyTimeout) -> Response:
+        return _rejected("invalid", 422, f"invalid request: {detail[0]['loc']}: {detail[0]['msg']}", detail)
+    if isinstance(e, BodyTooLarge | TooManyCandidates):
+        return _rejected("too_large", 413, str(e))
+    if isinstance(e, Overloaded):
+        return _rejected("overloaded", 503, f"overloaded: {e}", headers={"Retry-After": str(e.retry_after_s)})
+    if isinstance(e, NotReady):
+        return _rejected("not_ready", 503, f"not ready: {e}", headers={"Retry-After": "1"})
+    if isinstance(e, DeadlineExceeded):
+        return _rejected("deadline", 504, f"deadline exceeded: {e}")
+    if isinstance(e, TimeoutError):
+        return _rejected("deadline", 504, "deadline exceeded: the request took longer than MTRANK_REQUEST_TIMEOUT_MS")
+    if isinstance(e, ClientGone | ClientDisconnect):
+        return _rejected("client_gone", 499, "client closed the request")
+    if isinstance(e, BodyTimeout):
         # Closing the connection stops a slow sender from holding it (uvicorn closes on this header).
-        return rejected("body_timeout", 408, str(e), headers={"Connection": "close"})
+        return _rejected("body_timeout", 408, str(e), headers={"Connection": "close"})
+    return None
+
+
+_HANDLED = (MalformedBody, RequestError, ValidationError, RequestValidationError, BodyTooLarge, TooManyCandidates,
+            Overloaded, NotReady, DeadlineExceeded, TimeoutError, ClientGone, ClientDisconnect, BodyTimeout)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def handle(_: Request, e: Exception) -> Response:
+        response = error_response(e)
+        if response is None:
+            raise e
+        return response
+
+    for cls in _HANDLED:
+        app.add_exception_handler(cls, handle)

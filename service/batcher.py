@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service import metrics
+from service import metrics, tracing
 from service.errors import DeadlineExceeded, Overloaded
 
 log = logging.getLogger("mtrank.batcher")
@@ -110,6 +110,10 @@ class _Pending:
     """time.monotonic() seconds."""
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
+    enqueued_ns: int = field(default_factory=time.time_ns)
+    """Wall-clock timestamps (ns) of the request's trace spans: queued, batch started, batch done."""
+    dispatched_ns: int = 0
+    done_ns: int = 0
 
 
 class Batcher:
@@ -161,7 +165,11 @@ class Batcher:
         self._queued_rows += rows
         self.load.queued_rows += rows
         self._dispatch()
-        return await pending.future
+        outputs = await pending.future
+        if tracing.enabled():
+            tracing.record("queue_wait", pending.enqueued_ns, pending.dispatched_ns)
+            tracing.record("inference", pending.dispatched_ns, pending.done_ns, rows=rows)
+        return outputs
 
     def _admit(self, rows: int, deadline: float) -> None:
         if self._closed:
@@ -230,6 +238,7 @@ class Batcher:
 
     def _take_batch(self) -> list[_Pending]:
         now = time.monotonic()
+        now_ns = time.time_ns()
         batch: list[_Pending] = []
         rows = 0
         while self._queue and (not batch or rows + self._queue[0].rows <= self.max_batch_rows):
@@ -243,6 +252,7 @@ class Batcher:
                 continue
             batch.append(p)
             rows += p.rows
+            p.dispatched_ns = now_ns
             self._m_wait.observe(now - p.enqueued)
         return batch
 
@@ -264,12 +274,14 @@ class Batcher:
                         p.future.set_exception(RuntimeError(f"inference failed: {e}"))
                 return
             elapsed = time.perf_counter() - started
+            done_ns = time.time_ns()
             self.load.observe(rows, elapsed)
             self._m_infer.observe(elapsed)
             self._m_rows.observe(rows)
             self._m_requests.observe(len(batch))
             offset = 0
             for p in batch:
+                p.done_ns = done_ns
                 end = offset + p.rows
                 if not p.future.done():
                     p.future.set_result({n: out[offset:end] for n, out in zip(self.output_names, outputs, strict=True)})

@@ -71,6 +71,13 @@ def span(name: str, **attributes: Any) -> contextlib.AbstractContextManager:
     return _tracer.start_as_current_span(name, attributes=attributes or None)
 
 
+def record(name: str, start_ns: int, end_ns: int, **attributes: Any) -> None:
+    """A finished child span of the current one, from timestamps taken elsewhere (``time.time_ns()``):
+    the batcher's queue wait and inference, which happen outside the request's own task."""
+    if _tracer is not None:
+        _tracer.start_span(name, start_time=start_ns, attributes=attributes or None).end(end_time=end_ns)
+
+
 def request_span(method: str, route: str, headers: list[tuple[bytes, bytes]]) -> contextlib.AbstractContextManager:
     """The root span of one HTTP request, continuing the caller's trace when it sent a W3C
     ``traceparent`` header; enters as the span (set its attributes at the end), or None when off."""

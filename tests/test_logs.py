@@ -130,13 +130,18 @@ def test_a_traced_rank_request_has_its_stage_spans_under_the_callers_trace(toy_r
     finally:
         tracing.shutdown()
     spans = {s.name: s for s in exporter.get_finished_spans()}
-    assert set(spans) == {"POST /v1/rank", "features", "lookup", "batch", "fusion"}, set(spans)
+    assert set(spans) == {"POST /v1/rank", "parse", "features", "lookup", "batch", "queue_wait", "inference",
+                          "fusion"}, set(spans)
     root = spans["POST /v1/rank"]
     assert f"{root.context.trace_id:032x}" == trace_id and f"{root.parent.span_id:016x}" == parent_id
     assert root.attributes["mtrank.request_id"] == "traced-1" and root.attributes["http.response.status_code"] == 200
     assert root.attributes["mtrank.model"] == "toy" and root.attributes["mtrank.candidates"] == 6
-    for name in ("features", "batch", "fusion"):
+    for name in ("parse", "features", "batch", "fusion"):
         assert spans[name].parent.span_id == root.context.span_id, name
     assert spans["lookup"].parent.span_id == spans["features"].context.span_id
+    for name in ("queue_wait", "inference"):
+        assert spans[name].parent.span_id == spans["batch"].context.span_id, name
+    assert spans["queue_wait"].end_time == spans["inference"].start_time
+    assert spans["inference"].attributes["rows"] == 6
     assert spans["batch"].attributes["model"] == "toy"
     assert all(root.start_time <= s.start_time and s.end_time <= root.end_time for s in spans.values())
