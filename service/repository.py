@@ -28,7 +28,7 @@ from mtrank.transform import FeatureTransform
 from service import metrics
 from service.batcher import Batcher, LoadEstimate
 from service.buckets import BucketTable
-from service.runner import DeviceError, GraphRunner
+from service.runner import BATCH_SIZES, DeviceError, GraphRunner, best_batch_rows
 from service.settings import Settings, available_cores
 from service.stores import EmbeddingStore, LocalTable
 from service.version import GroupGraph, LoadedVersion, check_graph
@@ -63,7 +63,8 @@ class Repository:
         self.settings = settings
         self.store = store
         batches, threads = settings.concurrency()
-        self.load = load or LoadEstimate(min(batches, max(1, available_cores() // threads)), settings.max_batch_rows)
+        self.load = load or LoadEstimate(min(batches, max(1, available_cores() // threads)),
+                                         settings.max_batch_rows or 1024)
         """Rows queued and running in every batcher, and the engine's measured rows/s."""
         self.root = Path(settings.model_repo) if settings.model_repo else None
         self._models: dict[str, dict[int, LoadedVersion]] = {}
@@ -298,12 +299,20 @@ class Repository:
                 batches, threads = s.concurrency()
                 runner = GraphRunner(vdir / info.file, s.device, threads)
                 check_graph(key, info, runner, transform, tables)
-                small, large = runner.warm_up((1, s.max_batch_rows))
+                sizes = BATCH_SIZES if not s.max_batch_rows else (1, s.max_batch_rows)
+                timings = runner.warm_up(tuple(n for n in sizes if n <= max(s.max_candidates, s.max_batch_rows)))
+                batch_rows = s.max_batch_rows or best_batch_rows(timings)
                 if self.load.per_row_s is None:
-                    self.load.seed(small, large)
+                    self.load.seed(timings[0], next(t for t in timings if t[0] == batch_rows))
+                    self.load.max_batch_rows = batch_rows
+                log.info("%s v%d graph %s: batches of up to %d rows (%s)", manifest.name, manifest.version, key,
+                         batch_rows, "measured" if not s.max_batch_rows else "MTRANK_MAX_BATCH_ROWS",
+                         extra={"event": "batch_size", "model": manifest.name, "version": manifest.version,
+                                "graph": key, "batch_rows": batch_rows,
+                                "rows_per_s": {str(n): round(n / t) for n, t in timings if t > 0}})
                 batcher = Batcher(
                     runner.run, runner.output_names, manifest.name, key, runner.device,
-                    max_batch_rows=s.max_batch_rows, max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
+                    max_batch_rows=batch_rows, max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
                     max_queue_rows=s.max_queue_rows, batching=s.batching, max_concurrent=batches,
                     load=self.load,
                 )

@@ -72,16 +72,35 @@ class GraphRunner:
         """Outputs in graph order for a batch of rows."""
         return self.session.run(self.output_names, feed)
 
-    def warm_up(self, batch_sizes: tuple[int, ...]) -> list[tuple[int, float]]:
+    def warm_up(self, batch_sizes: tuple[int, ...], repeats: int = 3) -> list[tuple[int, float]]:
         """Run zero inputs at each batch size so the first real request pays no allocation, then
-        once more timed: (rows, seconds) per batch size, the seed of the service's cost model."""
+        ``repeats`` times more, timed: (rows, median seconds) per batch size — the service's cost
+        model and its choice of batch size come from these."""
         timings = []
         for n in batch_sizes:
             feed = {
                 i.name: np.zeros((n, i.width) if i.width is not None else (n,), dtype=i.dtype) for i in self.inputs
             }
             self.run(feed)
-            started = time.perf_counter()
-            self.run(feed)
-            timings.append((n, time.perf_counter() - started))
+            seconds = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                self.run(feed)
+                seconds.append(time.perf_counter() - started)
+            timings.append((n, float(np.median(seconds))))
         return timings
+
+
+BATCH_SIZES = (1, 64, 128, 256, 512, 1024, 2048, 4096)
+"""Batch sizes timed at load; the batcher's batch size is chosen among them (above 1)."""
+
+
+def best_batch_rows(timings: list[tuple[int, float]], within: float = 0.9, limit: int | None = None) -> int:
+    """The smallest timed batch size whose rows/s is within ``within`` of the best: on a CPU,
+    rows/s rises with the batch until the activations leave the cache, then falls again (the demo
+    PLE, one thread: 85k rows/s at 250 rows, 61k at 4096), so bigger is not always better."""
+    rates = [(n, n / t) for n, t in timings if n > 1 and (limit is None or n <= limit) and t > 0]
+    if not rates:
+        return limit or max(n for n, _ in timings)
+    best = max(rate for _, rate in rates)
+    return min(n for n, rate in rates if rate >= within * best)

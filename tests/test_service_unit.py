@@ -19,7 +19,7 @@ from service.admission import Admission
 from service.batcher import Batcher, LoadEstimate
 from service.buckets import BucketTable, user_slot
 from service.errors import DeadlineExceeded, Overloaded
-from service.runner import GraphRunner
+from service.runner import GraphRunner, best_batch_rows
 from service.settings import ConfigError, load_settings
 from service.stores import InProcessStore, LocalTable, RedisStore, lookup
 from tests.server import TOY_ITEMS, TOY_USERS, build_toy_version
@@ -121,7 +121,7 @@ def test_bucket_assignment_is_stable_across_processes_and_depends_on_the_salt():
         ({"MTRANK_BUCKETS": '[{"name": "a", "share": 50}, {"name": "a", "share": 50}]'}, "MTRANK_BUCKETS", "unique"),
         ({"MTRANK_DEVICE": "tpu"}, "MTRANK_DEVICE", "cuda"),
         ({"MTRANK_PORT": "eighty"}, "MTRANK_PORT", "integer"),
-        ({"MTRANK_MAX_BATCH_ROWS": "0"}, "MTRANK_MAX_BATCH_ROWS", "greater"),
+        ({"MTRANK_MAX_BATCH_ROWS": "-1"}, "MTRANK_MAX_BATCH_ROWS", "greater"),
         ({"MTRANK_REDIS_URL": "http://localhost"}, "MTRANK_REDIS_URL", "Redis URL"),
         ({"MTRANK_MAX_QUEUE_ROWS": "100"}, "MTRANK_MAX_QUEUE_ROWS", "max_candidates"),
         ({"MTRANK_BATCHING": "perhaps"}, "MTRANK_BATCHING", "boolean"),
@@ -140,7 +140,7 @@ def test_settings_defaults_and_overrides(monkeypatch):
     monkeypatch.setenv("MTRANK_PORT", "9001")
     monkeypatch.delenv("MTRANK_REDIS_URL", raising=False)
     s = load_settings(host="0.0.0.0")
-    assert (s.port, s.host, s.redis_url, s.max_batch_rows, s.max_queue_delay_ms) == (9001, "0.0.0.0", None, 4096, 2.0)
+    assert (s.port, s.host, s.redis_url, s.max_batch_rows, s.max_queue_delay_ms) == (9001, "0.0.0.0", None, 0, 2.0)
     assert load_settings(port=9100).port == 9100
 
 
@@ -289,6 +289,15 @@ def test_batcher_drops_expired_and_cancelled_requests_before_running_them(tiny_r
 
     batches, out = asyncio.run(main())
     assert batches == [2, 5] and len(out["a"]) == 5
+
+
+def test_the_batch_size_is_where_rows_per_second_peaks():
+    # Seconds per call of a graph that is fastest per row at 256 rows and slows down after.
+    timings = [(1, 0.0001), (64, 0.002), (128, 0.0035), (256, 0.006), (512, 0.0125), (1024, 0.03), (4096, 0.15)]
+    assert best_batch_rows(timings) == 256
+    assert best_batch_rows(timings, within=0.5) == 64
+    flat = [(1, 0.001), (64, 0.002), (128, 0.004), (4096, 0.128)]  # constant per-row cost past 64
+    assert best_batch_rows(flat) == 64
 
 
 def test_a_lone_request_does_not_wait_for_the_queue_delay(tiny_runner):
