@@ -155,11 +155,35 @@ class Batcher:
         return self._queued_rows
 
     async def submit(self, inputs: dict[str, np.ndarray], deadline: float) -> dict[str, np.ndarray]:
-        """This request's outputs by name, ``[rows]`` each. Raises Overloaded, DeadlineExceeded."""
+        """This request's outputs by name, ``[rows]`` each. Raises Overloaded, DeadlineExceeded.
+
+        A request larger than ``max_batch_rows`` is split into chunks of about equal size that
+        queue (and run, on free slots, at the same time) like requests of their own.
+        """
         rows = len(next(iter(inputs.values())))
         self._admit(rows, deadline)
         if not self.batching:
             return await self._run_alone(inputs, rows)
+        if rows > self.max_batch_rows:
+            return await self._submit_chunks(inputs, rows, deadline)
+        return await self._enqueue(inputs, rows, deadline)
+
+    async def _submit_chunks(self, inputs: dict[str, np.ndarray], rows: int, deadline: float) -> dict[str, np.ndarray]:
+        n_chunks = math.ceil(rows / self.max_batch_rows)
+        bounds = np.linspace(0, rows, n_chunks + 1).round().astype(int)
+        parts = [{k: v[a:b] for k, v in inputs.items()} for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        tasks = [asyncio.ensure_future(self._enqueue(part, int(b - a), deadline))
+                 for part, a, b in zip(parts, bounds[:-1], bounds[1:], strict=True)]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:  # one chunk failed or the request was cancelled: drop the others' rows
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return {name: np.concatenate([r[name] for r in results]) for name in self.output_names}
+
+    async def _enqueue(self, inputs: dict[str, np.ndarray], rows: int, deadline: float) -> dict[str, np.ndarray]:
         pending = _Pending(inputs, rows, deadline, asyncio.get_running_loop().create_future())
         self._queue.append(pending)
         self._queued_rows += rows

@@ -239,16 +239,42 @@ def test_batch_invariance_scores_do_not_depend_on_batch_neighbours(tiny_runner):
             np.testing.assert_allclose(batched[name], alone[name], atol=1e-6, rtol=0)
 
 
-def test_batcher_splits_at_max_batch_rows_and_runs_an_oversized_request_alone(tiny_runner):
+def test_batcher_splits_at_max_batch_rows_and_runs_an_oversized_request_in_chunks(tiny_runner):
     async def main():
         rec = _Recorder(tiny_runner)
-        batcher = _batcher(tiny_runner, rec, max_batch_rows=10, max_queue_delay_s=0.02)
+        batcher = _batcher(tiny_runner, rec, max_batch_rows=10, max_queue_delay_s=0.02, max_concurrent=1)
         deadline = time.monotonic() + 5
-        await asyncio.gather(*(batcher.submit({"dense": _rows(i, n)}, deadline) for i, n in enumerate([6, 6, 25])))
+        big = _rows(2, 25)
+        outs = await asyncio.gather(*(batcher.submit({"dense": x}, deadline) for x in [_rows(0, 6), _rows(1, 6), big]))
         await batcher.close()
-        return rec.batches
+        return rec.batches, big, outs[-1]
 
-    assert asyncio.run(main()) == [6, 6, 25]
+    batches, big, out = asyncio.run(main())
+    # 6 runs at once; 6 waits alone (6 + 6 > 10); the 25-row request is three chunks of 8-9 rows.
+    assert batches[:2] == [6, 6] and sorted(batches[2:]) == [8, 8, 9]
+    alone = tiny_runner.run({"dense": big})
+    np.testing.assert_allclose(out["a"], alone[0], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(out["b"], alone[1], atol=1e-6, rtol=0)
+
+
+def test_chunks_of_a_large_request_run_at_the_same_time(tiny_runner):
+    running, peak = 0, 0
+
+    def slow_run(feed):
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        time.sleep(0.1)
+        running -= 1
+        return tiny_runner.run(feed)
+
+    async def main():
+        batcher = _batcher(tiny_runner, slow_run, max_batch_rows=10, max_queue_delay_s=0.0, max_concurrent=2)
+        out = await batcher.submit({"dense": _rows(5, 20)}, time.monotonic() + 10)
+        await batcher.close()
+        return out
+
+    assert len(asyncio.run(main())["a"]) == 20 and peak == 2
 
 
 def test_batcher_full_queue_raises_overloaded(tiny_runner):
