@@ -10,7 +10,7 @@ with the exact row count, once the request is decoded.
 
 from __future__ import annotations
 
-from service.batcher import LoadEstimate
+from service.batcher import QUEUE_SHARE, LoadEstimate
 from service.errors import Overloaded
 
 
@@ -30,7 +30,7 @@ class Admission:
             return  # a free graph runs it at once
         rows = int(content_length) / self.bytes_per_row
         wait = load.expected_wait_s(int(rows))
-        if wait > budget_s:
+        if wait > QUEUE_SHARE * budget_s:
             raise Overloaded(
                 f"about {rows:.0f} candidates would finish in {wait * 1000:.0f} ms, after the "
                 f"{budget_s * 1000:.0f} ms deadline ({load.queued_rows} rows queued)",

@@ -35,6 +35,9 @@ from service.errors import DeadlineExceeded, Overloaded
 log = logging.getLogger("mtrank.batcher")
 
 RunFn = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+QUEUE_SHARE = 0.8
+"""Share of a request's remaining time its queue wait and inference may take; the rest is for
+decoding, features, fusion and the response, so an admitted request finishes before its deadline."""
 
 
 class LoadEstimate:
@@ -205,7 +208,7 @@ class Batcher:
             )
         busy = self._running >= self.max_concurrent or self._queued_rows > 0
         wait = self.load.expected_wait_s(rows)
-        if busy and time.monotonic() + wait > deadline:
+        if busy and wait > QUEUE_SHARE * (deadline - time.monotonic()):
             raise Overloaded(
                 f"expected to finish in {wait * 1000:.0f} ms, after the request's deadline "
                 f"({self._queued_rows} rows queued for this graph)", self.load.retry_after_s()
