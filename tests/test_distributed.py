@@ -86,3 +86,33 @@ def test_bad_data_under_two_workers_is_one_line_and_writes_nothing(sharded, conf
     err = capfd.readouterr().err.strip()
     assert err == f"mtrank train: error: {shard}: missing feature column 'item_id' declared in spec 'synth_short_video'"
     assert not out.exists() and not partial_dir(out).exists()
+
+
+def test_a_killed_two_worker_run_resumes_to_the_same_result(sharded, tmp_path):
+    import signal
+    import time
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"name": "shared_bottom", "model": MODEL, "train": {
+        "epochs": 2, "batch_size": 64, "eval_train_rows": 1000, "checkpoint_every": 7, "shuffle_rows": 1024}}))
+    out = tmp_path / "killed"
+    job = subprocess.Popen([sys.executable, "-m", "mtrank.cli", *_argv(sharded, out, config), "--nproc", "2"],
+                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest, state, deadline = partial_dir(out) / "LATEST", None, time.monotonic() + 120
+    while job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+        if latest.is_file():
+            state = json.loads((partial_dir(out) / "state" / latest.read_text().strip() / "state.json").read_text())
+            if state["epoch"] >= 1 and state["step"] > 0:
+                break
+    os.killpg(job.pid, signal.SIGKILL)  # the launcher and both workers, at once
+    job.wait()
+    assert state is not None and state["epoch"] >= 1 and state["step"] > 0, state
+    assert not out.exists()
+
+    assert main(["train", "--resume", str(out)]) == 0  # starts the run's two workers again
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert main([*_argv(sharded, tmp_path / "whole", config), "--nproc", "2"]) == 0
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert resumed["workers"] == 2 and resumed["rows_seen"] == whole["rows_seen"] == 2 * 16_000
+    assert resumed["avg_auc"] == pytest.approx(whole["avg_auc"], abs=1e-6)
