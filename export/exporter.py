@@ -258,7 +258,7 @@ def _parity_rows(run: Run) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     n_items = len(spec.item_facet.values) if spec.item_facet is not None else 1
     data_dir = Path(run.meta["data"]) if run.meta.get("data") else None
     if data_dir is not None and data_dir.is_dir():
-        from training.data import load_split
+        from training.dataset import load_split
         from training.trainer import facet_index
 
         frame = load_split(data_dir, "test", spec)

@@ -119,7 +119,7 @@ def test_guardrail_keeps_every_task_within_the_allowed_loss(trained_run, synth_d
 def test_reported_objective_is_the_one_of_the_written_buckets(trained_run, synth_dir, tmp_path, objective, length_fn):
     # Recompute the held-out objective from buckets.json with the service's fusion: same number.
     from training.checkpoint import load_run
-    from training.data import load_split
+    from training.dataset import load_split
     from training.evaluate import predict_frame
 
     report = _tune(trained_run, synth_dir, tmp_path, seed=2, objective=objective, k=3, length_fn=length_fn)

@@ -17,6 +17,7 @@ from mtrank.cli import main
 from mtrank.spec import DenseField, FeatureSpec, SparseField, SpecError, Task
 from mtrank.transform import VocabularyCounter
 from training import data as data_io
+from training import dataset
 from training.checkpoint import load_run, partial_dir
 from training.dataset import SplitSource, TrainStream, fit_preprocessing, to_tensors
 from training.trainer import evaluate, evaluate_frames
@@ -69,8 +70,8 @@ def test_a_directory_of_parquet_files_reads_like_one_file(sharded, tmp_path):
     spec = data_io.load_spec(sharded)
     source = SplitSource.open(sharded, "train", spec)
     assert len(source.files) == 3 and source.rows == 4800
-    one_file = data_io.load_split(tmp_path, "train", spec)
-    pd.testing.assert_frame_equal(data_io.load_split(sharded, "train", spec), one_file)
+    one_file = dataset.load_split(tmp_path, "train", spec)
+    pd.testing.assert_frame_equal(dataset.load_split(sharded, "train", spec), one_file)
 
 
 def test_a_split_is_read_one_row_group_at_a_time_with_only_the_spec_columns(numbered):
@@ -115,7 +116,7 @@ def test_a_stream_restarted_at_a_step_continues_with_the_same_batches(numbered):
 
 def test_streamed_evaluation_equals_evaluation_of_the_whole_frame(trained_run, synth_dir):
     run = load_run(trained_run("ple"))
-    frame = data_io.load_split(synth_dir, "test", run.spec)
+    frame = dataset.load_split(synth_dir, "test", run.spec)
     whole = evaluate(run.model, frame, run.preprocessor, run.outputs)
     chunks = (frame.iloc[a : a + 333] for a in range(0, len(frame), 333))
     streamed = evaluate_frames(run.model, chunks, run.preprocessor, run.outputs)
@@ -135,7 +136,7 @@ def _flat(d, prefix: str = "") -> dict:
 def test_training_metrics_are_computed_on_every_test_row(trained_run, synth_dir):
     report = json.loads((trained_run("ple") / "metrics.json").read_text())
     spec = data_io.load_spec(synth_dir)
-    assert report["rows"] == len(data_io.load_split(synth_dir, "test", spec))
+    assert report["rows"] == len(dataset.load_split(synth_dir, "test", spec))
     assert report["rows_seen"] == report["train_rows"] * report["epochs_run"] and report["workers"] == 1
     assert report["samples_per_second"] > 0
 
@@ -145,7 +146,7 @@ def test_the_fitted_preprocessing_of_a_stream_equals_the_whole_frames(sharded):
 
     spec = data_io.load_spec(sharded)
     streamed, labels, space = fit_preprocessing(SplitSource.open(sharded, "train", spec), spec, None, 0)
-    frame = data_io.load_split(sharded, "train", spec)
+    frame = dataset.load_split(sharded, "train", spec)
     whole = Preprocessor.fit(spec, frame)
     assert streamed.vocabs == whole.vocabs
     for name, s in whole.dense_stats.items():

@@ -11,6 +11,7 @@ import yaml
 
 from mtrank.cli import main as cli_main
 from training import data as data_io
+from training import dataset
 from training.checkpoint import load_run
 from training.trainer import predict, to_tensors, train
 
@@ -26,7 +27,7 @@ def test_a_short_run_beats_a_constant_predictor_on_every_task(synth_dir, tmp_pat
     config = _config(tmp_path, epochs=3, batch_size=256, patience=3)
     report = train("shared_bottom", synth_dir, tmp_path / "run", config_path=config, progress=False)
     spec = data_io.load_spec(synth_dir)
-    test = data_io.load_split(synth_dir, "test", spec)
+    test = dataset.load_split(synth_dir, "test", spec)
     for task in spec.tasks:
         m = report["tasks"][task.name]
         if task.type == "binary":
@@ -73,7 +74,7 @@ def test_mtl_gain_is_reported_against_a_baseline_run(trained_run, synth_dir, tmp
 def test_a_checkpoint_rebuilds_its_model_without_outside_config(trained_run, synth_dir):
     run = load_run(trained_run("cgc"))
     spec = run.spec
-    test = data_io.load_split(synth_dir, "test", spec)
+    test = dataset.load_split(synth_dir, "test", spec)
     probs, _ = predict(run.model, to_tensors(test, spec, run.preprocessor))
     report = json.loads((trained_run("cgc") / "metrics.json").read_text())
     from training.metrics import auc

@@ -4,7 +4,7 @@ A split is a Parquet file, a directory of Parquet files (``train/`` or ``train.p
 CSV/TSV file for small data. :mod:`training.dataset` reads it in record batches; every batch goes
 through :func:`validate_frame` (a one-line ``SpecError`` naming the file when it does not match the
 spec) and :func:`conform_frame` (dense NaNs filled, facet columns present, sparse values as their
-keys, so ids read from CSV as ints and from Parquet as strings look alike). ``load_split`` returns a
+keys, so ids read from CSV as ints and from Parquet as strings look alike). ``training.dataset.load_split`` returns a
 whole split as one conformed frame, for evaluation tools on data that fits in memory.
 """
 
@@ -219,15 +219,6 @@ def conform_frame(frame: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
         index = facet_index(facet, columns, len(out), defaults)
         out[facet.column] = np.asarray(facet.values, dtype=object)[index]
     return out
-
-
-def load_split(data_dir: str | Path, split: str, spec: FeatureSpec) -> pd.DataFrame:
-    """Read, validate and conform the whole ``split`` (``train``/``valid``/``test``) of ``data_dir``
-    into one frame (for splits that fit in memory; training streams them, see training.dataset)."""
-    from training.dataset import SplitSource
-
-    source = SplitSource.open(data_dir, split, spec)
-    return pd.concat(list(source.frames(validate=True, columns=source.all_columns)), ignore_index=True)
 
 
 def load_spec(data_dir: str | Path, spec_path: str | Path | None = None) -> FeatureSpec:

@@ -382,3 +382,10 @@ class _RangeReader:
             parts.append(self._unit(i).rows(slice(max(a, u0) - u0, min(b, int(self.starts[i + 1])) - u0)))
             i += 1
         return Tensors.cat(parts)
+
+
+def load_split(data_dir: str | Path, split: str, spec: FeatureSpec) -> pd.DataFrame:
+    """Read, validate and conform the whole ``split`` (``train``/``valid``/``test``) of ``data_dir``
+    into one frame (for splits that fit in memory; training streams them with :class:`SplitSource`)."""
+    source = SplitSource.open(data_dir, split, spec)
+    return pd.concat(list(source.frames(validate=True, columns=source.all_columns)), ignore_index=True)

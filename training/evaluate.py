@@ -134,12 +134,12 @@ def evaluate_run(
     """
     if stem_pair is not None and baseline is None:
         raise ValueError("stem_pair needs a baseline: the single-task run whose predictions give the expected feedback")
-    from training import data as data_io
+    from training import dataset
 
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     run = load_run(run_dir)
     pair = _parse_pair(stem_pair, run) if stem_pair is not None else None
-    frame = data_io.load_split(data_dir, split, run.spec)
+    frame = dataset.load_split(data_dir, split, run.spec)
 
     preds, gates = predict_frame(run, frame)
     report = metrics_lib.evaluate_predictions(frame, preds, run.spec)

@@ -457,7 +457,7 @@ def tune_fusion(
     """Search fusion weights on the valid split, report on the test split, and write
     ``OUT/buckets.json``, ``OUT/report.json``, ``OUT/report.md`` and its plots. Returns the report."""
     from training.checkpoint import load_run
-    from training.data import load_split
+    from training.dataset import load_split
     from training.evaluate import predict_frame
 
     started = time.perf_counter()

@@ -120,7 +120,7 @@ def cost_table(data_dir: Path) -> list[str]:
     """Network parameters touched and FLOPs per row: full model vs each group's mode."""
     import torch
 
-    from training import data as data_io
+    from training import dataset
     from training.checkpoint import load_run
     from training.profile import forward_cost
     from training.trainer import to_tensors
@@ -133,7 +133,7 @@ def cost_table(data_dir: Path) -> list[str]:
     ]
     for model in MODELS:
         run = load_run(run_dir(model, data_dir))
-        frame = data_io.load_split(data_dir, "test", run.spec).head(256)
+        frame = dataset.load_split(data_dir, "test", run.spec).head(256)
         t = to_tensors(frame, run.spec, run.preprocessor)
         vectors = [v.detach() for v in run.model.embed(t.sparse)]
         torch.set_num_threads(1)
