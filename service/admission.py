@@ -26,8 +26,8 @@ class Admission:
         load = self.load
         if not self.bytes_per_row or not content_length or not content_length.isdigit():
             return
-        if load.queued_rows == 0:
-            return  # a free graph runs it at once
+        if load.queued_rows == 0 and load.running_rows == 0:
+            return  # an idle service runs it at once
         rows = int(content_length) / self.bytes_per_row
         wait = load.expected_wait_s(int(rows))
         if wait > QUEUE_SHARE * budget_s:

@@ -41,25 +41,32 @@ decoding, features, fusion and the response, so an admitted request finishes bef
 
 
 class LoadEstimate:
-    """Rows waiting and running across the whole service, and a cost model of the engine.
+    """Rows waiting and running across the whole service, and how long they will take.
 
     Shared by every batcher of a process (they compete for the same cores), read by the HTTP
-    layer to refuse a request before its body is read when it could not finish in time. A batch
-    of ``r`` rows costs ``fixed_s + r * per_row_s`` seconds: seeded from timed warm-up runs at
-    two batch sizes, then refitted online (least squares with exponential forgetting) on every
-    batch that runs, so small and large requests are both predicted well.
+    layer to refuse a request before its body is read when it could not finish in time.
+
+    - One batch of ``r`` rows takes ``fixed_s + r * per_row_s`` seconds of wall time: seeded from
+      timed warm-up runs, refitted online (least squares with exponential forgetting) on every
+      batch, so it includes what the event loop and the rest of the machine take from the engine.
+    - Batches overlap: how many run at once on average (the sum of batch times over the time they
+      span, over the last ``window_s`` seconds of busy batches) divides the work queued ahead;
+      until that is measured, ``parallelism`` stands in.
     """
 
-    def __init__(self, parallelism: int, max_batch_rows: int = 4096, forgetting: float = 0.05):
+    def __init__(self, parallelism: int, max_batch_rows: int = 4096, forgetting: float = 0.05,
+                 window_s: float = 2.0):
         self.parallelism = max(1, parallelism)
         """How many batches can truly run at once (cores ÷ intra-op threads, at most the slots)."""
         self.max_batch_rows = max(1, max_batch_rows)
         self.forgetting = forgetting
+        self.window_s = window_s
         self.queued_rows = 0
         self.running_rows = 0
         self.fixed_s = 0.0
         self.per_row_s: float | None = None
         self._moments: list[float] | None = None  # E[r], E[t], E[r²], E[r·t]
+        self._busy: deque[tuple[float, float]] = deque()  # (start, end), monotonic, of batches run while others waited
 
     def seed(self, small: tuple[int, float], large: tuple[int, float]) -> None:
         """Two timed runs, (rows, seconds) each, at two batch sizes."""
@@ -69,8 +76,8 @@ class LoadEstimate:
         mean_r, mean_t = (r1 + r2) / 2, (t1 + t2) / 2
         self._moments = [mean_r, mean_t, (r1 * r1 + r2 * r2) / 2, (r1 * t1 + r2 * t2) / 2]
 
-    def observe(self, rows: int, seconds: float) -> None:
-        """One finished batch: its rows and wall time (under whatever concurrency it ran)."""
+    def observe(self, rows: int, seconds: float, busy: bool = False) -> None:
+        """One finished batch: its rows and wall time; ``busy``: other work was waiting for it."""
         sample = [rows, seconds, rows * rows, rows * seconds]
         if self._moments is None:
             self._moments = sample
@@ -84,21 +91,41 @@ class LoadEstimate:
         elif self.per_row_s is None:
             self.per_row_s = mean_t / max(mean_r, 1.0)  # one batch size seen so far: no fixed part
         self.fixed_s = max(mean_t - self.per_row_s * mean_r, 0.0)
+        if busy:
+            end = time.monotonic()
+            self._busy.append((end - seconds, end))
+            while self._busy and self._busy[0][1] < end - self.window_s:
+                self._busy.popleft()
+
+    @property
+    def overlap(self) -> float:
+        """Batches running at once on average while busy (1 to ``parallelism``)."""
+        if len(self._busy) < 4:
+            return float(self.parallelism)
+        span = self._busy[-1][1] - min(start for start, _ in self._busy)
+        total = sum(end - start for start, end in self._busy)
+        return min(float(self.parallelism), max(1.0, total / span)) if span > 0 else float(self.parallelism)
+
+    def batch_s(self, rows: int) -> float:
+        """Wall seconds of one batch of ``rows`` rows (0 before any measurement)."""
+        return self.fixed_s + rows * self.per_row_s if self.per_row_s else 0.0
 
     @property
     def rows_per_s(self) -> float | None:
-        """Service-wide rows/s of large batches with every slot busy; None before any measurement."""
-        return None if not self.per_row_s else self.parallelism / self.per_row_s
+        """Rows/s of full batches with the measured overlap; None before any measurement."""
+        if not self.per_row_s:
+            return None
+        return self.overlap * self.max_batch_rows / self.batch_s(self.max_batch_rows)
 
     def expected_wait_s(self, rows: int) -> float:
-        """Seconds until ``rows`` more rows would be done: half of what is running, then the
-        queued rows and these in batches of at most ``max_batch_rows``, ``parallelism`` at a time."""
+        """Seconds until ``rows`` more rows would be done: the batches queued and (half of those)
+        running ahead of them, spread over the overlapping slots, then their own batch."""
         if not self.per_row_s:
             return 0.0
-        running = (self.fixed_s + self.running_rows * self.per_row_s) / 2 if self.running_rows else 0.0
-        ahead = self.queued_rows + rows
-        batches = math.ceil(ahead / self.max_batch_rows)
-        return running + (batches * self.fixed_s + ahead * self.per_row_s) / self.parallelism
+        queued = self.queued_rows
+        ahead = math.ceil(queued / self.max_batch_rows) * self.fixed_s + queued * self.per_row_s
+        ahead += self.batch_s(self.running_rows) / 2 if self.running_rows else 0.0
+        return ahead / self.overlap + self.batch_s(rows)
 
     def retry_after_s(self) -> int:
         """Whole seconds a refused client should wait: about the time to drain the queue."""
@@ -160,19 +187,22 @@ class Batcher:
     async def submit(self, inputs: dict[str, np.ndarray], deadline: float) -> dict[str, np.ndarray]:
         """This request's outputs by name, ``[rows]`` each. Raises Overloaded, DeadlineExceeded.
 
-        A request larger than ``max_batch_rows`` is split into chunks of about equal size that
-        queue (and run, on free slots, at the same time) like requests of their own.
+        A request larger than ``max_batch_rows`` arriving while slots are free is split into
+        chunks of about equal size, one per free slot, that run at the same time; on a busy graph
+        it runs whole (splitting would only add calls).
         """
         rows = len(next(iter(inputs.values())))
         self._admit(rows, deadline)
         if not self.batching:
             return await self._run_alone(inputs, rows)
-        if rows > self.max_batch_rows:
-            return await self._submit_chunks(inputs, rows, deadline)
+        free = self.max_concurrent - self._running
+        if rows > self.max_batch_rows and free > 1 and not self._queue:
+            return await self._submit_chunks(inputs, rows, min(free, math.ceil(rows / self.max_batch_rows)), deadline)
         return await self._enqueue(inputs, rows, deadline)
 
-    async def _submit_chunks(self, inputs: dict[str, np.ndarray], rows: int, deadline: float) -> dict[str, np.ndarray]:
-        n_chunks = math.ceil(rows / self.max_batch_rows)
+    async def _submit_chunks(
+        self, inputs: dict[str, np.ndarray], rows: int, n_chunks: int, deadline: float
+    ) -> dict[str, np.ndarray]:
         bounds = np.linspace(0, rows, n_chunks + 1).round().astype(int)
         parts = [{k: v[a:b] for k, v in inputs.items()} for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         tasks = [asyncio.ensure_future(self._enqueue(part, int(b - a), deadline))
@@ -225,7 +255,7 @@ class Batcher:
         finally:
             self._queued_rows -= rows
             self.load.running_rows -= rows
-        self.load.observe(rows, elapsed)
+        self.load.observe(rows, elapsed, busy=self._queued_rows > 0)
         self._m_infer.observe(elapsed)
         self._m_wait.observe(0.0)
         self._m_rows.observe(rows)
@@ -302,7 +332,7 @@ class Batcher:
                 return
             elapsed = time.perf_counter() - started
             done_ns = time.time_ns()
-            self.load.observe(rows, elapsed)
+            self.load.observe(rows, elapsed, busy=bool(self._queue) or self._running > 1)
             self._m_infer.observe(elapsed)
             self._m_rows.observe(rows)
             self._m_requests.observe(len(batch))

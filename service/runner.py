@@ -95,7 +95,7 @@ BATCH_SIZES = (1, 64, 128, 256, 512, 1024, 2048, 4096)
 """Batch sizes timed at load; the batcher's batch size is chosen among them (above 1)."""
 
 
-def best_batch_rows(timings: list[tuple[int, float]], within: float = 0.9, limit: int | None = None) -> int:
+def best_batch_rows(timings: list[tuple[int, float]], within: float = 0.97, limit: int | None = None) -> int:
     """The smallest timed batch size whose rows/s is within ``within`` of the best: on a CPU,
     rows/s rises with the batch until the activations leave the cache, then falls again (the demo
     PLE, one thread: 85k rows/s at 250 rows, 61k at 4096), so bigger is not always better."""

@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     """ONNX Runtime device: auto = CUDA when usable, else CPU; cuda without a GPU is a start-up error."""
     max_batch_rows: int = Field(0, ge=0, le=1_000_000)
     """Most rows (candidates) one inference call concatenates; 0 = measured per graph at load: the
-    smallest batch within 10 % of the graph's best rows/s (bigger batches can be slower per row)."""
+    smallest batch within 3 % of the graph's best rows/s (bigger batches can be slower per row)."""
     max_queue_delay_ms: float = Field(2.0, ge=0.0, le=1000.0)
     """Longest extra wait batching adds, milliseconds: only while the graph is busy does a partial
     batch wait (at most this, counted from its oldest request) for more rows; an idle graph runs

@@ -378,20 +378,21 @@ def _read_response(conn: socket.socket) -> str:
 
 
 def test_a_request_that_cannot_finish_in_time_is_refused_before_its_body_is_read(slow_repo):
-    with RemoteServer(slow_repo, env=SLOW_ENV) as s, ThreadPoolExecutor(3) as pool:
-        assert s.post("/v1/rank", json=rank_body(n=50)).status_code == 200  # engine speed and body size learnt
-        busy = [pool.submit(_rank_with(s, 50), f"b{i}") for i in range(2)]
-        time.sleep(0.1)
+    # Every inference call takes longer than half the 400 ms deadline (its share for queueing is 320 ms).
+    with RemoteServer(slow_repo, env=SLOW_ENV | {"MTRANK_REQUEST_TIMEOUT_MS": "400"}) as s, \
+            ThreadPoolExecutor(1) as pool:
+        s.post("/v1/rank", json=rank_body(n=50))  # engine speed and body size learnt
+        busy = pool.submit(_rank_with(s, 50), "busy")  # takes the only batch slot
+        time.sleep(0.05)
         with socket.create_connection(("127.0.0.1", s.port), timeout=5) as conn:
-            # Headers announcing ~3000 candidates' worth of body (30 batches of a few hundred ms);
-            # the body itself is never sent.
+            # Headers announcing a body behind a running batch: half of it, then its own batch.
+            # The body itself is never sent.
             conn.sendall(b"POST /v1/rank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 600000\r\n\r\n")
             answer = _read_response(conn)
         assert answer.startswith("HTTP/1.1 503"), answer
         assert "retry-after" in answer.lower() and "deadline" in answer, answer
-        for f in busy:
-            f.result()
+        busy.result()
 
 
 def test_a_client_that_hangs_up_while_queued_is_dropped(slow_repo):
