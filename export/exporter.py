@@ -50,7 +50,7 @@ from mtrank.manifest import (
     open_vectors,
     write_manifest,
 )
-from training.checkpoint import Run, load_run
+from training.checkpoint import Run, fsync_dir, load_run
 from training.models.base import MultiTaskModel
 from training.outputs import OutputLayer
 
@@ -389,7 +389,7 @@ def _publish(tmp: Path, model_dir: Path, manifest: Manifest) -> Path:
             if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
                 continue
             raise
-        _fsync_dir(model_dir)
+        fsync_dir(model_dir)
         return target
 
 
@@ -408,15 +408,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(root)
 
 
 def _check_name(what: str, name: str) -> None:

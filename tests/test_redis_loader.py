@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -19,6 +18,7 @@ from export.tables import write_table
 from mtrank import store_keys
 from mtrank.cli import main as cli_main
 from mtrank.manifest import Manifest, ManifestError, load_manifest, open_vectors, read_ids, version_dir, write_manifest
+from tests.cluster import free_node_port
 from tests.conftest import _need
 from training.models.registry import model_names
 
@@ -195,25 +195,12 @@ def test_cli_load_embeddings_prints_a_summary(tmp_path, redis_url, client, capsy
 # Redis Cluster: three local primaries
 
 
-def _free_cluster_port() -> int:
-    """A port free for the node and for its cluster bus (port + 10000)."""
-    for port in np.random.default_rng().integers(20000, 30000, 50):
-        try:
-            for p in (int(port), int(port) + 10000):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return int(port)
-    raise RuntimeError("no free port pair for a cluster node")
-
-
 @pytest.fixture
 def redis_cluster_url(tmp_path):
     server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
     if not (server and cli):
         _need("redis-server/redis-cli not installed")
-    ports = [_free_cluster_port() for _ in range(3)]
+    ports = [free_node_port() for _ in range(3)]
     nodes = []
     try:
         for port in ports:

@@ -115,7 +115,8 @@ def publish_run(tmp: Path, run_dir: Path) -> None:
     tmp.rmdir()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename into it) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -146,7 +147,7 @@ def save_train_state(partial: Path, name: str, tensors: dict[str, dict[str, torc
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     latest = partial / "LATEST"
     tmp_latest = partial / ".LATEST.tmp"
     tmp_latest.write_text(name + "\n")
