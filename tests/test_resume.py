@@ -35,9 +35,10 @@ def _argv(data: Path, out: Path, config: Path) -> list[str]:
 
 def _mid_epoch_checkpoint(partial: Path) -> dict | None:
     latest = partial / "LATEST"
-    if not latest.is_file():
+    try:
+        state = json.loads((partial / "state" / latest.read_text().strip() / "state.json").read_text())
+    except FileNotFoundError:  # none yet, or the one LATEST named was just replaced by a newer one
         return None
-    state = json.loads((partial / "state" / latest.read_text().strip() / "state.json").read_text())
     return state if state["step"] > 0 and state["epoch"] >= 1 else None
 
 

@@ -378,15 +378,15 @@ def _read_response(conn: socket.socket) -> str:
 
 
 def test_a_request_that_cannot_finish_in_time_is_refused_before_its_body_is_read(slow_repo):
-    # Every inference call takes longer than half the 400 ms deadline (its share for queueing is 320 ms).
-    with RemoteServer(slow_repo, env=SLOW_ENV | {"MTRANK_REQUEST_TIMEOUT_MS": "400"}) as s, \
+    # One inference call takes a few hundred ms; the deadline is 150 ms (120 ms of it for queueing):
+    # a request behind a running batch cannot make it, whatever the machine's speed.
+    with RemoteServer(slow_repo, env=SLOW_ENV | {"MTRANK_REQUEST_TIMEOUT_MS": "150"}) as s, \
             ThreadPoolExecutor(1) as pool:
-        s.post("/v1/rank", json=rank_body(n=50))  # engine speed and body size learnt
+        s.post("/v1/rank", json=rank_body(n=50))  # the body size per candidate is learnt (answer: 504)
         busy = pool.submit(_rank_with(s, 50), "busy")  # takes the only batch slot
-        time.sleep(0.05)
+        time.sleep(0.03)
         with socket.create_connection(("127.0.0.1", s.port), timeout=5) as conn:
-            # Headers announcing a body behind a running batch: half of it, then its own batch.
-            # The body itself is never sent.
+            # Headers only: the body is never sent, so only an answer before reading it can be a 503.
             conn.sendall(b"POST /v1/rank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 600000\r\n\r\n")
             answer = _read_response(conn)
