@@ -44,6 +44,11 @@ Column = Any
 class TransformError(ValueError):
     """A raw value cannot be turned into a model input (a string for a numeric feature)."""
 
+    def __init__(self, message: str, feature: str | None = None):
+        super().__init__(f"{feature}: {message}" if feature else message)
+        self.feature = feature
+        """The feature whose value it was, when there is one."""
+
 
 # -- dense ----------------------------------------------------------------------------------
 
@@ -60,11 +65,11 @@ def numeric_column(values: Column, n: int, default: float, name: str) -> np.ndar
     elif values is None or isinstance(values, int | float | bool | np.number):
         x = np.full(n, math.nan if values is None else float(values), dtype=np.float64)
     elif isinstance(values, str):
-        raise TransformError(f"{name}: must be a number, got a string")
+        raise TransformError("must be a number, got a string", name)
     else:
         x = _floats(values, name)
     if x.shape != (n,):
-        raise TransformError(f"{name}: {x.shape[0]} values for {n} rows")
+        raise TransformError(f"{x.shape[0]} values for {n} rows", name)
     x[np.isnan(x)] = default
     return x
 
@@ -73,7 +78,7 @@ def _floats(values: Sequence, name: str) -> np.ndarray:
     try:
         return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
     except (TypeError, ValueError):
-        raise TransformError(f"{name}: must be a number") from None
+        raise TransformError("must be a number", name) from None
 
 
 def pre_standardise(raw: np.ndarray, transform: str) -> np.ndarray:

@@ -10,8 +10,7 @@ with the exact row count, once the request is decoded.
 
 from __future__ import annotations
 
-from service.batcher import QUEUE_SHARE, LoadEstimate
-from service.errors import Overloaded
+from service.batcher import LoadEstimate
 
 
 class Admission:
@@ -28,14 +27,8 @@ class Admission:
             return
         if load.queued_rows == 0 and load.running_rows == 0:
             return  # an idle service runs it at once
-        rows = int(content_length) / self.bytes_per_row
-        wait = load.expected_wait_s(int(rows))
-        if wait > QUEUE_SHARE * budget_s:
-            raise Overloaded(
-                f"about {rows:.0f} candidates would finish in {wait * 1000:.0f} ms, after the "
-                f"{budget_s * 1000:.0f} ms deadline ({load.queued_rows} rows queued)",
-                load.retry_after_s(),
-            )
+        rows = int(int(content_length) / self.bytes_per_row)
+        load.refuse_unless_in_time(rows, budget_s, f"about {rows} candidates")
 
     def learn(self, body_bytes: int, rows: int) -> None:
         """A decoded request: its body size and candidate count."""

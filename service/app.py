@@ -2,7 +2,8 @@
 
 ``create_app(settings)`` builds the app; its lifespan owns the :class:`Engine` (store,
 repository, batchers). Routes parse, call one function and format; errors map to JSON bodies
-``{"error": message, "detail": [...]}`` with 413/422/503/504, never a 500 for bad input.
+``{"error": message}`` with 408/413/422/499/503/504 (:func:`error_response`), never a 500 for bad
+input; ``POST /v1/rank`` is a plain ASGI endpoint the request middleware calls directly.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
-from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -131,28 +130,8 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
-def _error(status: int, message: str, detail: list | None = None, headers: dict[str, str] | None = None) -> Response:
-    body: dict[str, Any] = {"error": message}
-    if detail:
-        body["detail"] = detail
-    return _json(body, status, headers)
-
-
-def _validation_detail(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """Pydantic errors as ``{"loc", "msg"}`` without echoing the (possibly huge) input."""
-    out: list[dict[str, str]] = []
-    seen: set[str] = set()
-    for err in errors:
-        loc = [p for p in err.get("loc", ()) if p not in ("body",)]
-        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "body"
-        if where in seen:
-            continue
-        seen.add(where)
-        out.append({"loc": where, "msg": msg})
-        if len(out) >= 20:
-            break
-    return out
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return _json({"error": message}, status, headers)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -459,10 +438,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     return app
 
 
-def _rejected(reason: str, status: int, message: str, detail: list | None = None,
-              headers: dict[str, str] | None = None) -> Response:
+def _rejected(reason: str, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     metrics.REJECTED.labels(reason).inc()
-    return _error(status, message, detail, headers)
+    return _error(status, message, headers)
 
 
 def error_response(e: Exception) -> Response | None:
@@ -470,9 +448,6 @@ def error_response(e: Exception) -> Response | None:
     counted in ``mtrank_rejected_total``; None for a fault of the server (500)."""
     if isinstance(e, MalformedBody | RequestError):
         return _rejected("invalid", 422, str(e))
-    if isinstance(e, ValidationError | RequestValidationError):
-        detail = _validation_detail(list(e.errors()))
-        return _rejected("invalid", 422, f"invalid request: {detail[0]['loc']}: {detail[0]['msg']}", detail)
     if isinstance(e, BodyTooLarge | TooManyCandidates):
         return _rejected("too_large", 413, str(e))
     if isinstance(e, Overloaded):
@@ -491,8 +466,8 @@ def error_response(e: Exception) -> Response | None:
     return None
 
 
-_HANDLED = (MalformedBody, RequestError, ValidationError, RequestValidationError, BodyTooLarge, TooManyCandidates,
-            Overloaded, NotReady, DeadlineExceeded, TimeoutError, ClientGone, ClientDisconnect, BodyTimeout)
+_HANDLED = (MalformedBody, RequestError, BodyTooLarge, TooManyCandidates, Overloaded, NotReady, DeadlineExceeded,
+            TimeoutError, ClientGone, ClientDisconnect, BodyTimeout)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

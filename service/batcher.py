@@ -110,13 +110,6 @@ class LoadEstimate:
         """Wall seconds of one batch of ``rows`` rows (0 before any measurement)."""
         return self.fixed_s + rows * self.per_row_s if self.per_row_s else 0.0
 
-    @property
-    def rows_per_s(self) -> float | None:
-        """Rows/s of full batches with the measured overlap; None before any measurement."""
-        if not self.per_row_s:
-            return None
-        return self.overlap * self.max_batch_rows / self.batch_s(self.max_batch_rows)
-
     def expected_wait_s(self, rows: int) -> float:
         """Seconds until ``rows`` more rows would be done: the batches queued and (half of those)
         running ahead of them, spread over the overlapping slots, then their own batch."""
@@ -130,6 +123,16 @@ class LoadEstimate:
     def retry_after_s(self) -> int:
         """Whole seconds a refused client should wait: about the time to drain the queue."""
         return max(1, math.ceil(self.expected_wait_s(0)))
+
+    def refuse_unless_in_time(self, rows: int, remaining_s: float, what: str) -> None:
+        """Raise :class:`Overloaded` when ``rows`` more rows would not be done within
+        :data:`QUEUE_SHARE` of the ``remaining_s`` seconds a request has left."""
+        wait = self.expected_wait_s(rows)
+        if wait > QUEUE_SHARE * remaining_s:
+            raise Overloaded(
+                f"{what} would finish in {wait * 1000:.0f} ms, after the request's {remaining_s * 1000:.0f} ms "
+                f"deadline ({self.queued_rows} rows queued)", self.retry_after_s()
+            )
 
 
 @dataclass
@@ -180,10 +183,6 @@ class Batcher:
         self._m_requests = metrics.BATCH_REQUESTS.labels(model, group)
         self._m_infer = metrics.INFERENCE_DURATION.labels(model, group, device)
 
-    @property
-    def queued_rows(self) -> int:
-        return self._queued_rows
-
     async def submit(self, inputs: dict[str, np.ndarray], deadline: float) -> dict[str, np.ndarray]:
         """This request's outputs by name, ``[rows]`` each. Raises Overloaded, DeadlineExceeded.
 
@@ -203,10 +202,9 @@ class Batcher:
     async def _submit_chunks(
         self, inputs: dict[str, np.ndarray], rows: int, n_chunks: int, deadline: float
     ) -> dict[str, np.ndarray]:
-        bounds = np.linspace(0, rows, n_chunks + 1).round().astype(int)
-        parts = [{k: v[a:b] for k, v in inputs.items()} for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        tasks = [asyncio.ensure_future(self._enqueue(part, int(b - a), deadline))
-                 for part, a, b in zip(parts, bounds[:-1], bounds[1:], strict=True)]
+        bounds = np.linspace(0, rows, n_chunks + 1).round().astype(int).tolist()
+        tasks = [asyncio.ensure_future(self._enqueue({k: v[a:b] for k, v in inputs.items()}, b - a, deadline))
+                 for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         try:
             results = await asyncio.gather(*tasks)
         except BaseException:
@@ -236,13 +234,8 @@ class Batcher:
                 f"{self._queued_rows} rows already waiting for this model graph, limit {self.max_queue_rows}"
                 " (MTRANK_MAX_QUEUE_ROWS)", self.load.retry_after_s()
             )
-        busy = self._running >= self.max_concurrent or self._queued_rows > 0
-        wait = self.load.expected_wait_s(rows)
-        if busy and wait > QUEUE_SHARE * (deadline - time.monotonic()):
-            raise Overloaded(
-                f"expected to finish in {wait * 1000:.0f} ms, after the request's deadline "
-                f"({self._queued_rows} rows queued for this graph)", self.load.retry_after_s()
-            )
+        if self._running >= self.max_concurrent or self._queued_rows > 0:
+            self.load.refuse_unless_in_time(rows, deadline - time.monotonic(), f"{rows} rows")
 
     async def _run_alone(self, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
         """MTRANK_BATCHING=false: one inference per request, as a naive server does it."""

@@ -120,8 +120,9 @@ class Ranker:
         for name, result in zip(graph.store_fields, lookups, strict=True):
             vectors = result.vectors
             feed[emb_input(name)] = np.repeat(vectors, n, axis=0) if len(vectors) != n else vectors
-            ctx.missing_ids += getattr(result, "missing", 0)
+            ctx.missing_ids += result.missing
         return feed, degraded
+
 
 def _columns(transform: FeatureTransform, query: RankQuery) -> dict[str, Any]:
     """Raw columns of the model's fields: a scalar for a user feature, a list for an item feature."""
@@ -151,9 +152,8 @@ def _user_group(transform: FeatureTransform, query: RankQuery) -> str | None:
 
 def _located(transform: FeatureTransform, e: TransformError) -> str:
     """The transform's message with where the feature sits in the request."""
-    name = str(e).split(":", 1)[0]
     sides = {f.name: f.side for f in (*transform.dense, *transform.sparse)}
-    return f"user.features.{e}" if sides.get(name) == "user" else f"candidates[].features.{e}"
+    return f"user.features.{e}" if sides.get(e.feature) == "user" else f"candidates[].features.{e}"
 
 
 def _weights(bucket: BucketConfig, task_scores: dict[str, np.ndarray]) -> dict[str, float]:

@@ -79,7 +79,8 @@ class RankResponse(Struct):
     degraded: bool
     items: list[RankedItem]
     missing_ids: int = 0
-    """Store ids that got their table's default vector (unknown ids, or an unreachable store)."""
+    """Store ids their table does not hold, answered with its default vector (an unreachable store
+    is ``degraded`` instead)."""
 
 
 _DECODER = msgspec.json.Decoder(RankRequest)

@@ -6,6 +6,7 @@ import asyncio
 import math
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -180,18 +181,28 @@ def tiny_runner(tmp_path_factory) -> GraphRunner:
 
 
 class _Recorder:
-    """Wraps a runner's run to record the rows of every inference call."""
+    """Wraps a runner's run to record the rows of every inference call and how many ran at once."""
 
     def __init__(self, runner: GraphRunner, delay_s: float = 0.0):
         self.runner = runner
         self.delay_s = delay_s
         self.batches: list[int] = []
+        self.running = 0
+        self.peak = 0
+        self._lock = threading.Lock()
 
     def __call__(self, feed):
-        self.batches.append(len(feed["dense"]))
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        return self.runner.run(feed)
+        with self._lock:
+            self.batches.append(len(feed["dense"]))
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            return self.runner.run(feed)
+        finally:
+            with self._lock:
+                self.running -= 1
 
 
 def _batcher(runner: GraphRunner, run=None, **kwargs) -> Batcher:
@@ -258,23 +269,15 @@ def test_batcher_splits_at_max_batch_rows_and_runs_an_oversized_request_whole_wh
 
 
 def test_a_large_request_on_an_idle_graph_runs_as_chunks_at_the_same_time(tiny_runner):
-    running, peak = 0, 0
-
-    def slow_run(feed):
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        time.sleep(0.1)
-        running -= 1
-        return tiny_runner.run(feed)
+    rec = _Recorder(tiny_runner, delay_s=0.1)
 
     async def main():
-        batcher = _batcher(tiny_runner, slow_run, max_batch_rows=10, max_queue_delay_s=0.0, max_concurrent=2)
+        batcher = _batcher(tiny_runner, rec, max_batch_rows=10, max_queue_delay_s=0.0, max_concurrent=2)
         out = await batcher.submit({"dense": _rows(5, 20)}, time.monotonic() + 10)
         await batcher.close()
         return out
 
-    assert len(asyncio.run(main())["a"]) == 20 and peak == 2
+    assert len(asyncio.run(main())["a"]) == 20 and rec.peak == 2
 
 
 def test_batcher_full_queue_raises_overloaded(tiny_runner):
@@ -342,18 +345,10 @@ def test_a_lone_request_does_not_wait_for_the_queue_delay(tiny_runner):
 
 
 def test_several_batches_of_a_graph_run_at_once(tiny_runner):
-    running, peak = 0, 0
-
-    def slow_run(feed):
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        time.sleep(0.2)
-        running -= 1
-        return tiny_runner.run(feed)
+    rec = _Recorder(tiny_runner, delay_s=0.2)
 
     async def staggered():
-        batcher = _batcher(tiny_runner, slow_run, max_queue_delay_s=0.0, max_concurrent=3)
+        batcher = _batcher(tiny_runner, rec, max_queue_delay_s=0.0, max_concurrent=3)
         deadline = time.monotonic() + 10
 
         async def later(i: int):
@@ -364,7 +359,7 @@ def test_several_batches_of_a_graph_run_at_once(tiny_runner):
         await batcher.close()
 
     asyncio.run(staggered())
-    assert peak == 3
+    assert rec.peak == 3
 
 
 def test_a_request_that_cannot_meet_its_deadline_is_refused_before_it_queues(tiny_runner):

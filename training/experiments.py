@@ -67,3 +67,15 @@ def mean_std(values: list[float | None], digits: int = 4) -> str:
     mean = sum(xs) / len(xs)
     std = math.sqrt(sum((x - mean) ** 2 for x in xs) / max(len(xs) - 1, 1))
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def write_generated_block(doc: Path, begin: str, end: str, body: list[str], title: str) -> str:
+    """Replace the lines between the ``begin`` and ``end`` markers of ``doc`` with ``body`` (a new
+    page titled ``title`` when ``doc`` does not exist yet); returns the block written."""
+    generated = "\n".join([begin, "", *body, "", end])
+    text = doc.read_text() if doc.is_file() else f"# {title}\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        raise SystemExit(f"{doc}: markers {begin!r} / {end!r} not found")
+    head, rest = text.split(begin, 1)
+    doc.write_text(head + generated + rest.split(end, 1)[1])
+    return generated

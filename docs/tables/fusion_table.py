@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from training.experiments import REPO_ROOT, RUNS_ROOT, ensure_data, ensure_run, mean_std
+from training.experiments import REPO_ROOT, RUNS_ROOT, ensure_data, ensure_run, mean_std, write_generated_block
 from training.fusion_tuning import TuningConfig, parse_task_values, tune_fusion
 
 SEEDS = [1, 2, 3]
@@ -160,13 +160,7 @@ def main() -> None:
         "",
         *cost_table(results),
     ]
-    generated = "\n".join([BEGIN, "", *body, "", END])
-    print(generated)
-    text = DOC.read_text() if DOC.is_file() else f"# Fusion tuning\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{DOC}: markers {BEGIN!r} / {END!r} not found")
-    head, rest = text.split(BEGIN, 1)
-    DOC.write_text(head + generated + rest.split(END, 1)[1])
+    print(write_generated_block(DOC, BEGIN, END, body, "Fusion tuning"))
 
 
 if __name__ == "__main__":

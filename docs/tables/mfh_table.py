@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from training.experiments import CONFIGS, REPO_ROOT, RUNS_ROOT, ensure_data, ensure_run, mean_std
+from training.experiments import CONFIGS, REPO_ROOT, RUNS_ROOT, ensure_data, ensure_run, mean_std, write_generated_block
 
 MODELS = ["ple", "flat", "h_mtl", "mfh"]
 """``ple`` is the behaviour-only baseline: one tower per task for every user."""
@@ -187,13 +187,7 @@ def main() -> None:
         "",
         *cost_table(ensure_data(SEEDS[0])),
     ]
-    generated = "\n".join([BEGIN, "", *body, "", END])
-    print(generated)
-    text = DOC.read_text() if DOC.is_file() else f"# MFH\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{DOC}: markers {BEGIN!r} / {END!r} not found")
-    head, rest = text.split(BEGIN, 1)
-    DOC.write_text(head + generated + rest.split(END, 1)[1])
+    print(write_generated_block(DOC, BEGIN, END, body, "MFH"))
 
 
 if __name__ == "__main__":
