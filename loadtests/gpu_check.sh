@@ -10,11 +10,16 @@
 #   5. `mtrank bench --device cuda --sizes 1000` (engine reference on the CUDA provider, service,
 #      naive server, tail and overload points at 1000 candidates).
 #
-# Usage: loadtests/gpu_check.sh OUT_DIR [--wheelhouse DIR] [--system-site-packages]
+# Usage: loadtests/gpu_check.sh OUT_DIR [--wheelhouse DIR] [--system-site-packages] [--extras LIST]
 #   OUT_DIR      results: gpu_check.log, nvidia-smi.txt, pip-freeze.txt, models.json, rank.json,
 #                serve.log, bench/ (bench.json, bench.md, plots), timings.txt, summary.txt
 #   --wheelhouse DIR          install offline from DIR (pip --no-index --find-links DIR)
-#   --system-site-packages    let the venv see packages the image already has
+#   --system-site-packages    let the venv see the packages of the interpreter that makes it (also
+#                             when that interpreter is itself a venv, as on images that ship PyTorch
+#                             in one); a torch found there is used as it is, not reinstalled
+#   --extras LIST             mtrank's extras to install (default gpu,train,dev; an image whose own
+#                             torch differs from the train extra's pin takes `gpu` and its own
+#                             onnx, pyarrow and pandas)
 # pip's own PIP_* variables (PIP_INDEX_URL, PIP_FIND_LINKS, ...) pass through. TORCH_INDEX_URL
 # overrides the CPU wheel index of torch; PYTHON the interpreter (default python3, >= 3.11).
 # Redis: MTRANK_GPU_CHECK_REDIS_URL if set and reachable, else a throwaway redis-server when one
@@ -25,17 +30,19 @@ set -euo pipefail
 
 BUDGET_S=480
 if [[ $# -lt 1 || "$1" == -* ]]; then
-    echo "usage: $0 OUT_DIR [--wheelhouse DIR] [--system-site-packages]" >&2
+    echo "usage: $0 OUT_DIR [--wheelhouse DIR] [--system-site-packages] [--extras LIST]" >&2
     exit 2
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
 WHEELHOUSE=""
-VENV_FLAGS=()
+SYSTEM_SITE=0
+EXTRAS=gpu,train,dev
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --wheelhouse) WHEELHOUSE=$(cd "$2" && pwd); shift 2 ;;
-        --system-site-packages) VENV_FLAGS+=(--system-site-packages); shift ;;
+        --system-site-packages) SYSTEM_SITE=1; shift ;;
+        --extras) EXTRAS=$2; shift 2 ;;
         *) echo "$0: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -95,19 +102,29 @@ echo "work dir $WORK; repository $ROOT; git $(git -C "$ROOT" rev-parse --short H
 
 step venv
 "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), sys.version'
-"$PYTHON" -m venv "${VENV_FLAGS[@]}" "$WORK/venv"
+"$PYTHON" -m venv "$WORK/venv"
 PY="$WORK/venv/bin/python"
+if [[ $SYSTEM_SITE == 1 ]]; then
+    # venv --system-site-packages would show the base interpreter's packages, not those of a venv
+    # the image runs python3 from; a .pth file after the venv's own site-packages shows the latter,
+    # and the venv's own packages (onnxruntime-gpu) still come first.
+    "$PYTHON" -c 'import site; print("import site; " + "; ".join(f"site.addsitedir({p!r})" for p in site.getsitepackages()))' \
+        > "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_image_site.pth"
+fi
 PIP=("$PY" -m pip install --disable-pip-version-check --progress-bar off)
-if [[ -n "$WHEELHOUSE" ]]; then
-    PIP+=(--no-index --find-links "$WHEELHOUSE")
+[[ -n "$WHEELHOUSE" ]] && PIP+=(--no-index --find-links "$WHEELHOUSE")
+if [[ $SYSTEM_SITE == 1 ]] && "$PY" -c 'import torch' 2>/dev/null; then
+    echo "torch from the image: $("$PY" -c 'import torch; print(torch.__version__, torch.__file__)')"
+elif [[ -n "$WHEELHOUSE" ]]; then
     "${PIP[@]}" "torch==2.13.0"
 else
     "${PIP[@]}" --index-url "$TORCH_INDEX_URL" "torch==2.13.0"
 fi
-"${PIP[@]}" "$ROOT[gpu,train,dev]"
+"${PIP[@]}" "$ROOT[$EXTRAS]"
 "$PY" -m pip freeze > "$OUT/pip-freeze.txt"
-# onnxruntime and onnxruntime-gpu own the same package directory: only the GPU build may be there.
-if grep -qiE '^onnxruntime==' "$OUT/pip-freeze.txt"; then
+# onnxruntime and onnxruntime-gpu own the same package directory: only the GPU build may be in the
+# venv (an image's CPU build outside it is shadowed, and the provider check below proves it).
+if "$PY" -m pip freeze --local | grep -qiE '^onnxruntime=='; then
     echo "the CPU onnxruntime got installed beside onnxruntime-gpu (see pip-freeze.txt)"; exit 1
 fi
 "$PY" - <<'EOF'

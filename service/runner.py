@@ -49,6 +49,10 @@ class GraphRunner:
         opts.log_severity_level = 3
         wants_cuda = device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers())
         providers = [CUDA, CPU] if wants_cuda else [CPU]
+        if wants_cuda and hasattr(ort, "preload_dlls"):
+            # The CUDA and cuDNN libraries of the `gpu` extra live in nvidia-* wheels, not on the
+            # loader's path; the provider finds them only once they are loaded.
+            ort.preload_dlls()
         self.path = path
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         active = self.session.get_providers()

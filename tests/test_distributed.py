@@ -101,10 +101,13 @@ def test_a_killed_two_worker_run_resumes_to_the_same_result(sharded, tmp_path):
     latest, state, deadline = partial_dir(out) / "LATEST", None, time.monotonic() + 120
     while job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-        if latest.is_file():
-            state = json.loads((partial_dir(out) / "state" / latest.read_text().strip() / "state.json").read_text())
-            if state["epoch"] >= 1 and state["step"] > 0:
-                break
+        try:  # the checkpoint LATEST names may be replaced by a newer one (and removed) while this reads
+            seen = json.loads((partial_dir(out) / "state" / latest.read_text().strip() / "state.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+        state = seen
+        if state["epoch"] >= 1 and state["step"] > 0:
+            break
     os.killpg(job.pid, signal.SIGKILL)  # the launcher and both workers, at once
     job.wait()
     assert state is not None and state["epoch"] >= 1 and state["step"] > 0, state
