@@ -11,6 +11,7 @@ batchers and the Redis client.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -81,6 +82,11 @@ async def _serve(settings: Settings) -> None:
         log_config=None, log_level=settings.log_level, timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
         timeout_keep_alive=5,
     )
+    # Start-up leaves ~60k long-lived objects (modules, the framework, the models); a full collection
+    # walks them all, 15-35 ms here, which was the p99 of 1000-candidate requests at concurrency 1
+    # (47 ms against 18 ms with the collector off). Frozen, they are never walked again.
+    gc.collect()
+    gc.freeze()
     reason = await engine.not_ready_reason()
     notices = engine.repository.refusal_notice()
     log.info("serving %s on http://%s:%d (%s)%s", settings.model_repo, settings.host, settings.port,
