@@ -1,34 +1,98 @@
 """Admission before work: refuse a ranking request before its body is read when it could not
 finish within its deadline given the rows already queued (Triton's queue policy).
 
-The body's declared size stands in for its candidate count (bytes per candidate are learnt from
-the requests decoded so far); the expected wait is the rows queued and running ahead of it over
-the engine's measured rows/s (:class:`service.batcher.LoadEstimate`). An idle service admits
-everything, and so does a service that has not measured its engine yet. The batcher checks again,
-with the exact row count, once the request is decoded.
+Two signals, either one refuses:
+
+- **The engine's queue.** The body's declared size stands in for its candidate count (bytes per
+  candidate are learnt from the requests decoded so far); the expected wait is the rows queued and
+  running ahead of it over the engine's measured rows/s (:class:`service.batcher.LoadEstimate`).
+  The batcher checks again, with the exact row count, once the request is decoded.
+- **The event loop.** Decoding, features and the response run on one event loop; when it is the
+  bottleneck the engine's queue stays short while requests wait their turn on the loop (and in
+  the socket before it). So the loop's lag (how late a 5 ms timer fires) and recent requests'
+  time in the server (an exponential average over the last ~20 answers) are tracked too; while
+  either is above its share of the deadline (:data:`LAG_SHARE`, :data:`LATENCY_SHARE`) and more
+  requests are in flight than the engine runs at once, new ones are refused. A refusal costs the
+  loop a fraction of an answer, so refusing is what lets it catch up.
+
+An idle service admits everything, and so does a service that has not measured its engine yet.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+
 from service.batcher import LoadEstimate
+from service.errors import Overloaded
+
+log = logging.getLogger("mtrank.admission")
+
+LATENCY_SHARE = 0.25
+"""Refuse while recent requests took more than this share of the deadline (their mean; the slow
+ones take more, the time before the handler runs is not in it, and the deadline is for all)."""
+LAG_SHARE = 0.02
+"""Refuse while the event loop runs timers later than this share of the deadline (10 ms of 500):
+every step of every request waits that long, and so does the next refusal."""
 
 
 class Admission:
-    def __init__(self, load: LoadEstimate, smoothing: float = 0.1):
+    def __init__(self, load: LoadEstimate, smoothing: float = 0.1, parallel: int = 1):
         self.load = load
         self.smoothing = smoothing
+        self.parallel = max(1, parallel)
+        """Requests the engine runs at once; below that many in flight nothing waits for the loop."""
         self.bytes_per_row: float | None = None
+        self.inflight = 0
+        self.latency_s = 0.0
+        self.lag_s = 0.0
+        self.refused = 0
+        self._warned_at = 0.0
+        """How late the event loop runs a timer (fast to rise, slow to fall)."""
+        """Exponential average of the time in the server of recently answered ranking requests."""
 
     def check(self, content_length: str | None, budget_s: float) -> None:
         """Raise :class:`Overloaded` when a body of ``content_length`` bytes could not be ranked
         within ``budget_s`` seconds."""
         load = self.load
+        if self.inflight > self.parallel:
+            if self.lag_s > LAG_SHARE * budget_s:
+                raise Overloaded(f"the event loop runs {self.lag_s * 1000:.0f} ms late ({self.inflight} requests in "
+                                 f"flight, {budget_s * 1000:.0f} ms deadline)", 1)
+            if self.latency_s > LATENCY_SHARE * budget_s:
+                raise Overloaded(f"recent requests took {self.latency_s * 1000:.0f} ms of the {budget_s * 1000:.0f} ms "
+                                 f"deadline ({self.inflight} in flight)", max(1, round(self.latency_s)))
         if not self.bytes_per_row or not content_length or not content_length.isdigit():
             return
         if load.queued_rows == 0 and load.running_rows == 0:
             return  # an idle service runs it at once
         rows = int(int(content_length) / self.bytes_per_row)
         load.refuse_unless_in_time(rows, budget_s, f"about {rows} candidates")
+
+    async def watch_loop(self, interval_s: float = 0.005) -> None:
+        """Measure the event loop's lag for as long as the service runs."""
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(interval_s)
+            lag = max(0.0, loop.time() - started - interval_s)
+            self.lag_s = lag if lag > self.lag_s else self.lag_s + 0.1 * (lag - self.lag_s)
+
+    def note_refusal(self, reason: str, every_s: float = 10.0) -> None:
+        """Count a request refused for load: the first is logged at once, then one warning per
+        ``every_s`` sums them up."""
+        self.refused += 1
+        now = time.monotonic()
+        if not self._warned_at or now - self._warned_at >= every_s:
+            since = f"in the last {now - self._warned_at:.0f} s" if self._warned_at else "so far"
+            log.warning("overloaded: %d requests refused with 503 %s (the last: %s)", self.refused, since, reason,
+                        extra={"event": "overloaded", "refused": self.refused})
+            self.refused, self._warned_at = 0, now
+
+    def answered(self, seconds: float) -> None:
+        """A ranking request was answered after ``seconds`` in the server."""
+        self.latency_s += 0.05 * (seconds - self.latency_s)
 
     def learn(self, body_bytes: int, rows: int) -> None:
         """A decoded request: its body size and candidate count."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import uvicorn
 
 from service import tracing
-from service.app import Engine, create_app
+from service.app import Engine, create_app, served_app
 from service.logs import configure_logging
 from service.repository import StartupError
 from service.runner import DeviceError
@@ -78,7 +78,7 @@ async def _serve(settings: Settings) -> None:
         _die(str(e))
     app = create_app(settings, engine=engine)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, workers=1, lifespan="on", access_log=False,
+        served_app(app), host=settings.host, port=settings.port, workers=1, lifespan="on", access_log=False,
         log_config=None, log_level=settings.log_level, timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
         timeout_keep_alive=5,
     )

@@ -292,9 +292,9 @@ class Repository:
 
     def _create_sessions(self, vdir: Path, manifest: Manifest, tables: dict[str, LocalTable]) -> LoadedVersion:
         s = self.settings
+        graphs: dict[str, GroupGraph] = {}
         try:
             transform = FeatureTransform.from_manifest(manifest)
-            graphs: dict[str, GroupGraph] = {}
             for key, info in manifest.graphs.items():
                 batches, threads = s.concurrency()
                 runner = GraphRunner(vdir / info.file, s.device, threads)
@@ -317,9 +317,12 @@ class Repository:
                     load=self.load,
                 )
                 graphs[key] = GroupGraph(key, info, runner, batcher)
-        except DeviceError:
-            raise
-        except Exception as e:  # ORT, numpy and contract errors: this version is unusable
+        except BaseException as e:
+            for graph in graphs.values():  # the graphs built before the failure: their workers end
+                graph.batcher.stop()
+            if isinstance(e, DeviceError) or not isinstance(e, Exception):
+                raise
+            # ORT, numpy and contract errors: this version is unusable
             raise LoadError(f"{vdir}: {type(e).__name__}: {e}") from None
         return LoadedVersion(manifest, vdir, graphs, transform, tables)
 

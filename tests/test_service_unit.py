@@ -215,11 +215,13 @@ def _rows(seed: int, n: int) -> np.ndarray:
 
 def test_batcher_runs_at_once_when_idle_and_merges_what_queues_while_busy(tiny_runner):
     async def main():
-        rec = _Recorder(tiny_runner)
+        rec = _Recorder(tiny_runner, delay_s=0.1)
         batcher = _batcher(tiny_runner, rec, max_batch_rows=1000, max_queue_delay_s=0.05)
         inputs = [_rows(i, n) for i, n in enumerate([3, 1, 7, 5, 2, 9])]
         deadline = time.monotonic() + 5
-        outs = await asyncio.gather(*(batcher.submit({"dense": x}, deadline) for x in inputs))
+        first = asyncio.ensure_future(batcher.submit({"dense": inputs[0]}, deadline))
+        await asyncio.sleep(0.02)  # the first is running: the five behind it queue
+        outs = await asyncio.gather(first, *(batcher.submit({"dense": x}, deadline) for x in inputs[1:]))
         await batcher.close()
         return rec.batches, inputs, outs
 
@@ -500,3 +502,52 @@ def test_unreachable_redis_degrades_to_default_vectors_and_retries_after_backoff
     assert degraded and missing == 0  # not fetched is not "missing from the table"
     np.testing.assert_array_equal(vectors, np.repeat(table.vectors[:1], 4, axis=0))
     assert "degraded" in reason_now and "degraded" in reason_later and fast < 0.05
+
+
+def test_workers_start_the_next_batch_while_the_event_loop_is_busy(tiny_runner):
+    rec = _Recorder(tiny_runner, delay_s=0.05)
+
+    async def main():
+        batcher = _batcher(tiny_runner, rec, max_batch_rows=4, max_queue_delay_s=0.0, max_concurrent=1)
+        deadline = time.monotonic() + 10
+        futures = [asyncio.ensure_future(batcher.submit({"dense": _rows(i, 4)}, deadline)) for i in range(3)]
+        await asyncio.sleep(0.01)  # all three queued, the first running
+        time.sleep(0.4)  # the loop is busy far longer than the three batches take
+        ran_while_blocked = list(rec.batches)
+        outs = await asyncio.gather(*futures)
+        await batcher.close()
+        return ran_while_blocked, outs
+
+    ran_while_blocked, outs = asyncio.run(main())
+    assert ran_while_blocked == [4, 4, 4] and all(len(o["a"]) == 4 for o in outs)
+
+
+def test_admission_refuses_while_the_event_loop_lags_or_recent_requests_ran_long():
+    admission = Admission(LoadEstimate(parallelism=2), parallel=2)
+    admission.inflight, admission.lag_s = 3, 0.02
+    with pytest.raises(Overloaded, match="event loop runs 20 ms late"):
+        admission.check("100", budget_s=0.5)  # 20 ms late, more than 2 % of 500 ms
+    admission.check("100", budget_s=2.0)  # 2 % of a 2 s deadline is 40 ms: admitted
+    admission.inflight = 2
+    admission.check("100", budget_s=0.5)  # no more in flight than the engine runs at once: admitted
+    admission.inflight, admission.lag_s = 3, 0.0
+    for _ in range(100):
+        admission.answered(0.2)
+    assert admission.latency_s == pytest.approx(0.2, rel=0.01)
+    with pytest.raises(Overloaded, match="recent requests took 19[89] ms"):
+        admission.check(None, budget_s=0.5)
+
+
+def test_the_loop_lag_is_measured():
+    async def main():
+        admission = Admission(LoadEstimate(parallelism=1))
+        watcher = asyncio.ensure_future(admission.watch_loop())
+        await asyncio.sleep(0.05)
+        quiet = admission.lag_s
+        time.sleep(0.1)  # the loop is blocked: the watcher's timer fires ~100 ms late
+        await asyncio.sleep(0.01)
+        watcher.cancel()
+        return quiet, admission.lag_s
+
+    quiet, blocked = asyncio.run(main())
+    assert quiet < 0.05 and blocked >= 0.08
