@@ -64,7 +64,6 @@ class Engine:
         self.ranker = Ranker(repository, store)
         self.admission = Admission(repository.load, parallel=repository.load.parallelism)
         self.draining = False
-        self._loop_watch = asyncio.get_running_loop().create_task(self.admission.watch_loop(), name="mtrank-loop-lag")
 
     @classmethod
     async def start(cls, settings: Settings) -> Engine:
@@ -123,7 +122,6 @@ class Engine:
         }
 
     async def close(self) -> None:
-        self._loop_watch.cancel()
         await self.repository.close()
         await self.store.close()
 

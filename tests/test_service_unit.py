@@ -522,32 +522,18 @@ def test_workers_start_the_next_batch_while_the_event_loop_is_busy(tiny_runner):
     assert ran_while_blocked == [4, 4, 4] and all(len(o["a"]) == 4 for o in outs)
 
 
-def test_admission_refuses_while_the_event_loop_lags_or_recent_requests_ran_long():
+def test_admission_refuses_while_recent_requests_took_a_quarter_of_the_deadline():
     admission = Admission(LoadEstimate(parallelism=2), parallel=2)
-    admission.inflight, admission.lag_s = 3, 0.02
-    with pytest.raises(Overloaded, match="event loop runs 20 ms late"):
-        admission.check("100", budget_s=0.5)  # 20 ms late, more than 2 % of 500 ms
-    admission.check("100", budget_s=2.0)  # 2 % of a 2 s deadline is 40 ms: admitted
-    admission.inflight = 2
-    admission.check("100", budget_s=0.5)  # no more in flight than the engine runs at once: admitted
-    admission.inflight, admission.lag_s = 3, 0.0
     for _ in range(100):
         admission.answered(0.2)
     assert admission.latency_s == pytest.approx(0.2, rel=0.01)
-    with pytest.raises(Overloaded, match="recent requests took 19[89] ms"):
+    admission.inflight = 3
+    with pytest.raises(Overloaded, match="recent requests took 19[89] ms of the 500 ms deadline"):
         admission.check(None, budget_s=0.5)
-
-
-def test_the_loop_lag_is_measured():
-    async def main():
-        admission = Admission(LoadEstimate(parallelism=1))
-        watcher = asyncio.ensure_future(admission.watch_loop())
-        await asyncio.sleep(0.05)
-        quiet = admission.lag_s
-        time.sleep(0.1)  # the loop is blocked: the watcher's timer fires ~100 ms late
-        await asyncio.sleep(0.01)
-        watcher.cancel()
-        return quiet, admission.lag_s
-
-    quiet, blocked = asyncio.run(main())
-    assert quiet < 0.05 and blocked >= 0.08
+    admission.check(None, budget_s=1.0)  # a quarter of a 1 s deadline is 250 ms: admitted
+    admission.inflight = 2
+    admission.check(None, budget_s=0.5)  # no more in flight than the engine runs at once: admitted
+    for _ in range(100):
+        admission.answered(0.01)  # the loop caught up
+    admission.inflight = 3
+    admission.check(None, budget_s=0.5)
