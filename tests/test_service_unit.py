@@ -537,3 +537,45 @@ def test_admission_refuses_while_recent_requests_took_a_quarter_of_the_deadline(
         admission.answered(0.01)  # the loop caught up
     admission.inflight = 3
     admission.check(None, budget_s=0.5)
+
+
+def test_a_failed_inference_fails_its_batch_only_and_the_worker_goes_on(tiny_runner):
+    calls = []
+
+    def run(feed):
+        calls.append(len(feed["dense"]))
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return tiny_runner.run(feed)
+
+    async def main():
+        batcher = _batcher(tiny_runner, run, max_concurrent=1)
+        deadline = time.monotonic() + 5
+        with pytest.raises(RuntimeError, match="inference failed: out of memory"):
+            await batcher.submit({"dense": _rows(0, 3)}, deadline)
+        out = await batcher.submit({"dense": _rows(1, 4)}, deadline)
+        await batcher.close()
+        return out
+
+    assert len(asyncio.run(main())["a"]) == 4 and calls == [3, 4]
+
+
+def test_close_waits_for_the_running_batch_and_fails_what_is_queued(tiny_runner):
+    rec = _Recorder(tiny_runner, delay_s=0.2)
+
+    async def main():
+        batcher = _batcher(tiny_runner, rec, max_batch_rows=4, max_queue_delay_s=0.0, max_concurrent=1)
+        deadline = time.monotonic() + 5
+        running = asyncio.ensure_future(batcher.submit({"dense": _rows(0, 4)}, deadline))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(batcher.submit({"dense": _rows(1, 4)}, deadline))
+        await asyncio.sleep(0.01)
+        await batcher.close()
+        assert not any(w.is_alive() for w in batcher._workers)
+        with pytest.raises(DeadlineExceeded, match="unloaded"):
+            await queued
+        with pytest.raises(DeadlineExceeded, match="unloaded"):
+            await batcher.submit({"dense": _rows(2, 4)}, deadline)
+        return await running
+
+    assert len(asyncio.run(main())["a"]) == 4 and rec.batches == [4]
