@@ -100,7 +100,14 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     parts += [_table(header, rows), ""]
     parts += ["## Service (dynamic batching)", "", _points_table(report["service"]), ""]
     if report.get("tail"):
-        parts += ["### Open loop at 70 % of the best throughput", "", _points_table(report["tail"]), ""]
+        parts += ["### Open loop at 70 % of the best throughput", "",
+                  "Each size's point is the one with the median p99 ÷ p50 of its repeats (all repeats below).", "",
+                  _points_table(report["tail"]), ""]
+        repeats = [[p["size"], len(p.get("repeats", [])),
+                    ", ".join(f"{q['p50_ms']:.2f} / {q['p99_ms']:.2f}" for q in p.get("repeats", [])),
+                    ", ".join(f"{q['p99_ms'] / q['p50_ms']:.2f}" for q in p.get("repeats", []) if q["p50_ms"])]
+                   for p in report["tail"]]
+        parts += [_table(["cands", "repeats", "p50 / p99 ms of each", "p99 ÷ p50 of each"], repeats), ""]
     parts += ["## Naive server (MTRANK_BATCHING=false)", "", _points_table(report["naive"]), ""]
     ov = report.get("overload")
     if ov:
