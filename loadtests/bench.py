@@ -542,12 +542,14 @@ def _tail_point(server: RemoteServer, bodies: dict[int, Path], size: int, servic
     best = _best(service, size)
     rate = cfg.tail_fraction * best["throughput_rps"]
     points = [measure_point(server, bodies[size], size, cfg, rate=rate) for _ in range(max(1, cfg.tail_repeats))]
-    ranked = sorted(points, key=lambda q: q["p99_ms"] / q["p50_ms"] if q["p50_ms"] else math.inf)
-    p = dict(ranked[len(ranked) // 2])
+    for q in points:
+        q["p99_over_p50"] = round(q["p99_ms"] / q["p50_ms"], 3) if q["p50_ms"] else math.inf
+    p = dict(sorted(points, key=lambda q: q["p99_over_p50"])[len(points) // 2])
     p["target_fraction"] = cfg.tail_fraction
     p["max_throughput_rps"] = best["throughput_rps"]
-    p["repeats"] = [{k: q[k] for k in ("p50_ms", "p99_ms", "throughput_rps", "errors", "load")} for q in points]
-    ratios = ", ".join(f"{q['p99_ms'] / q['p50_ms']:.2f}" for q in points if q["p50_ms"])
+    p["repeats"] = [{k: q[k] for k in ("p50_ms", "p99_ms", "p99_over_p50", "throughput_rps", "errors", "load")}
+                    for q in points]
+    ratios = ", ".join(f"{q['p99_over_p50']:.2f}" for q in points)
     _say(f"tail size={size} at {rate:.0f} req/s ({cfg.tail_fraction:.0%} of {best['throughput_rps']:.0f}): "
          f"p50={p['p50_ms']:.2f} p99={p['p99_ms']:.2f} ms, {p['throughput_rps']:.0f} req/s done "
          f"(the median of p99/p50 {ratios})")
@@ -642,7 +644,7 @@ def compute_ratios(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         ratios[f"p99_over_p50_at_70pct_{size}"] = _ratio(
             spec, t["p99_ms"] / t["p50_ms"], p50_ms=t["p50_ms"], p99_ms=t["p99_ms"], rate_rps=t["rate"],
             done_rps=t["throughput_rps"], errors=t["errors"],
-            repeats=[round(q["p99_ms"] / q["p50_ms"], 3) for q in t.get("repeats", []) if q["p50_ms"]])
+            repeats=[q["p99_over_p50"] for q in t.get("repeats", [])])
     return {name: ratios[name] for name in target_names(report["config"]["sizes"])}
 
 

@@ -105,7 +105,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
                   _points_table(report["tail"]), ""]
         repeats = [[p["size"], len(p.get("repeats", [])),
                     ", ".join(f"{q['p50_ms']:.2f} / {q['p99_ms']:.2f}" for q in p.get("repeats", [])),
-                    ", ".join(f"{q['p99_ms'] / q['p50_ms']:.2f}" for q in p.get("repeats", []) if q["p50_ms"])]
+                    ", ".join(f"{q['p99_over_p50']:.2f}" for q in p.get("repeats", []))]
                    for p in report["tail"]]
         parts += [_table(["cands", "repeats", "p50 / p99 ms of each", "p99 ÷ p50 of each"], repeats), ""]
     parts += ["## Naive server (MTRANK_BATCHING=false)", "", _points_table(report["naive"]), ""]

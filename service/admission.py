@@ -73,8 +73,13 @@ class Admission:
                         extra={"event": "overloaded", "refused": self.refused})
             self.refused, self._warned_at = 0, now
 
+    def admitted(self) -> None:
+        """A ranking request passed :meth:`check` and is now in flight."""
+        self.inflight += 1
+
     def answered(self, seconds: float) -> None:
-        """A ranking request was answered after ``seconds`` in the server."""
+        """An admitted request left after ``seconds`` in the server (answered or failed)."""
+        self.inflight -= 1
         self.latency_s += 0.05 * (seconds - self.latency_s)
 
     def learn(self, body_bytes: int, rows: int) -> None:

@@ -367,7 +367,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             declared = _header(scope, b"content-length")
             # Before the body is read: a request that cannot finish in time costs next to nothing.
             engine.admission.check(declared, timeout_s)
-            engine.admission.inflight += 1
+            engine.admission.admitted()
             try:
                 body = await _read_body(receive, declared, settings.max_body_bytes)
                 with tracing.span("parse", bytes=len(body)):
@@ -379,7 +379,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                     result = await _unless_disconnected(receive, engine.ranker.rank(query, started + timeout_s, ctx))
                 response = _json(result)
             finally:
-                engine.admission.inflight -= 1
                 engine.admission.answered(time.monotonic() - started)
         except Exception as e:
             response = error_response(e)
