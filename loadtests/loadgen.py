@@ -173,26 +173,50 @@ class _OpenLoop:
         self.tasks: set[asyncio.Task] = set()
 
     async def _one(self, request: bytes, scheduled: float) -> None:
-        if self.idle:
-            conn = self.idle.pop()
-        else:
+        conn, reused = self._connection(), True
+        if conn is None:
             self.open += 1
-            conn = await asyncio.open_connection(self.spec.host, self.spec.port)
-        reader, writer = conn
-        writer.write(request)
-        try:
-            status, keep_alive = await asyncio.wait_for(_read_response(reader), self.spec.timeout_s)
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-            self.rec.add(time.perf_counter() - scheduled, 0)
-            writer.close()
-            self.open -= 1
-            return
+            conn, reused = await asyncio.open_connection(self.spec.host, self.spec.port), False
+        while True:
+            reader, writer = conn
+            writer.write(request)
+            try:
+                status, keep_alive = await asyncio.wait_for(_read_response(reader), self.spec.timeout_s)
+            except asyncio.IncompleteReadError as e:
+                writer.close()
+                if reused and not e.partial:
+                    # A kept-alive connection the server closed (idle timeout) just before this request
+                    # reached it: nothing was processed. Sent again on a new connection, as HTTP clients
+                    # do; the latency still counts from the scheduled start.
+                    conn, reused = await asyncio.open_connection(self.spec.host, self.spec.port), False
+                    continue
+                self._failed(scheduled)
+                return
+            except (TimeoutError, ConnectionError):
+                writer.close()
+                self._failed(scheduled)
+                return
+            break
         self.rec.add(time.perf_counter() - scheduled, status)
         if keep_alive:
             self.idle.append(conn)
         else:
             writer.close()
             self.open -= 1
+
+    def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """An idle kept-alive connection the server has not closed, or None."""
+        while self.idle:
+            reader, writer = self.idle.pop()
+            if not reader.at_eof() and not writer.is_closing():
+                return reader, writer
+            writer.close()
+            self.open -= 1
+        return None
+
+    def _failed(self, scheduled: float) -> None:
+        self.rec.add(time.perf_counter() - scheduled, 0)
+        self.open -= 1
 
     async def run(self, stop: asyncio.Event) -> None:
         interval = 1.0 / self.spec.rate

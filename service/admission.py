@@ -9,12 +9,19 @@ Two signals, either one refuses:
   The batcher checks again, with the exact row count, once the request is decoded.
 - **The event loop.** Decoding, features and the response run on one event loop; when it is the
   bottleneck the engine's queue stays short while requests wait their turn on the loop (and in
-  the socket before it). So recent requests' time in the handler is tracked too (an exponential
-  average over the last ~20 answers); while it is above :data:`LATENCY_SHARE` of the deadline and
-  more requests are in flight than the engine runs at once, new ones are refused. A refusal costs
-  the loop a fraction of an answer, so refusing is what lets it catch up. (The loop's lag was tried
-  as a signal and dropped: at 64 concurrent 20-candidate requests the loop runs 10-20 ms late while
-  answers take 40-50 ms of a 1 s deadline, so a lag threshold refused healthy traffic.)
+  the socket before it). So the time recent requests spent in the handler is tracked too, with the
+  number in flight while they ran (exponential averages over the last ~20 answers). By Little's
+  law their ratio is the rate the service answers at, and that rate times :data:`LATENCY_SHARE`
+  of the deadline is how many requests can be in flight for a new one to be answered within that
+  share: above it, new ones are refused. The limit never falls below the engine's parallelism plus
+  one, and it only binds once requests take that share of the deadline; it scales with the
+  concurrency that was measured, so a service at capacity keeps that many in flight instead of
+  being cut down to a handful. A refusal costs the loop a fraction of an answer, so refusing is
+  what lets it catch up. (The loop's lag was tried as a signal and dropped: at 64 concurrent
+  20-candidate requests the loop runs 10-20 ms late while answers take 40-50 ms of a 1 s deadline,
+  so a lag threshold refused healthy traffic. Refusing every new request while the mean latency
+  was above the share, whatever the concurrency, cut a saturated closed loop of 16 clients down to
+  ~4 in flight and most of its requests to 503s.)
 
 An idle service admits everything, and so does a service that has not measured its engine yet.
 """
@@ -29,9 +36,10 @@ from service.errors import Overloaded
 
 log = logging.getLogger("mtrank.admission")
 
-LATENCY_SHARE = 0.25
-"""Refuse while recent requests took more than this share of the deadline in the handler (their
-mean: the slow ones take more, and the time before the handler runs is not in it)."""
+LATENCY_SHARE = 0.4
+"""The mean time in the handler that the in-flight limit aims at, as a share of the deadline (a
+mean: the slow ones take about twice as long under overload, and the time before the handler runs
+is not in it)."""
 
 
 class Admission:
@@ -44,6 +52,8 @@ class Admission:
         self.inflight = 0
         self.latency_s = 0.0
         """Exponential average of the time in the server of recently answered ranking requests."""
+        self.concurrency = 0.0
+        """Exponential average of the requests in flight (itself included) when one was answered."""
         self.refused = 0
         self._warned_at = 0.0
 
@@ -51,16 +61,27 @@ class Admission:
         """Raise :class:`Overloaded` when a body of ``content_length`` bytes could not be ranked
         within ``budget_s`` seconds."""
         load = self.load
-        if self.inflight > self.parallel and self.latency_s > LATENCY_SHARE * budget_s:
+        limit = self.inflight_limit(budget_s)
+        if self.inflight >= limit:
             raise Overloaded(
-                f"recent requests took {self.latency_s * 1000:.0f} ms of the {budget_s * 1000:.0f} ms deadline "
-                f"({self.inflight} in flight)", max(1, round(self.latency_s)))
+                f"{self.inflight} requests in flight, the most that can be answered within {LATENCY_SHARE:.0%} of "
+                f"the {budget_s * 1000:.0f} ms deadline at the recent {self.latency_s * 1000:.0f} ms each",
+                max(1, round(self.latency_s)))
         if not self.bytes_per_row or not content_length or not content_length.isdigit():
             return
         if load.queued_rows == 0 and load.running_rows == 0:
             return  # an idle service runs it at once
         rows = int(int(content_length) / self.bytes_per_row)
         load.refuse_unless_in_time(rows, budget_s, f"about {rows} candidates")
+
+    def inflight_limit(self, budget_s: float) -> float:
+        """Requests that may be in flight for a new one to be answered within the deadline's share:
+        the recent answer rate (concurrency ÷ latency) × that share; infinite while recent requests
+        were quicker, never below the engine's parallelism + 1."""
+        target_s = LATENCY_SHARE * budget_s
+        if self.latency_s <= target_s:
+            return float("inf")
+        return max(self.parallel + 1.0, self.concurrency * target_s / self.latency_s)
 
     def note_refusal(self, reason: str, every_s: float = 10.0) -> None:
         """Count a request refused for load: the first is logged at once, then one warning per
@@ -79,6 +100,7 @@ class Admission:
 
     def answered(self, seconds: float) -> None:
         """An admitted request left after ``seconds`` in the server (answered or failed)."""
+        self.concurrency += 0.05 * (self.inflight - self.concurrency)
         self.inflight -= 1
         self.latency_s += 0.05 * (seconds - self.latency_s)
 

@@ -522,20 +522,39 @@ def test_workers_start_the_next_batch_while_the_event_loop_is_busy(tiny_runner):
     assert ran_while_blocked == [4, 4, 4] and all(len(o["a"]) == 4 for o in outs)
 
 
-def test_admission_refuses_while_recent_requests_took_a_quarter_of_the_deadline():
+def _answer_at(admission: Admission, concurrency: int, latency_s: float, answers: int = 200) -> None:
+    """``answers`` requests answered in ``latency_s`` each with ``concurrency`` in flight."""
+    for _ in range(answers):
+        admission.inflight = concurrency
+        admission.answered(latency_s)
+
+
+def test_admission_limits_requests_in_flight_to_what_the_deadline_allows():
     admission = Admission(LoadEstimate(parallelism=2), parallel=2)
-    for _ in range(100):
-        admission.answered(0.2)
-    assert admission.latency_s == pytest.approx(0.2, rel=0.01)
-    admission.inflight = 3
-    with pytest.raises(Overloaded, match="recent requests took 19[89] ms of the 500 ms deadline"):
+    # 16 in flight answered in 150 ms each: ~107 answers/s. A 500 ms deadline allows 200 ms
+    # (LATENCY_SHARE), so all 16 may stay in flight: a saturated closed loop is not cut down.
+    _answer_at(admission, 16, 0.150)
+    assert admission.inflight_limit(0.5) == float("inf")
+    admission.inflight = 16
+    admission.check(None, budget_s=0.5)
+    # At 400 ms each (e.g. the loop falling behind), ~40 answers/s: 200 ms allows 8 in flight.
+    _answer_at(admission, 16, 0.400)
+    assert admission.inflight_limit(0.5) == pytest.approx(8.0, rel=0.02)
+    admission.inflight = 9
+    with pytest.raises(Overloaded, match="9 requests in flight, the most that can be answered within 40% of the 500"):
         admission.check(None, budget_s=0.5)
-    admission.check(None, budget_s=1.0)  # a quarter of a 1 s deadline is 250 ms: admitted
+    admission.inflight = 7
+    admission.check(None, budget_s=0.5)
+    admission.inflight = 12
+    admission.check(None, budget_s=2.0)  # 40 % of a 2 s deadline is 800 ms: no limit
+    # Never below the engine's parallelism + 1, however slow the answers.
+    _answer_at(admission, 4, 2.0)
+    assert admission.inflight_limit(0.5) == 3.0
     admission.inflight = 2
-    admission.check(None, budget_s=0.5)  # no more in flight than the engine runs at once: admitted
-    for _ in range(100):
-        admission.answered(0.01)  # the loop caught up
-    admission.inflight = 3
+    admission.check(None, budget_s=0.5)
+    # The loop caught up: no limit.
+    _answer_at(admission, 4, 0.010)
+    admission.inflight = 50
     admission.check(None, budget_s=0.5)
 
 
