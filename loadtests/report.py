@@ -115,10 +115,14 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         parts += [
             f"## Overload: open loop at {ov['factor']:g} × the best closed-loop throughput, {ov['size']} candidates",
             "",
-            f"{ov['rate_rps']:.0f} req/s for {ov['seconds']:.1f} s against a server with "
+            f"{ov['rate_rps']:.0f} req/s for {ov['seconds']:.1f} s, {ov.get('repeats_n', 1)} × on one server with "
             f"`MTRANK_REQUEST_TIMEOUT_MS={ov['request_timeout_ms']}` (client timeout {ov['client_timeout_s']:g} s); "
             f"best closed loop {ov['best_closed_loop']['throughput_rps']:.1f} req/s at concurrency "
             f"{ov['best_closed_loop']['concurrency']}.",
+            "",
+            "The first table gives each figure's median over the repeats (what the targets read) and the "
+            "statuses of all of them; the second each repeat; the third the answers of the repeat with the "
+            "median goodput.",
             "",
             _table(["goodput (200/s)", "accepted p50 ms", "accepted p99 ms", "503 p99 ms", "statuses",
                     "RSS KiB start → after 1 s → end (max)", "ERROR lines"],
@@ -126,6 +130,11 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
                      _fmt(ov["rejected_503_p99_ms"], 2), str(ov["statuses"]),
                      f"{rss['start']:,} → {rss['after_first_second']:,} → {rss['end']:,} ({rss['max']:,})",
                      ov["error_lines"]]]),
+            "",
+            _table(["repeat", "goodput (200/s)", "accepted p99 ms", "503 p50 ms", "503 p99 ms", "statuses", "load"],
+                   [[i, f"{r['goodput_rps']:.1f}", f"{r['accepted_p99_ms']:.2f}", _fmt(r["rejected_503_p50_ms"], 2),
+                     _fmt(r["rejected_503_p99_ms"], 2), str(r["statuses"]), str(r["load"])]
+                    for i, r in enumerate(ov.get("repeats", []), start=1)]),
             "",
             _table(["status", "answers", "p50 ms", "p99 ms", "max ms"],
                    [["no answer (client timeout or closed)" if s == "0" else s, v["count"], f"{v['p50_ms']:.2f}",

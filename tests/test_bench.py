@@ -66,6 +66,8 @@ def check_bench_json(report: dict) -> None:
     _finite_positive(ov["rate_rps"], "overload rate")
     assert ov["rate_rps"] == pytest.approx(4 * ov["best_closed_loop"]["throughput_rps"], rel=0.01)
     assert sum(ov["statuses"].values()) > 0
+    assert len(ov["repeats"]) == ov["repeats_n"] == report["config"]["overload_repeats"]
+    assert ov["goodput_rps"] == sorted(r["goodput_rps"] for r in ov["repeats"])[len(ov["repeats"]) // 2]
     for key in ("start", "after_first_second", "end", "max"):
         _finite_positive(ov["rss_kib"][key], f"overload RSS {key}")
     assert ov["rss_kib"]["max"] >= max(ov["rss_kib"]["start"], ov["rss_kib"]["end"])
