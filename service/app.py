@@ -64,6 +64,7 @@ class Engine:
         self.ranker = Ranker(repository, store)
         self.admission = Admission(repository.load, parallel=repository.load.parallelism)
         self.draining = False
+        self._lag_watch = asyncio.get_running_loop().create_task(watch_event_loop_lag())
 
     @classmethod
     async def start(cls, settings: Settings) -> Engine:
@@ -122,8 +123,22 @@ class Engine:
         }
 
     async def close(self) -> None:
+        self._lag_watch.cancel()
         await self.repository.close()
         await self.store.close()
+
+
+async def watch_event_loop_lag(interval_s: float = 0.05) -> None:
+    """Record in ``mtrank_event_loop_lag_seconds`` how late a timer fires, every ``interval_s``.
+
+    Decoding, features and responses share one event loop; when it is the bottleneck, requests
+    wait for it before any of their own work starts, and that wait is in no other metric (the
+    request duration starts when the handler runs). The lag is that wait."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + interval_s
+        await asyncio.sleep(interval_s)
+        metrics.EVENT_LOOP_LAG.observe(max(0.0, loop.time() - due))
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

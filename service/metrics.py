@@ -53,6 +53,11 @@ MODEL_INFO = Gauge("mtrank_model_info", "1 for each loaded model version and the
 MODELS_LOADED = Gauge("mtrank_models_loaded", "Model versions loaded and warmed")
 REDIS_ERRORS = Counter("mtrank_redis_errors", "Failed Redis calls (timeouts, connection errors)")
 STORE_DEGRADED = Gauge("mtrank_embedding_store_degraded", "1 while the embedding store is unreachable")
+EVENT_LOOP_LAG = Histogram(
+    "mtrank_event_loop_lag_seconds",
+    "How late a timer on the serving event loop fires (one every 50 ms): what a new request waits before "
+    "its first step runs", buckets=LATENCY_BUCKETS_S,
+)
 MODEL_VERSIONS_REFUSED = Gauge(
     "mtrank_model_versions_refused", "1 for each model version that failed its checks at the last (re)load",
     ["model", "version"],

@@ -35,6 +35,7 @@ HISTOGRAMS: dict[str, frozenset[str]] = {
     "mtrank_batch_rows": frozenset({"model", "group"}),
     "mtrank_inference_duration_seconds": frozenset({"model", "group", "device"}),
     "mtrank_embedding_lookup_duration_seconds": frozenset({"store"}),
+    "mtrank_event_loop_lag_seconds": frozenset(),
 }
 GAUGES: dict[str, frozenset[str]] = {
     "mtrank_inflight_requests": frozenset(),

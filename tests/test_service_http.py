@@ -33,7 +33,7 @@ METRIC_NAMES = (  # docs/architecture.md §7, plus the store health metrics the 
     "mtrank_embedding_lookup_duration_seconds", "mtrank_embedding_cache_hits_total",
     "mtrank_embedding_cache_misses_total", "mtrank_embedding_missing_total", "mtrank_rejected_total",
     "mtrank_inflight_requests", "mtrank_model_info", "mtrank_redis_errors_total",
-    "mtrank_embedding_store_degraded", "mtrank_models_loaded",
+    "mtrank_embedding_store_degraded", "mtrank_models_loaded", "mtrank_event_loop_lag_seconds",
 )
 
 

@@ -598,3 +598,25 @@ def test_close_waits_for_the_running_batch_and_fails_what_is_queued(tiny_runner)
         return await running
 
     assert len(asyncio.run(main())["a"]) == 4 and rec.batches == [4]
+
+
+def test_event_loop_lag_is_what_a_blocked_loop_delays_a_timer():
+    from service import metrics
+    from service.app import watch_event_loop_lag
+
+    def lag_sum() -> float:
+        return next(s.value for s in metrics.EVENT_LOOP_LAG.collect()[0].samples if s.name.endswith("_sum"))
+
+    async def main() -> tuple[float, float]:
+        watcher = asyncio.get_running_loop().create_task(watch_event_loop_lag(interval_s=0.01))
+        await asyncio.sleep(0.1)  # idle: timers fire on time
+        idle = lag_sum() - before
+        time.sleep(0.3)  # a step that holds the loop
+        await asyncio.sleep(0.05)
+        watcher.cancel()
+        return idle, lag_sum() - before
+
+    before = lag_sum()
+    idle, blocked = asyncio.run(main())
+    assert idle < 0.05
+    assert 0.25 <= blocked - idle <= 0.5
