@@ -39,7 +39,8 @@ def _short(v: float | None) -> str:
 
 def _ratio_rows(ratios: dict[str, dict[str, Any]]) -> list[list[Any]]:
     return [[name, _short(r["value"]), f"{r['op']} {r['target']}",
-             "yes" if r["met"] else "**no**", r["what"] + (f" ({r['missing']})" if r.get("missing") else "")]
+             "yes" if r["met"] else "**no**",
+             r["what"] + "".join(f" ({r[k]})" for k in ("missing", "not_at_load") if r.get(k))]
             for name, r in ratios.items()]
 
 
