@@ -445,8 +445,24 @@ def _alert_unit_tests() -> list[dict]:
                     "values": "0+1x30",
                 },
                 {"series": 'mtrank_redis_errors_total{job="mtrank", instance="r1"}', "values": "0+60x30"},
+                # r1's loop 75-100 ms late at every tick; r2's under 5 ms.
+                {"series": 'mtrank_event_loop_lag_seconds_bucket{le="0.075", job="mtrank", instance="r1"}',
+                 "values": "0x30"},
+                {"series": 'mtrank_event_loop_lag_seconds_bucket{le="0.1", job="mtrank", instance="r1"}',
+                 "values": "0+1200x30"},
+                {"series": 'mtrank_event_loop_lag_seconds_bucket{le="+Inf", job="mtrank", instance="r1"}',
+                 "values": "0+1200x30"},
+                {"series": 'mtrank_event_loop_lag_seconds_bucket{le="0.005", job="mtrank", instance="r2"}',
+                 "values": "0+1200x30"},
+                {"series": 'mtrank_event_loop_lag_seconds_bucket{le="+Inf", job="mtrank", instance="r2"}',
+                 "values": "0+1200x30"},
             ],
             "alert_rule_test": [
+                {
+                    "eval_time": "20m",
+                    "alertname": "MtrankEventLoopLagging",
+                    "exp_alerts": [{"exp_labels": {"instance": "r1", "severity": "warning"}}],
+                },
                 {
                     "eval_time": "20m",
                     "alertname": "MtrankRankLatencyP99OverSLO",
@@ -499,10 +515,17 @@ def _alert_unit_tests() -> list[dict]:
                     "values": "0+1x30",
                 },
                 {"series": 'mtrank_redis_errors_total{job="mtrank", instance="r1"}', "values": "0x30"},
+                {"series": 'mtrank_event_loop_lag_seconds_bucket{le="0.005", job="mtrank", instance="r1"}',
+                 "values": "0+1150x30"},
+                {"series": 'mtrank_event_loop_lag_seconds_bucket{le="0.05", job="mtrank", instance="r1"}',
+                 "values": "0+1199x30"},
+                {"series": 'mtrank_event_loop_lag_seconds_bucket{le="+Inf", job="mtrank", instance="r1"}',
+                 "values": "0+1200x30"},
             ],
             "alert_rule_test": [
                 {"eval_time": "25m", "alertname": name, "exp_alerts": []}
                 for name in (
+                    "MtrankEventLoopLagging",
                     "MtrankRankLatencyP99OverSLO",
                     "MtrankHigh5xxRate",
                     "MtrankHighRejectionRate",
