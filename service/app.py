@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -42,6 +44,7 @@ from service.repository import Repository
 from service.schemas import decode_request, openapi_schemas
 from service.settings import Settings, load_settings
 from service.stores import EmbeddingStore, InProcessStore, RedisStore
+from service.workers import worker_index
 
 log = logging.getLogger("mtrank.app")
 access_log = logging.getLogger("mtrank.access")
@@ -473,6 +476,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             return _error(401, "missing or wrong admin token (Authorization: Bearer <MTRANK_ADMIN_TOKEN>)",
                           headers={"WWW-Authenticate": "Bearer"})
         report = await request.app.state.engine.repository.reload()
+        if worker_index() is not None:
+            os.kill(os.getppid(), signal.SIGHUP)  # the supervisor has the other workers reload too
         return _json(report.to_dict(), 200 if not report.errors else 409)
 
     _install_error_handlers(app)

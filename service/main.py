@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from service.logs import configure_logging
 from service.repository import StartupError
 from service.runner import DeviceError
 from service.settings import ConfigError, Settings, load_settings, unknown_variables
+from service.workers import supervise, worker_index
 
 log = logging.getLogger("mtrank.main")
 
@@ -50,7 +53,16 @@ def serve(repo: str | Path | None = None, host: str | None = None, port: int | N
         settings = load_settings(model_repo=repo, host=host, port=port, redis_url=redis_url)
     except ConfigError as e:
         _die(str(e))
+    worker = worker_index()
+    if worker is not None:
+        # A reload signal may come from a sibling before this worker can reload: not fatal meanwhile.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     configure_logging(settings.log_level, settings.log_format)
+    if settings.workers > 1 and worker is None:
+        if not hasattr(socket, "SO_REUSEPORT"):
+            _die("MTRANK_WORKERS: more than one worker needs SO_REUSEPORT (Linux)")
+        log.info("starting %d workers on http://%s:%d", settings.workers, settings.host, settings.port)
+        raise SystemExit(supervise(settings))
     try:
         if tracing.configure(settings.otel_endpoint):
             log.info("tracing to %s", settings.otel_endpoint or "OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -92,7 +104,30 @@ async def _serve(settings: Settings) -> None:
     log.info("serving %s on http://%s:%d (%s)%s", settings.model_repo, settings.host, settings.port,
              "ready" if reason is None else f"not ready: {reason}", f"; {notices}" if notices else "",
              extra={"event": "startup", "ready": reason is None, "served": engine.repository.served()})
-    await _DrainingServer(config, engine).serve()
+    sockets = None
+    if worker_index() is not None:
+        sockets = [_shared_socket(settings.host, settings.port)]
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(engine)))
+    await _DrainingServer(config, engine).serve(sockets=sockets)
+
+
+def _shared_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port that the other workers bind too (the kernel spreads connections)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _reload(engine: Engine) -> None:
+    """SIGHUP in a worker: reload the repository, as POST /admin/reload does."""
+    report = await engine.repository.reload()
+    log.info("reloaded on SIGHUP: %s", report.to_dict(), extra={"event": "reload"})
 
 
 def _die(message: str) -> None:

@@ -6,7 +6,10 @@ milliseconds, so the default buckets (5 ms upwards) would hide everything intere
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+import contextlib
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS_S = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015,
@@ -47,12 +50,15 @@ MISSING = Counter(
     "mtrank_embedding_missing", "Ids not in their table, served the default vector", ["table"]
 )
 REJECTED = Counter("mtrank_rejected", "Ranking requests refused or dropped, by reason", ["reason"])
-INFLIGHT = Gauge("mtrank_inflight_requests", "Ranking requests being served")
+# Gauges say how several worker processes of one replica add up (service/workers.py): in-flight
+# requests sum, "models loaded" is the worst worker's, the flags the worst of any worker.
+INFLIGHT = Gauge("mtrank_inflight_requests", "Ranking requests being served", multiprocess_mode="livesum")
 MODEL_INFO = Gauge("mtrank_model_info", "1 for each loaded model version and the device it runs on",
-                   ["model", "version", "device"])
-MODELS_LOADED = Gauge("mtrank_models_loaded", "Model versions loaded and warmed")
+                   ["model", "version", "device"], multiprocess_mode="livemax")
+MODELS_LOADED = Gauge("mtrank_models_loaded", "Model versions loaded and warmed", multiprocess_mode="livemin")
 REDIS_ERRORS = Counter("mtrank_redis_errors", "Failed Redis calls (timeouts, connection errors)")
-STORE_DEGRADED = Gauge("mtrank_embedding_store_degraded", "1 while the embedding store is unreachable")
+STORE_DEGRADED = Gauge("mtrank_embedding_store_degraded", "1 while the embedding store is unreachable",
+                       multiprocess_mode="livemax")
 EVENT_LOOP_LAG = Histogram(
     "mtrank_event_loop_lag_seconds",
     "How late a timer on the serving event loop fires (one every 50 ms): what a new request waits before "
@@ -60,13 +66,30 @@ EVENT_LOOP_LAG = Histogram(
 )
 MODEL_VERSIONS_REFUSED = Gauge(
     "mtrank_model_versions_refused", "1 for each model version that failed its checks at the last (re)load",
-    ["model", "version"],
+    ["model", "version"], multiprocess_mode="livemax",
 )
 
 for _reason in REJECT_REASONS:
     REJECTED.labels(_reason)
 
 
+def unset(gauge: Gauge, *labels: str) -> None:
+    """Drop one labelled series of ``gauge``; with several workers, whose series live in shared
+    files that cannot drop one, set it to 0 instead."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        gauge.labels(*labels).set(0)
+    else:
+        with contextlib.suppress(KeyError):
+            gauge.remove(*labels)
+
+
 def exposition() -> tuple[bytes, str]:
-    """The text exposition of the default registry and its content type."""
+    """The text exposition and its content type: this process's registry, or with several workers
+    (``PROMETHEUS_MULTIPROC_DIR`` set) the sum over all of them."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(), CONTENT_TYPE_LATEST

@@ -16,7 +16,6 @@ in :attr:`Repository.refused` with its reason (shown by ``/v1/models``, ``/ready
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -72,6 +71,7 @@ class Repository:
         self.buckets: BucketTable | None = None
         self.errors: dict[str, str] = {}
         self.refused: dict[str, dict[int, str]] = {}
+        self._refused_series: set[tuple[str, str]] = set()
         """Versions of the last (re)load that failed their checks: ``{model: {version: reason}}``."""
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
@@ -329,15 +329,16 @@ class Repository:
     def _update_metrics(self, retired: list[LoadedVersion]) -> None:
         for lv in retired:
             for device in {g.runner.device for g in lv.graphs.values()}:
-                with contextlib.suppress(KeyError):
-                    metrics.MODEL_INFO.remove(lv.name, str(lv.version), device)
+                metrics.unset(metrics.MODEL_INFO, lv.name, str(lv.version), device)
         for lv in self.loaded_versions():
             metrics.MODEL_INFO.labels(lv.name, str(lv.version), lv.device).set(1)
         metrics.MODELS_LOADED.set(len(self.loaded_versions()))
-        metrics.MODEL_VERSIONS_REFUSED.clear()
-        for model, versions in self.refused.items():
-            for version in versions:
-                metrics.MODEL_VERSIONS_REFUSED.labels(model, str(version)).set(1)
+        refused = {(model, str(version)) for model, versions in self.refused.items() for version in versions}
+        for labels in self._refused_series - refused:
+            metrics.unset(metrics.MODEL_VERSIONS_REFUSED, *labels)
+        for labels in refused:
+            metrics.MODEL_VERSIONS_REFUSED.labels(*labels).set(1)
+        self._refused_series = refused
 
     def _retire(self, lv: LoadedVersion) -> None:
         """Stop a replaced version once every request that may still hold it has ended."""

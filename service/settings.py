@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     """Listen address."""
     port: int = Field(8000, ge=1, le=65535)
     """Listen port."""
+    workers: int = Field(1, ge=1, le=64)
+    """Serving processes sharing the port (SO_REUSEPORT, Linux): each has its own event loop, models
+    and share of the cores; more than one uses more cores for decoding, features and responses."""
     reload_interval_s: float = Field(0.0, ge=0.0, le=86400.0)
     """Poll the repository for new versions every N seconds; 0 = only on POST /admin/reload."""
     drain_timeout_s: float = Field(20.0, ge=0.0, le=3600.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import socket
@@ -291,6 +292,54 @@ def test_hot_reload_serves_a_new_version_and_keeps_it_when_a_newer_one_is_broken
         assert s.post("/v1/rank", json=rank_body(n=5)).json()["model"]["version"] == 2
         assert s.get("/readyz").status_code == 200
         assert "ple v3" in s.get("/v1/models").json()["errors"]
+
+
+def test_two_workers_share_the_port_sum_their_metrics_reload_together_and_drain(ple_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(ple_repo / "ple" / "1", repo / "ple" / "1")
+    env = {"MTRANK_WORKERS": "2", "MTRANK_ADMIN_TOKEN": ADMIN_TOKEN, "MTRANK_LOG_FORMAT": "json",
+           "MTRANK_LOG_LEVEL": "info"}
+    with RemoteServer(repo, env=env) as s:
+
+        def fresh(user: str) -> httpx.Response:
+            # A new connection each time: the kernel spreads connections over the workers, not requests.
+            with httpx.Client(base_url=s.url, timeout=30.0) as client:
+                return client.post("/v1/rank", json=rank_body(user_id=user, n=3))
+
+        answers = [fresh(f"worker-{i}") for i in range(40)]
+        assert [a.status_code for a in answers] == [200] * 40
+        ranked = [x.value for x in _metric_samples(s.metrics(), "mtrank_requests_total")
+                  if x.labels["route"] == "/v1/rank" and x.labels["status"] == "200"]
+        assert ranked == [40.0]  # both workers' counts, whichever answers /metrics
+        _add_version(repo, "ple", 2)
+        r = s.post("/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert r.status_code == 200 and r.json()["served"] == {"ple": [2]}, r.text
+        deadline = time.monotonic() + 20
+        while True:  # the other worker reloads on the supervisor's SIGHUP, a moment later
+            versions = {fresh("after").json()["model"]["version"] for _ in range(20)}
+            if versions == {2} or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert versions == {2}
+        assert [x.value for x in _metric_samples(s.metrics(), "mtrank_models_loaded")] == [1.0]
+    assert s.proc.returncode == 0, s.output()
+    records = [json.loads(line) for line in s.output().splitlines() if line.startswith("{")]
+    rank_pids = {r["pid"] for r in records if r.get("path") == "/v1/rank"}
+    assert len(rank_pids) == 2 and s.proc.pid not in rank_pids, rank_pids
+    reloads = [r for r in records if r.get("event") == "reload"]
+    assert len(reloads) >= 2 and {r["pid"] for r in reloads} == rank_pids
+
+
+def test_two_workers_stop_together_with_the_first_ones_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MTRANK_")}
+    env |= {"MTRANK_WORKERS": "2", "MTRANK_DEVICE": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtrank.cli", "serve", "--repo", str(tmp_path / "missing"), "--port", str(free_port())],
+        env=env, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mtrank serve: error:")]
+    assert errors and all(str(tmp_path / "missing") in line for line in errors), proc.stderr
 
 
 def _rank_with(s: RemoteServer, n: int):

@@ -1,0 +1,102 @@
+"""Several serving processes behind one port (``MTRANK_WORKERS`` > 1, Linux).
+
+Each worker is a whole ``mtrank serve`` of its own (event loop, batchers, models, Redis client) that
+binds the same address with ``SO_REUSEPORT``, so the kernel spreads connections over them. One
+process has one event loop and one GIL, which limit what it can do with small requests (decoding,
+features and responses are Python); more processes use more cores for that work.
+
+This process (the supervisor) loads nothing: it starts the workers, gives each its share of the
+cores (batches in flight and intra-op threads, unless those are set), forwards SIGTERM/SIGINT (each
+worker drains) and SIGHUP (each worker reloads its repository: a worker that answers
+``POST /admin/reload`` sends SIGHUP here so that the others reload too), and stops them all when
+one exits unexpectedly, with its exit status, so the orchestrator restarts the pod.
+
+Metrics: the workers write theirs to a directory of their own (``PROMETHEUS_MULTIPROC_DIR``, the
+Prometheus client's multiprocess mode) and any of them answers ``/metrics`` with the sum over all.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from service.settings import Settings, available_cores
+
+WORKER_VARIABLE = "_MTRANK_WORKER"
+"""Set in a worker's environment to ``INDEX/COUNT``: it binds with SO_REUSEPORT and reports reloads here."""
+
+
+def worker_index() -> tuple[int, int] | None:
+    """(index, count) when this process is a supervised worker, else None."""
+    value = os.environ.get(WORKER_VARIABLE)
+    if not value:
+        return None
+    index, count = value.split("/")
+    return int(index), int(count)
+
+
+def supervise(settings: Settings) -> int:
+    """Run ``settings.workers`` workers until a signal stops them or one fails; the exit status."""
+    count = settings.workers
+    metrics_dir = tempfile.mkdtemp(prefix="mtrank-metrics-")
+    batches, threads = settings.concurrency(max(1, available_cores() // count))
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update({
+        "MTRANK_WORKERS": "1", "MTRANK_HOST": settings.host, "MTRANK_PORT": str(settings.port),
+        "MTRANK_MAX_CONCURRENT_BATCHES": str(batches), "MTRANK_INTRA_OP_THREADS": str(threads),
+        "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+    })
+    if settings.model_repo is not None:
+        env["MTRANK_MODEL_REPO"] = str(settings.model_repo)
+    if settings.redis_url is not None:
+        env["MTRANK_REDIS_URL"] = settings.redis_url
+    children: list[subprocess.Popen] = []
+    stopping = False
+
+    def forward(sig: int, _frame: object) -> None:
+        nonlocal stopping
+        if sig != signal.SIGHUP:
+            stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    try:
+        for i in range(count):
+            children.append(subprocess.Popen(
+                [sys.executable, "-m", "mtrank.cli", "serve"], env=env | {WORKER_VARIABLE: f"{i}/{count}"},
+            ))
+        return _wait(children, lambda: stopping, metrics_dir)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _wait(children: list[subprocess.Popen], stopping, metrics_dir: str) -> int:  # noqa: ANN001 - a flag's getter
+    """Until every worker has exited: the first unexpected exit stops the others."""
+    from prometheus_client import multiprocess
+
+    status = 0
+    running = list(children)
+    while running:
+        time.sleep(0.2)
+        for child in [c for c in running if c.poll() is not None]:
+            running.remove(child)
+            multiprocess.mark_process_dead(child.pid, metrics_dir)
+            if not stopping() and status == 0:
+                status = child.returncode or 1
+                print(f"mtrank serve: worker {child.pid} exited with status {child.returncode}; stopping the others",
+                      file=sys.stderr, flush=True)
+                for other in running:
+                    other.send_signal(signal.SIGTERM)
+    return status
