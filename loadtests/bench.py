@@ -203,9 +203,15 @@ def scrape(text: str) -> dict[str, float]:
     return out
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _delta(after: dict[str, float], before: dict[str, float], name: str) -> float:
@@ -222,9 +228,9 @@ def measure_point(server, bodies_file: Path, size: int, cfg: BenchConfig, concur
                      rate=rate, warmup_s=cfg.warmup_s, window_s=cfg.window_s, max_windows=cfg.max_windows,
                      min_requests=cfg.min_requests_per_window)
     spec = replace(spec, **spec_overrides)
-    before, cpu0, t0 = scrape(server.metrics()), _cpu_seconds(server.proc.pid), time.perf_counter()
+    before, cpu0, t0 = scrape(server.metrics()), _cpu_seconds(server.pids()), time.perf_counter()
     result = run_point(spec)
-    after, cpu1, t1 = scrape(server.metrics()), _cpu_seconds(server.proc.pid), time.perf_counter()
+    after, cpu1, t1 = scrape(server.metrics()), _cpu_seconds(server.pids()), time.perf_counter()
     batches = _delta(after, before, "mtrank_batch_rows_count")
     wall = t1 - t0
     point = asdict(result) | {
@@ -509,6 +515,7 @@ def run_bench(args) -> dict[str, Any]:
         "machine": describe_machine(),
         "config": asdict(cfg),
         "service_defaults": _service_defaults(),
+        "workers": getattr(args, "workers", 1),
         "target_names": target_names(cfg.sizes),
         "load_at_start": _load(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -550,6 +557,8 @@ def run_bench(args) -> dict[str, Any]:
                                                       rounds=cfg.lookup_rounds)
 
             env = server_env(device, redis_url, prefix, cfg.request_timeout_ms)
+            if getattr(args, "workers", 1) > 1:
+                env["MTRANK_WORKERS"] = str(args.workers)
             points = [(s, c) for s in cfg.sizes for c in cfg.concurrencies]
             with _server(report, "service", repo, env | {"MTRANK_BATCHING": "true"}, device) as server:
                 with _section(report, "service"):

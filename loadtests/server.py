@@ -91,14 +91,27 @@ class RemoteServer:
         """What the process printed so far (stdout and stderr), line by line."""
         return list(self._log)
 
-    def rss_kib(self) -> int:
-        """Resident set size of the server process (``VmRSS`` of /proc/PID/status), KiB; 0 once it has exited."""
+    def pids(self) -> list[int]:
+        """The server process and its children (the workers, with ``MTRANK_WORKERS`` > 1)."""
+        pid = self.proc.pid
         try:
-            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         except OSError:
-            return 0
-        line = next((s for s in status.splitlines() if s.startswith("VmRSS:")), "VmRSS: 0 kB")
-        return int(line.split()[1])
+            children = []
+        return [pid, *map(int, children)]
+
+    def rss_kib(self) -> int:
+        """Resident set size of the server (``VmRSS`` of /proc/PID/status, workers included), KiB; 0 once
+        it has exited."""
+        total = 0
+        for pid in self.pids():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            line = next((s for s in status.splitlines() if s.startswith("VmRSS:")), "VmRSS: 0 kB")
+            total += int(line.split()[1])
+        return total
 
     def post(self, path: str, **kwargs: Any) -> httpx.Response:
         return self.client.post(path, **kwargs)
