@@ -37,7 +37,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -409,7 +410,7 @@ def _overload(report: dict[str, Any], repo: Path, env: dict[str, str], bodies: d
         _say(f"overload size={size}: warm closed loop c={best['concurrency']} {warm['throughput_rps']:.0f} req/s; "
              f"now open loop at {rate:.0f} req/s ({cfg.overload_factor:g} × {best['throughput_rps']:.0f}) "
              f"for {cfg.overload_s:g} s, {repeats} × on the same server")
-        points = []
+        points, figures = [], []
         with _RssSampler(server, cfg.rss_interval_s) as rss:
             for i in range(repeats):
                 if i:
@@ -418,24 +419,23 @@ def _overload(report: dict[str, Any], repo: Path, env: dict[str, str], bodies: d
                                       window_s=cfg.overload_s, max_windows=1, stable_windows=1, min_requests=1,
                                       timeout_s=cfg.overload_client_timeout_s)
                 points.append(point)
-                _say(f"overload repeat {i + 1}/{repeats}: {_overload_figures(point)}")
+                f = _overload_summary(point)
+                figures.append(f)
+                _say(f"overload repeat {i + 1}/{repeats}: goodput {f['goodput_rps']:.0f} req/s, accepted p99 "
+                     f"{f['accepted_p99_ms']:.1f} ms, 503 p99 {f['rejected_503_p99_ms']} ms, statuses {f['statuses']}")
     samples = rss.samples
     # The load generator's own start-up and warm-up come first; "after the first second" is past both.
     settled_at = cfg.overload_warmup_s + 1.0
     settled = next((kib for t, kib in samples if t >= settled_at), samples[-1][1])
     end = next((kib for _, kib in reversed(samples) if kib > 0), 0)
-    figures = [_overload_summary(q) for q in points]
 
     def median(key: str) -> float | None:
-        values = sorted(f[key] for f in figures if f[key] is not None)
-        return values[len(values) // 2] if values else None
+        values = [f[key] for f in figures if f[key] is not None]
+        return _middle(values) if values else None
 
     # The repeat whose goodput is the median: its statuses and latency table stand for the point.
-    point = sorted(points, key=lambda q: q["throughput_rps"])[len(points) // 2]
-    statuses: dict[str, int] = {}
-    for q in points:
-        for status, count in q["statuses"].items():
-            statuses[status] = statuses.get(status, 0) + count
+    point = _middle(points, key=lambda q: q["throughput_rps"])
+    statuses = dict(sum((Counter(q["statuses"]) for q in points), Counter()))
     out = {
         "size": size, "factor": cfg.overload_factor, "rate_rps": round(rate, 2), "seconds": point["seconds"],
         "repeats_n": repeats,
@@ -458,6 +458,11 @@ def _overload(report: dict[str, Any], repo: Path, env: dict[str, str], bodies: d
     return out
 
 
+def _middle(items: list, key: Callable[[Any], Any] | None = None) -> Any:
+    """The median item of ``items`` by ``key`` (the upper one of an even count)."""
+    return sorted(items, key=key)[len(items) // 2]
+
+
 def _overload_summary(point: dict[str, Any]) -> dict[str, Any]:
     """The figures of one overload repeat that the targets read."""
     rejected = point["non_200"].get("503")
@@ -465,12 +470,6 @@ def _overload_summary(point: dict[str, Any]) -> dict[str, Any]:
             "accepted_p99_ms": point["p99_ms"], "rejected_503_p50_ms": rejected["p50_ms"] if rejected else None,
             "rejected_503_p99_ms": rejected["p99_ms"] if rejected else None, "statuses": point["statuses"],
             "load": point["load"]}
-
-
-def _overload_figures(point: dict[str, Any]) -> str:
-    f = _overload_summary(point)
-    return (f"goodput {f['goodput_rps']:.0f} req/s, accepted p99 {f['accepted_p99_ms']:.1f} ms, 503 p99 "
-            f"{f['rejected_503_p99_ms']} ms, statuses {f['statuses']}")
 
 
 def _check_device(device: str) -> None:
@@ -557,8 +556,8 @@ def run_bench(args) -> dict[str, Any]:
                                                       rounds=cfg.lookup_rounds)
 
             env = server_env(device, redis_url, prefix, cfg.request_timeout_ms)
-            if getattr(args, "workers", 1) > 1:
-                env["MTRANK_WORKERS"] = str(args.workers)
+            if report["workers"] > 1:
+                env["MTRANK_WORKERS"] = str(report["workers"])
             points = [(s, c) for s in cfg.sizes for c in cfg.concurrencies]
             with _server(report, "service", repo, env | {"MTRANK_BATCHING": "true"}, device) as server:
                 with _section(report, "service"):
@@ -599,7 +598,7 @@ def _tail_point(server: RemoteServer, bodies: dict[int, Path], size: int, servic
     points = [measure_point(server, bodies[size], size, cfg, rate=rate) for _ in range(max(1, cfg.tail_repeats))]
     for q in points:
         q["p99_over_p50"] = round(q["p99_ms"] / q["p50_ms"], 3) if q["p50_ms"] else math.inf
-    p = dict(sorted(points, key=lambda q: q["p99_over_p50"])[len(points) // 2])
+    p = dict(_middle(points, key=lambda q: q["p99_over_p50"]))
     p["target_fraction"] = cfg.tail_fraction
     p["max_throughput_rps"] = best["throughput_rps"]
     p["repeats"] = [{k: q[k] for k in ("p50_ms", "p99_ms", "p99_over_p50", "throughput_rps", "errors", "load")}

@@ -71,8 +71,8 @@ class Repository:
         self.buckets: BucketTable | None = None
         self.errors: dict[str, str] = {}
         self.refused: dict[str, dict[int, str]] = {}
-        self._refused_series: set[tuple[str, str]] = set()
         """Versions of the last (re)load that failed their checks: ``{model: {version: reason}}``."""
+        self._refused_series: set[tuple[str, str]] = set()
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
         self._poller: asyncio.Task | None = None

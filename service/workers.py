@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from service.settings import Settings, available_cores
@@ -45,23 +46,21 @@ def supervise(settings: Settings) -> int:
     count = settings.workers
     metrics_dir = tempfile.mkdtemp(prefix="mtrank-metrics-")
     batches, threads = settings.concurrency(max(1, available_cores() // count))
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update({
+    env = os.environ | {
         "MTRANK_WORKERS": "1", "MTRANK_HOST": settings.host, "MTRANK_PORT": str(settings.port),
         "MTRANK_MAX_CONCURRENT_BATCHES": str(batches), "MTRANK_INTRA_OP_THREADS": str(threads),
         "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
-    })
+    }
     if settings.model_repo is not None:
         env["MTRANK_MODEL_REPO"] = str(settings.model_repo)
     if settings.redis_url is not None:
         env["MTRANK_REDIS_URL"] = settings.redis_url
     children: list[subprocess.Popen] = []
-    stopping = False
+    stopping = threading.Event()
 
     def forward(sig: int, _frame: object) -> None:
-        nonlocal stopping
         if sig != signal.SIGHUP:
-            stopping = True
+            stopping.set()
         for child in children:
             if child.poll() is None:
                 child.send_signal(sig)
@@ -73,7 +72,7 @@ def supervise(settings: Settings) -> int:
             children.append(subprocess.Popen(
                 [sys.executable, "-m", "mtrank.cli", "serve"], env=env | {WORKER_VARIABLE: f"{i}/{count}"},
             ))
-        return _wait(children, lambda: stopping, metrics_dir)
+        return _wait(children, stopping, metrics_dir)
     finally:
         for child in children:
             if child.poll() is None:
@@ -82,7 +81,7 @@ def supervise(settings: Settings) -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _wait(children: list[subprocess.Popen], stopping, metrics_dir: str) -> int:  # noqa: ANN001 - a flag's getter
+def _wait(children: list[subprocess.Popen], stopping: threading.Event, metrics_dir: str) -> int:
     """Until every worker has exited: the first unexpected exit stops the others."""
     from prometheus_client import multiprocess
 
@@ -93,7 +92,7 @@ def _wait(children: list[subprocess.Popen], stopping, metrics_dir: str) -> int: 
         for child in [c for c in running if c.poll() is not None]:
             running.remove(child)
             multiprocess.mark_process_dead(child.pid, metrics_dir)
-            if not stopping() and status == 0:
+            if not stopping.is_set() and status == 0:
                 status = child.returncode or 1
                 print(f"mtrank serve: worker {child.pid} exited with status {child.returncode}; stopping the others",
                       file=sys.stderr, flush=True)
