@@ -20,7 +20,7 @@ from pathlib import Path
 
 import uvicorn
 
-from service import tracing
+from service import listener, tracing
 from service.app import Engine, create_app, served_app
 from service.logs import configure_logging
 from service.repository import StartupError
@@ -71,13 +71,7 @@ def serve(repo: str | Path | None = None, host: str | None = None, port: int | N
     for message in unknown_variables():
         log.warning(message)
     try:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    except ImportError:
-        loop_factory = None
-    try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
+        with asyncio.Runner(loop_factory=listener.loop_factory()) as runner:
             runner.run(_serve(settings))
     finally:
         tracing.shutdown()  # flushes the spans still buffered
@@ -104,24 +98,17 @@ async def _serve(settings: Settings) -> None:
     log.info("serving %s on http://%s:%d (%s)%s", settings.model_repo, settings.host, settings.port,
              "ready" if reason is None else f"not ready: {reason}", f"; {notices}" if notices else "",
              extra={"event": "startup", "ready": reason is None, "served": engine.repository.served()})
-    sockets = None
-    if worker_index() is not None:
-        sockets = [_shared_socket(settings.host, settings.port)]
+    worker = worker_index() is not None
+    try:
+        # Our own socket (the workers share it by SO_REUSEPORT); the loop accepts on it in bursts.
+        sock = listener.listening_socket(settings.host, settings.port, reuse_port=worker)
+    except OSError as e:
+        await engine.close()
+        _die(f"cannot listen on {settings.host}:{settings.port} (MTRANK_HOST, MTRANK_PORT): {e.strerror or e}")
+    if worker:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(engine)))
-    await _DrainingServer(config, engine).serve(sockets=sockets)
-
-
-def _shared_socket(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port that the other workers bind too (the kernel spreads connections)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
+    await _DrainingServer(config, engine).serve(sockets=[sock])
 
 
 async def _reload(engine: Engine) -> None:

@@ -670,3 +670,15 @@ def test_missing_repository_stops_start_up_with_one_line(tmp_path):
         with pytest.raises(RuntimeError) as e:
             RemoteServer(repo)
         assert "exited with 2" in str(e.value) and words in str(e.value), str(e.value)
+
+
+def test_a_port_in_use_stops_start_up_with_one_line(ple_repo):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError) as e:
+            RemoteServer(ple_repo, port=port, ready_timeout_s=60)
+    lines = [ln for ln in str(e.value).splitlines() if ln.startswith("mtrank serve: error:")]
+    assert "exited with 2" in str(e.value) and len(lines) == 1, str(e.value)
+    assert f"cannot listen on 127.0.0.1:{port}" in lines[0] and "in use" in lines[0], lines[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import subprocess
 import sys
 import threading
@@ -620,3 +621,44 @@ def test_event_loop_lag_is_what_a_blocked_loop_delays_a_timer():
     idle, blocked = asyncio.run(main())
     assert idle < 0.05
     assert 0.25 <= blocked - idle <= 0.5
+
+
+def test_a_busy_loop_accepts_every_waiting_connection_at_once():
+    """On a loop whose iterations each take 20 ms (a busy service), 100 connections that wait in the
+    kernel's queue are all accepted within a few iterations (libuv alone takes one per iteration)."""
+    from service.listener import listening_socket, loop_factory
+
+    made: list[float] = []
+
+    class Counting(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            made.append(time.monotonic())
+
+    async def main() -> tuple[int, float]:
+        loop = asyncio.get_running_loop()
+        sock = listening_socket("127.0.0.1", 0)
+        server = await loop.create_server(Counting, sock=sock)
+        port = sock.getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]
+        stop = time.monotonic() + 0.3
+
+        def busy() -> None:
+            time.sleep(0.02)
+            if time.monotonic() < stop:
+                loop.call_soon(busy)
+
+        started = time.monotonic()
+        loop.call_soon(busy)
+        while time.monotonic() < stop:
+            await asyncio.sleep(0.02)
+        server.close()
+        sock.close()
+        for c in clients:
+            c.close()
+        return len(made), max(made) - started if made else float("inf")
+
+    factory = loop_factory()
+    with asyncio.Runner(loop_factory=factory) as runner:
+        accepted, last_s = runner.run(main())
+    assert accepted == 100, f"{accepted} of 100 waiting connections accepted in 0.3 s of a busy loop"
+    assert last_s < 0.15, f"the last connection was accepted {last_s * 1000:.0f} ms after the loop got busy"
