@@ -321,9 +321,10 @@ def server_env(device: str, redis_url: str | None, prefix: str, request_timeout_
     defaults = Settings.model_fields
     env = {
         "MTRANK_DEVICE": device,
-        # RemoteServer pins one intra-op thread and quiet logs for the tests; the bench measures what
-        # a user gets, so both go back to the service's defaults.
+        # RemoteServer pins one intra-op thread, one worker and quiet logs for the tests; the bench
+        # measures what a user gets, so all three go back to the service's defaults.
         "MTRANK_INTRA_OP_THREADS": str(defaults["intra_op_threads"].default),
+        "MTRANK_WORKERS": str(defaults["workers"].default),
         "MTRANK_LOG_LEVEL": str(defaults["log_level"].default),
         "MTRANK_REQUEST_TIMEOUT_MS": str(request_timeout_ms),
     }
@@ -332,12 +333,19 @@ def server_env(device: str, redis_url: str | None, prefix: str, request_timeout_
     return env
 
 
+def _workers(asked: int) -> dict[str, int]:
+    """MTRANK_WORKERS of the servers under test (0: the service's default) and the count it means here."""
+    from service.settings import Settings
+
+    return {"asked": asked, "count": Settings.model_construct(workers=asked).worker_count()}
+
+
 def _service_defaults() -> dict[str, Any]:
     """The service settings that shape its performance, at their defaults (as the bench runs them)."""
     from service.settings import Settings
 
     names = ("intra_op_threads", "max_concurrent_batches", "max_batch_rows", "max_queue_delay_ms",
-             "max_queue_rows", "max_candidates", "request_timeout_ms", "embedding_cache_size", "log_level")
+             "max_queue_rows", "max_candidates", "request_timeout_ms", "embedding_cache_size", "log_level", "workers")
     out: dict[str, Any] = {n: Settings.model_fields[n].default for n in names if n in Settings.model_fields}
     if hasattr(Settings, "concurrency"):
         # What the defaults resolve to on this machine: (batches in flight per graph, intra-op threads each).
@@ -514,7 +522,7 @@ def run_bench(args) -> dict[str, Any]:
         "machine": describe_machine(),
         "config": asdict(cfg),
         "service_defaults": _service_defaults(),
-        "workers": getattr(args, "workers", 1),
+        "workers": _workers(getattr(args, "workers", 0)),
         "target_names": target_names(cfg.sizes),
         "load_at_start": _load(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -556,8 +564,8 @@ def run_bench(args) -> dict[str, Any]:
                                                       rounds=cfg.lookup_rounds)
 
             env = server_env(device, redis_url, prefix, cfg.request_timeout_ms)
-            if report["workers"] > 1:
-                env["MTRANK_WORKERS"] = str(report["workers"])
+            if report["workers"]["asked"]:
+                env["MTRANK_WORKERS"] = str(report["workers"]["asked"])
             points = [(s, c) for s in cfg.sizes for c in cfg.concurrencies]
             with _server(report, "service", repo, env | {"MTRANK_BATCHING": "true"}, device) as server:
                 with _section(report, "service"):

@@ -44,6 +44,13 @@ def _ratio_rows(ratios: dict[str, dict[str, Any]]) -> list[list[Any]]:
             for name, r in ratios.items()]
 
 
+def _workers_line(workers: dict[str, int] | int | None) -> str:
+    if not isinstance(workers, dict):  # reports from before MTRANK_WORKERS=0
+        return f"Serving processes per server: {workers or 1}."
+    asked = "the default, one per available core" if not workers["asked"] else f"MTRANK_WORKERS={workers['asked']}"
+    return f"Serving processes per server: {workers['count']} ({asked})."
+
+
 def _engine_label(e: dict[str, Any]) -> str:
     options = "default session options" if e["session_options"] == "default" else e["session_options"]
     return f"{options}, {e['provider']}"
@@ -78,7 +85,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "## Servers",
         "",
         "Service settings at their defaults (the bench sets only device, store, deadline and batching): "
-        + ", ".join(f"`{k}={v}`" for k, v in report["service_defaults"].items()) + ".",
+        + ", ".join(f"`{k}={v}`" for k, v in report["service_defaults"].items()) + ". "
+        + _workers_line(report.get("workers")),
         "",
         _table(["server", "provider", "MTRANK_BATCHING", "MTRANK_REQUEST_TIMEOUT_MS", "log lines", "ERROR lines"],
                [[name, s.get("provider", "?"), s["env"].get("MTRANK_BATCHING", "–"),

@@ -43,7 +43,8 @@ class RemoteServer:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("MTRANK_")}
-        full_env.update({"MTRANK_DEVICE": "cpu", "MTRANK_INTRA_OP_THREADS": "1", "MTRANK_LOG_LEVEL": "warning"})
+        full_env.update({"MTRANK_DEVICE": "cpu", "MTRANK_INTRA_OP_THREADS": "1", "MTRANK_WORKERS": "1",
+                         "MTRANK_LOG_LEVEL": "warning"})
         full_env.update(env or {})
         cmd = [sys.executable, "-m", "mtrank.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         if repo is not None:

@@ -255,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="closed-loop concurrencies, e.g. '1,4,16,64' (default 1,2,4,…,64; quick 1,16,32)")
     s.add_argument("--prepare", action="store_true",
                    help="synth, train and export the model first when REPO has no version of it")
-    s.add_argument("--workers", type=int, choices=range(1, 65), metavar="N", default=1,
-                   help="MTRANK_WORKERS of the servers under test (default 1, the service's default)")
+    s.add_argument("--workers", type=int, choices=range(0, 65), metavar="N", default=0,
+                   help="MTRANK_WORKERS of the servers under test (default 0, the service's default: one per core)")
     s.set_defaults(func=_bench)
 
     s = sub.add_parser("tune-fusion", help="search the fusion weights offline and write A/B buckets")

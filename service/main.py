@@ -58,11 +58,15 @@ def serve(repo: str | Path | None = None, host: str | None = None, port: int | N
         # A reload signal may come from a sibling before this worker can reload: not fatal meanwhile.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     configure_logging(settings.log_level, settings.log_format)
-    if settings.workers > 1 and worker is None:
-        if not hasattr(socket, "SO_REUSEPORT"):
+    count = settings.worker_count() if worker is None else 1
+    if count > 1 and not hasattr(socket, "SO_REUSEPORT"):
+        if settings.workers:
             _die("MTRANK_WORKERS: more than one worker needs SO_REUSEPORT (Linux)")
-        log.info("starting %d workers on http://%s:%d", settings.workers, settings.host, settings.port)
-        raise SystemExit(supervise(settings))
+        count = 1
+    if count > 1:
+        auto = "" if settings.workers else " (one per available core)"
+        log.info("starting %d workers%s on http://%s:%d", count, auto, settings.host, settings.port)
+        raise SystemExit(supervise(settings, count))
     try:
         if tracing.configure(settings.otel_endpoint):
             log.info("tracing to %s", settings.otel_endpoint or "OTEL_EXPORTER_OTLP_ENDPOINT")

@@ -28,7 +28,7 @@ from service import metrics
 from service.batcher import Batcher, LoadEstimate
 from service.buckets import BucketTable
 from service.runner import BATCH_SIZES, DeviceError, GraphRunner, best_batch_rows
-from service.settings import Settings, available_cores
+from service.settings import Settings
 from service.stores import EmbeddingStore, LocalTable
 from service.version import GroupGraph, LoadedVersion, check_graph
 
@@ -62,7 +62,7 @@ class Repository:
         self.settings = settings
         self.store = store
         batches, threads = settings.concurrency()
-        self.load = load or LoadEstimate(min(batches, max(1, available_cores() // threads)),
+        self.load = load or LoadEstimate(min(batches, max(1, settings.cores() // threads)),
                                          settings.max_batch_rows or 1024)
         """Rows queued and running in every batcher, and the engine's measured rows/s."""
         self.root = Path(settings.model_repo) if settings.model_repo else None

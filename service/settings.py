@@ -24,6 +24,10 @@ ENV_PREFIX = "MTRANK_"
 TOOL_VARIABLES = ("MTRANK_LOCUST_", "MTRANK_TEST_", "MTRANK_SHARED_DATA")
 
 
+AUTO_WORKERS_MAX = 8
+"""Most serving processes ``MTRANK_WORKERS=0`` starts (each holds its own models and caches)."""
+
+
 class ConfigError(ValueError):
     """A bad setting; the message is one line and starts with the variable's name."""
 
@@ -74,9 +78,14 @@ class Settings(BaseSettings):
     """Listen address."""
     port: int = Field(8000, ge=1, le=65535)
     """Listen port."""
-    workers: int = Field(1, ge=1, le=64)
+    cpus: int = Field(0, ge=0, le=1024)
+    """CPU cores the service may use; the worker count, batches in flight and intra-op threads
+    follow from it. 0 = the CPU set and the container's CPU quota. Without a CPU limit (common on
+    Kubernetes) set it to the pod's CPU request: the node's cores are not the pod's."""
+    workers: int = Field(0, ge=0, le=64)
     """Serving processes sharing the port (SO_REUSEPORT, Linux): each has its own event loop, models
-    and share of the cores; more than one uses more cores for decoding, features and responses."""
+    and share of the cores; more than one uses more cores for decoding, features and responses.
+    0 = one per core (``cpus``), at most :data:`AUTO_WORKERS_MAX`."""
     reload_interval_s: float = Field(0.0, ge=0.0, le=86400.0)
     """Poll the repository for new versions every N seconds; 0 = only on POST /admin/reload."""
     drain_timeout_s: float = Field(20.0, ge=0.0, le=3600.0)
@@ -98,9 +107,17 @@ class Settings(BaseSettings):
     """OTLP/HTTP endpoint (``http://collector:4318``) for OpenTelemetry traces; None = tracing off.
     ``OTEL_EXPORTER_OTLP_ENDPOINT`` is used when this is not set. Needs the ``otel`` extra."""
 
+    def cores(self) -> int:
+        """CPU cores this service may use: ``cpus``, else what :func:`available_cores` finds."""
+        return self.cpus or available_cores()
+
+    def worker_count(self) -> int:
+        """Serving processes to run: ``workers``, or one per core when it is 0."""
+        return self.workers or min(AUTO_WORKERS_MAX, self.cores())
+
     def concurrency(self, cores: int | None = None) -> tuple[int, int]:
         """(batches in flight per graph, intra-op threads per batch) on ``cores`` CPU cores."""
-        cores = cores or available_cores()
+        cores = cores or self.cores()
         batches = self.max_concurrent_batches or cores + 1
         threads = self.intra_op_threads or max(1, cores // batches)
         return batches, threads
@@ -140,11 +157,35 @@ class Settings(BaseSettings):
 
 
 def available_cores() -> int:
-    """CPU cores this process may run on (the container's CPU set, not the host's)."""
+    """CPU cores this process may use: its CPU set (the container's, not the host's), and no more
+    than the container's CPU quota, rounded down (at least 1)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    quota = cpu_quota()
+    if quota is not None:
+        cores = min(cores, int(quota))
+    return max(1, cores)
+
+
+def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU limit of this process's cgroup in cores (a Kubernetes ``limits.cpu``, ``docker run
+    --cpus``): cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us`` ÷ ``cpu.cfs_period_us``; None
+    when there is no limit or no cgroup file to read."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for v1 in ("cpu", "cpu,cpuacct"):
+        try:
+            quota_us = int((root / v1 / "cpu.cfs_quota_us").read_text())
+            period_us = int((root / v1 / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    return None
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -1,4 +1,4 @@
-"""Several serving processes behind one port (``MTRANK_WORKERS`` > 1, Linux).
+"""Several serving processes behind one port (``MTRANK_WORKERS``: N, or 0 for one per available core; Linux).
 
 Each worker is a whole ``mtrank serve`` of its own (event loop, batchers, models, Redis client) that
 binds the same address with ``SO_REUSEPORT``, so the kernel spreads connections over them. One
@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 
-from service.settings import Settings, available_cores
+from service.settings import Settings
 
 WORKER_VARIABLE = "_MTRANK_WORKER"
 """Set in a worker's environment to ``INDEX/COUNT``: it binds with SO_REUSEPORT and reports reloads here."""
@@ -41,13 +41,14 @@ def worker_index() -> tuple[int, int] | None:
     return int(index), int(count)
 
 
-def supervise(settings: Settings) -> int:
-    """Run ``settings.workers`` workers until a signal stops them or one fails; the exit status."""
-    count = settings.workers
+def supervise(settings: Settings, count: int) -> int:
+    """Run ``count`` workers until a signal stops them or one fails; the exit status."""
     metrics_dir = tempfile.mkdtemp(prefix="mtrank-metrics-")
-    batches, threads = settings.concurrency(max(1, available_cores() // count))
+    share = max(1, settings.cores() // count)
+    batches, threads = settings.concurrency(share)
     env = os.environ | {
-        "MTRANK_WORKERS": "1", "MTRANK_HOST": settings.host, "MTRANK_PORT": str(settings.port),
+        "MTRANK_WORKERS": "1", "MTRANK_CPUS": str(share),
+        "MTRANK_HOST": settings.host, "MTRANK_PORT": str(settings.port),
         "MTRANK_MAX_CONCURRENT_BATCHES": str(batches), "MTRANK_INTRA_OP_THREADS": str(threads),
         "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
     }

@@ -1143,14 +1143,20 @@ def test_k8s_images_match_the_compose_images():
     assert redis_images == {services["redis"]["image"]}
 
 
-def test_onnx_runtime_threads_match_the_cpu_request():
+def test_the_ranker_knows_its_cpu_request_and_the_gpu_overlay_runs_one_process():
+    """No CPU limit, so the container sees the node's cores: MTRANK_CPUS comes from the pod's CPU
+    request (workers, batches and ONNX Runtime threads follow from it); nothing pins threads to a
+    count that could drift from the request."""
     _, container = _ranker()
-    assert _configmap()["MTRANK_INTRA_OP_THREADS"] == str(container["resources"]["requests"]["cpu"])
+    [cpus] = [e for e in container["env"] if e["name"] == "MTRANK_CPUS"]
+    assert cpus["valueFrom"]["resourceFieldRef"] == {"resource": "requests.cpu", "divisor": "1"}
+    assert "MTRANK_INTRA_OP_THREADS" not in _configmap() and "cpu" not in container["resources"].get("limits", {})
     [(_, gpu)] = [(p, k) for p, k in _kustomizations() if p.parent.name == "gpu"]
     [patch] = [yaml.safe_load(p["patch"]) for p in gpu["patches"] if p["target"]["kind"] == "Deployment"]
     [gpu_container] = patch["spec"]["template"]["spec"]["containers"]
-    threads = {e["name"]: e["value"] for e in gpu_container["env"]}["MTRANK_INTRA_OP_THREADS"]
-    assert threads == str(gpu_container["resources"]["requests"]["cpu"])
+    env = {e["name"]: e["value"] for e in gpu_container["env"]}
+    assert env["MTRANK_WORKERS"] == "1"
+    assert env["MTRANK_INTRA_OP_THREADS"] == str(gpu_container["resources"]["requests"]["cpu"])
 
 
 def test_k8s_settings_pass_the_service_validation(monkeypatch):

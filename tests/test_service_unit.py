@@ -146,6 +146,45 @@ def test_settings_defaults_and_overrides(monkeypatch):
     assert load_settings(port=9100).port == 9100
 
 
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu,cpuacct/cpu.cfs_quota_us": "400000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 4.0),
+        ({}, None),
+    ],
+    ids=["v2 unlimited", "v2 1.5 cores", "v1 unlimited", "v1 4 cores", "no cgroup"],
+)
+def test_cpu_quota_is_read_from_cgroup_v2_or_v1(tmp_path, files, quota):
+    from service.settings import cpu_quota
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota(tmp_path) == quota
+
+
+def test_workers_default_to_one_per_available_core_within_the_quota(monkeypatch):
+    import service.settings as settings
+
+    monkeypatch.delenv("MTRANK_WORKERS", raising=False)
+    monkeypatch.setattr(settings.os, "sched_getaffinity", lambda _pid: set(range(16)))
+    monkeypatch.setattr(settings, "cpu_quota", lambda: 2.5)
+    assert settings.available_cores() == 2 and load_settings().worker_count() == 2
+    monkeypatch.setattr(settings, "cpu_quota", lambda: None)
+    assert load_settings().worker_count() == settings.AUTO_WORKERS_MAX
+    assert load_settings(workers=3).worker_count() == 3
+    monkeypatch.setattr(settings, "cpu_quota", lambda: 0.5)
+    assert settings.available_cores() == 1 and load_settings().worker_count() == 1
+    # No CPU limit (a Kubernetes pod with only a request): MTRANK_CPUS says how many cores are its.
+    monkeypatch.setattr(settings, "cpu_quota", lambda: None)
+    monkeypatch.setenv("MTRANK_CPUS", "4")
+    s = load_settings()
+    assert (s.cores(), s.worker_count(), s.concurrency(s.cores() // s.worker_count())) == (4, 4, (2, 1))
+
+
 # -- batcher (a real ONNX Runtime session on a tiny graph) ----------------------------------
 
 
