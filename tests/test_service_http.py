@@ -330,6 +330,14 @@ def test_two_workers_share_the_port_sum_their_metrics_reload_together_and_drain(
     assert len(reloads) >= 2 and {r["pid"] for r in reloads} == rank_pids
 
 
+def test_the_default_runs_one_worker_per_core_of_mtrank_cpus(ple_repo):
+    env = {"MTRANK_WORKERS": "0", "MTRANK_CPUS": "2", "MTRANK_LOG_LEVEL": "info"}
+    with RemoteServer(ple_repo, env=env) as s:
+        assert s.post("/v1/rank", json=rank_body(n=3)).status_code == 200
+        assert len(s.pids()) == 3, s.pids()  # the supervisor and two workers
+    assert "starting 2 workers (one per available core)" in s.output()
+
+
 def test_two_workers_stop_together_with_the_first_ones_error(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MTRANK_")}
     env |= {"MTRANK_WORKERS": "2", "MTRANK_DEVICE": "cpu"}
