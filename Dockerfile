@@ -96,8 +96,9 @@ ENTRYPOINT ["locust", "-f", "loadtests/locustfile.py"]
 CMD ["--help"]
 
 # ---------------------------------------------------------------------------------------------
-# serve-common: the serving image proper. One uvicorn process per container (see deploy/README.md):
-# it owns the ONNX sessions, the dynamic batcher and the embedding cache; scale with replicas.
+# serve-common: the serving image proper. One serving process per core of the container's CPU
+# quota or MTRANK_CPUS (MTRANK_WORKERS=0, see deploy/README.md), each owning its ONNX sessions,
+# dynamic batcher and embedding cache behind the one port; scale with replicas.
 FROM base-${VARIANT} AS serve-common
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app

@@ -108,6 +108,10 @@ class BenchConfig:
     engine_min_time_s: float = 0.4
     engine_service_threads: bool = True
     """Also measure the service's own session at 1 intra-op thread (informational, CPU only)."""
+    engine_twice: bool = True
+    """Measure the engine peak again at the end and keep the better run: a peak measured while the
+    host was busy (once 63k rows/s, below the 66k of one thread, against 104-112k that hour) would
+    inflate every ratio to it."""
     lookup_ids: int = 500
     lookup_calls: int = 2000
     lookup_rounds: int = 3
@@ -140,6 +144,7 @@ class BenchConfig:
         return cls(
             sizes=[20, 500], concurrencies=[1, 16, 32], bodies_per_size=16, warmup_s=0.3, window_s=0.3,
             max_windows=3, min_requests_per_window=8, engine_min_time_s=0.03, engine_service_threads=False,
+            engine_twice=False,
             lookup_calls=200, lookup_rounds=1, overload_s=3.0, overload_warmup_s=0.5, tail_repeats=1,
             overload_repeats=1,
         )
@@ -577,6 +582,10 @@ def run_bench(args) -> dict[str, Any]:
                 report["naive"] = sweep(server, bodies, points, cfg, "naive  ")
             with _section(report, "overload"):
                 report["overload"] = _overload(report, repo, env | {"MTRANK_BATCHING": "true"}, bodies, cfg, device)
+            if cfg.engine_twice:
+                with _section(report, "engine_again"):
+                    _engine_again(report, bench_engine(vdir, manifest, graph, None, cfg.engine_min_time_s,
+                                                       device=device))
         finally:
             if redis_url:
                 report["redis_keys_deleted"] = _clean_redis(redis_url, prefix)
@@ -595,6 +604,17 @@ def run_bench(args) -> dict[str, Any]:
         _say(f"{name}: {r['value']} (target {r['op']} {r['target']}: {'met' if r['met'] else 'NOT met'})")
     _say(f"wrote {out}/bench.json, bench.md and plots in {report['seconds']} s")
     return report
+
+
+def _engine_again(report: dict[str, Any], again: dict[str, Any]) -> None:
+    """The engine measured a second time: the run with the higher peak becomes ``engine`` (the
+    reference of the targets); both peaks stay in ``engine_peaks``."""
+    first = report["engine"]
+    report["engine_peaks"] = [first["peak"], again["peak"]]
+    if again["peak"]["rows_per_s"] > first["peak"]["rows_per_s"]:
+        report["engine"] = again
+    _say(f"engine peak again: {again['peak']['rows_per_s']:.0f} rows/s at batch {again['peak']['batch']} "
+         f"(first {first['peak']['rows_per_s']:.0f}); the reference is {report['engine']['peak']['rows_per_s']:.0f}")
 
 
 def _tail_point(server: RemoteServer, bodies: dict[int, Path], size: int, service: list[dict[str, Any]],

@@ -51,6 +51,14 @@ def _workers_line(workers: dict[str, int] | int | None) -> str:
     return f"Serving processes per server: {workers['count']} ({asked})."
 
 
+def _peaks(report: dict[str, Any]) -> str:
+    peaks = report.get("engine_peaks")
+    if not peaks:
+        return ""
+    first, again = (f"{p['rows_per_s']:,.0f}" for p in peaks)
+    return f"; the better of two measurements, at the start ({first}) and at the end ({again}) of the run"
+
+
 def _engine_label(e: dict[str, Any]) -> str:
     options = "default session options" if e["session_options"] == "default" else e["session_options"]
     return f"{options}, {e['provider']}"
@@ -100,7 +108,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     engines = [report["engine"]] + ([report["engine_1_thread"]] if report.get("engine_1_thread") else [])
     parts += [f"## Engine: ONNX Runtime alone (graph `{report['engine']['graph']}`)", "",
               f"Peak (the targets' reference): {report['engine']['peak']['rows_per_s']:,.0f} rows/s at batch "
-              f"{report['engine']['peak']['batch']}, {_engine_label(report['engine'])}.", ""]
+              f"{report['engine']['peak']['batch']}, {_engine_label(report['engine'])}{_peaks(report)}.", ""]
     header = (["batch"] + [f"rows/s ({_engine_label(e)})" for e in engines]
               + [f"rows per CPU-s ({_engine_label(e)})" for e in engines] + ["ms/batch"])
     rows = [[p["batch"]] + [e["curve"][i]["rows_per_s"] for e in engines]

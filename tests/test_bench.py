@@ -201,3 +201,17 @@ def test_target_ratios_from_hand_made_figures():
     assert {name: (r["value"], r["met"]) for name, r in ratios.items()} == expected
     assert ratios["overload_accepted_p99_ms"]["target"] == 500.0
     assert ratios["batching_vs_naive_p50_20_c1"]["missing"] == "no 20-candidate point at concurrency 1"
+
+
+def test_the_engine_reference_is_the_better_of_two_measurements():
+    from loadtests.bench import _engine_again
+
+    def engine(peak: float) -> dict:
+        return {"peak": {"rows_per_s": peak, "batch": 1024}, "curve": []}
+
+    report = {"engine": engine(63_000.0)}
+    _engine_again(report, engine(110_000.0))  # the first was measured while the host was busy
+    assert report["engine"]["peak"]["rows_per_s"] == 110_000.0
+    assert [p["rows_per_s"] for p in report["engine_peaks"]] == [63_000.0, 110_000.0]
+    _engine_again(report, engine(90_000.0))
+    assert report["engine"]["peak"]["rows_per_s"] == 110_000.0
