@@ -1,4 +1,4 @@
-"""``mtrank serve``: settings, start-up, uvicorn with one worker and a draining shutdown.
+"""``mtrank serve``: settings, start-up, the worker processes, uvicorn and a draining shutdown.
 
 Start-up problems (bad settings, a CUDA device that is not there, buckets that do not fit the
 models) end the process with one line naming the variable and exit status 2.
