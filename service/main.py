@@ -26,7 +26,7 @@ from service.logs import configure_logging
 from service.repository import StartupError
 from service.runner import DeviceError
 from service.settings import ConfigError, Settings, load_settings, unknown_variables
-from service.workers import supervise, worker_index
+from service.workers import follow_supervisor, supervise, worker_index
 
 log = logging.getLogger("mtrank.main")
 
@@ -57,6 +57,7 @@ def serve(repo: str | Path | None = None, host: str | None = None, port: int | N
     if worker is not None:
         # A reload signal may come from a sibling before this worker can reload: not fatal meanwhile.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        follow_supervisor()
     configure_logging(settings.log_level, settings.log_format)
     count = settings.worker_count() if worker is None else 1
     if count > 1 and not hasattr(socket, "SO_REUSEPORT"):

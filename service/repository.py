@@ -31,6 +31,7 @@ from service.runner import BATCH_SIZES, DeviceError, GraphRunner, best_batch_row
 from service.settings import Settings
 from service.stores import EmbeddingStore, LocalTable
 from service.version import GroupGraph, LoadedVersion, check_graph
+from service.workers import warm_up_turn
 
 log = logging.getLogger("mtrank.repository")
 
@@ -300,7 +301,8 @@ class Repository:
                 runner = GraphRunner(vdir / info.file, s.device, threads)
                 check_graph(key, info, runner, transform, tables)
                 sizes = BATCH_SIZES if not s.max_batch_rows else (1, s.max_batch_rows)
-                timings = runner.warm_up(tuple(n for n in sizes if n <= max(s.max_candidates, s.max_batch_rows)))
+                with warm_up_turn():
+                    timings = runner.warm_up(tuple(n for n in sizes if n <= max(s.max_candidates, s.max_batch_rows)))
                 batch_rows = s.max_batch_rows or best_batch_rows(timings)
                 if self.load.per_row_s is None:
                     self.load.seed(timings[0], next(t for t in timings if t[0] == batch_rows))

@@ -17,6 +17,9 @@ Prometheus client's multiprocess mode) and any of them answers ``/metrics`` with
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
 import os
 import shutil
 import signal
@@ -25,11 +28,18 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 
 from service.settings import Settings
 
 WORKER_VARIABLE = "_MTRANK_WORKER"
 """Set in a worker's environment to ``INDEX/COUNT``: it binds with SO_REUSEPORT and reports reloads here."""
+SUPERVISOR_VARIABLE = "_MTRANK_SUPERVISOR"
+"""The supervisor's pid, in a worker's environment."""
+WARM_UP_LOCK_VARIABLE = "_MTRANK_WARM_UP_LOCK"
+"""A file the workers lock while they time their graphs: one at a time, so that no worker's timing
+is taken while another's runs on the same cores."""
+PR_SET_PDEATHSIG = 1
 
 
 def worker_index() -> tuple[int, int] | None:
@@ -41,6 +51,32 @@ def worker_index() -> tuple[int, int] | None:
     return int(index), int(count)
 
 
+def follow_supervisor() -> None:
+    """In a worker: get SIGTERM when the supervisor dies, however it dies (Linux ``prctl``), and
+    leave at once if it is already gone. Workers run in a session of their own, so a terminal's
+    Ctrl-C reaches only the supervisor, which forwards it once (twice, uvicorn skips the drain)."""
+    supervisor = int(os.environ.get(SUPERVISOR_VARIABLE, "0"))
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if supervisor and os.getppid() != supervisor:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def warm_up_turn() -> Iterator[None]:
+    """Hold the workers' warm-up lock (no lock outside a supervised worker)."""
+    path = os.environ.get(WARM_UP_LOCK_VARIABLE)
+    if not path:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def supervise(settings: Settings, count: int) -> int:
     """Run ``count`` workers until a signal stops them or one fails; the exit status."""
     metrics_dir = tempfile.mkdtemp(prefix="mtrank-metrics-")
@@ -50,7 +86,8 @@ def supervise(settings: Settings, count: int) -> int:
         "MTRANK_WORKERS": "1", "MTRANK_CPUS": str(share),
         "MTRANK_HOST": settings.host, "MTRANK_PORT": str(settings.port),
         "MTRANK_MAX_CONCURRENT_BATCHES": str(batches), "MTRANK_INTRA_OP_THREADS": str(threads),
-        "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+        "PROMETHEUS_MULTIPROC_DIR": metrics_dir, SUPERVISOR_VARIABLE: str(os.getpid()),
+        WARM_UP_LOCK_VARIABLE: os.path.join(metrics_dir, "warm-up.lock"),
     }
     if settings.model_repo is not None:
         env["MTRANK_MODEL_REPO"] = str(settings.model_repo)
@@ -72,6 +109,7 @@ def supervise(settings: Settings, count: int) -> int:
         for i in range(count):
             children.append(subprocess.Popen(
                 [sys.executable, "-m", "mtrank.cli", "serve"], env=env | {WORKER_VARIABLE: f"{i}/{count}"},
+                start_new_session=True,
             ))
         return _wait(children, stopping, metrics_dir)
     finally:

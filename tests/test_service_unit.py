@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import socket
 import subprocess
@@ -660,6 +661,27 @@ def test_event_loop_lag_is_what_a_blocked_loop_delays_a_timer():
     idle, blocked = asyncio.run(main())
     assert idle < 0.05
     assert 0.25 <= blocked - idle <= 0.5
+
+
+def test_workers_time_their_graphs_one_at_a_time(tmp_path, monkeypatch):
+    from service.workers import WARM_UP_LOCK_VARIABLE, warm_up_turn
+
+    monkeypatch.setenv(WARM_UP_LOCK_VARIABLE, str(tmp_path / "warm-up.lock"))
+    spans: list[tuple[float, float]] = []
+
+    def turn() -> None:
+        with warm_up_turn():
+            started = time.monotonic()
+            time.sleep(0.2)
+            spans.append((started, time.monotonic()))
+
+    threads = [threading.Thread(target=turn) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spans.sort()
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(spans)), spans
 
 
 def test_a_busy_loop_accepts_every_waiting_connection_at_once():
