@@ -568,9 +568,8 @@ def run_bench(args) -> dict[str, Any]:
                     report["lookups"] = bench_lookups(redis_url, prefix, item_table, ids, cfg.lookup_calls,
                                                       rounds=cfg.lookup_rounds)
 
-            env = server_env(device, redis_url, prefix, cfg.request_timeout_ms)
-            if report["workers"]["asked"]:
-                env["MTRANK_WORKERS"] = str(report["workers"]["asked"])
+            env = server_env(device, redis_url, prefix, cfg.request_timeout_ms) | {
+                "MTRANK_WORKERS": str(report["workers"]["asked"])}  # 0: the service's default
             points = [(s, c) for s in cfg.sizes for c in cfg.concurrencies]
             with _server(report, "service", repo, env | {"MTRANK_BATCHING": "true"}, device) as server:
                 with _section(report, "service"):

@@ -39,6 +39,7 @@ class RemoteServer:
         ready_timeout_s: float = 60.0,
         wait_ready: bool = True,
         cwd: Path | str | None = None,
+        new_session: bool = False,
     ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -50,7 +51,8 @@ class RemoteServer:
         if repo is not None:
             cmd += ["--repo", str(repo)]
         self.proc = subprocess.Popen(
-            [*cmd, *args], env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            [*cmd, *args], env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=new_session,  # a process group of its own, as a terminal gives it
         )
         self._log: list[str] = []
         # Drained all along: a full pipe would block the server at its next log line.

@@ -350,45 +350,39 @@ def _listening_sockets(port: int) -> int:
 def test_ctrl_c_drains_each_worker_once_and_a_killed_supervisor_takes_its_workers(ple_repo):
     """A terminal's Ctrl-C goes to the supervisor's process group: each worker must drain once,
     without the traceback of a second signal; a supervisor killed outright leaves no worker behind."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MTRANK_")}
-    env |= {"MTRANK_WORKERS": "2", "MTRANK_DEVICE": "cpu", "MTRANK_INTRA_OP_THREADS": "1", "MTRANK_LOG_LEVEL": "info"}
+    env = {"MTRANK_WORKERS": "2", "MTRANK_LOG_LEVEL": "info"}
 
-    def start() -> tuple[subprocess.Popen, str]:
-        port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mtrank.cli", "serve", "--repo", str(ple_repo), "--port", str(port)],
-            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )
+    def start() -> RemoteServer:
+        s = RemoteServer(ple_repo, env=env, wait_ready=False, cwd=ROOT, new_session=True)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if _listening_sockets(port) == 2:  # both workers serve
-                return proc, port
+        while _listening_sockets(s.port) < 2:  # both workers serve
+            assert time.monotonic() < deadline and s.proc.poll() is None, s.output()
             time.sleep(0.2)
-        proc.kill()
-        raise AssertionError(proc.communicate()[0])
+        return s
 
-    def workers(proc: subprocess.Popen) -> list[int]:
-        return [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    with start() as s:
+        assert len(s.pids()) == 3
+        os.killpg(s.proc.pid, signal.SIGINT)  # what the terminal does
+        s.proc.wait(60)
+        output = s.output()
+        assert s.proc.returncode == 0, output
+        assert "Traceback" not in output and output.count("draining in-flight requests") == 2, output
 
-    proc, _ = start()
-    assert len(workers(proc)) == 2
-    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, output
-    assert "Traceback" not in output and output.count("draining in-flight requests") == 2, output
+    with start() as s:
+        workers = s.pids()[1:]
+        s.proc.kill()
+        s.proc.wait()
 
-    proc, port = start()
-    pids = workers(proc)
-    proc.kill()
-    proc.wait()
-    deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text()
-              for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    alive = [p for p in pids if Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text()]
-    assert not alive, f"workers {alive} outlived their supervisor"
-    with pytest.raises(httpx.HTTPError):
-        httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+        def alive() -> list[int]:
+            return [p for p in workers
+                    if Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text()]
+
+        deadline = time.monotonic() + 10
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(), f"workers {alive()} outlived their supervisor"
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{s.url}/readyz", timeout=2)
 
 
 def test_two_workers_stop_together_with_the_first_ones_error(tmp_path):
