@@ -318,5 +318,17 @@ def main(argv: list[str] | None = None) -> int:
     return status or 0
 
 
+def run() -> None:
+    """The console script: ``main()``'s status is the process's exit status."""
+    status = main()
+    # A data-parallel worker that joined its process group ends without the interpreter's
+    # finalisation (training.distributed.exit_worker). Looked up, not imported: serving never
+    # loads torch.
+    workers = sys.modules.get("training.distributed")
+    if workers is not None and workers.joined_group():
+        workers.exit_worker(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
