@@ -41,7 +41,7 @@ from service.errors import (
 )
 from service.ranking import Ranker, RequestContext, new_request_id
 from service.repository import Repository
-from service.schemas import decode_request, openapi_schemas
+from service.schemas import RESPONSE_ENCODER, decode_request, openapi_schemas
 from service.settings import Settings, load_settings
 from service.stores import EmbeddingStore, InProcessStore, RedisStore
 from service.workers import worker_index
@@ -395,7 +395,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 state["context"] = ctx
                 async with asyncio.timeout(started + timeout_s - time.monotonic()):
                     result = await _unless_disconnected(receive, engine.ranker.rank(query, started + timeout_s, ctx))
-                response = _json(result)
+                response = Response(RESPONSE_ENCODER.encode(result), media_type="application/json")
             finally:
                 engine.admission.answered(time.monotonic() - started)
         except Exception as e:

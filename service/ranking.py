@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,7 +20,7 @@ from mtrank.manifest import DENSE_INPUT, IDS_INPUT, ITEM_FACET_INPUT, emb_input
 from mtrank.transform import FeatureTransform, TransformError
 from service import metrics, tracing
 from service.errors import NotReady, RequestError
-from service.schemas import RankQuery
+from service.schemas import ModelRef, RankedItem, RankQuery, RankResponse, task_scores_type
 from service.stores import EmbeddingStore
 from service.version import GroupGraph, LoadedVersion
 
@@ -49,7 +48,7 @@ class Ranker:
         self.store = store
         self._lookup_seconds = metrics.LOOKUP_DURATION.labels(store.name)
 
-    async def rank(self, query: RankQuery, deadline: float, ctx: RequestContext) -> dict[str, Any]:
+    async def rank(self, query: RankQuery, deadline: float, ctx: RequestContext) -> RankResponse:
         """The response body for ``query`` (docs/architecture.md §5); ``deadline`` is time.monotonic() seconds."""
         bucket = self._bucket(query.user_id)
         ctx.bucket = bucket.name
@@ -74,16 +73,15 @@ class Ranker:
             order = fusion.rank_order(log_score)
         if query.top_k is not None:
             order = order[: query.top_k]
-        return {
-            "request_id": query.request_id or ctx.request_id,
-            "model": {"name": lv.name, "version": lv.version},
-            "bucket": bucket.name,
-            "user_group": group,
-            "degraded": degraded,
-            "missing_ids": ctx.missing_ids,
-            "items": _items(query, order, np.exp(log_score[order]),
-                            task_scores if query.return_task_scores else None),
-        }
+        return RankResponse(
+            request_id=query.request_id or ctx.request_id,
+            model=ModelRef(lv.name, lv.version),
+            bucket=bucket.name,
+            user_group=group,
+            degraded=degraded,
+            missing_ids=ctx.missing_ids,
+            items=_items(query, order, np.exp(log_score[order]), task_scores if query.return_task_scores else None),
+        )
 
     def _bucket(self, user_id: str) -> BucketConfig:
         table = self.repository.buckets
@@ -164,22 +162,16 @@ def _weights(bucket: BucketConfig, task_scores: dict[str, np.ndarray]) -> dict[s
 
 def _items(
     query: RankQuery, order: np.ndarray, scores: np.ndarray, task_scores: dict[str, np.ndarray] | None
-) -> list[dict[str, Any]]:
-    item_ids = [query.item_ids[i] for i in order.tolist()]
+) -> list[RankedItem]:
+    """The ranked items, built column-wise: ``map`` calls the struct types from C."""
+    ids = query.item_ids
+    item_ids = [ids[i] for i in order.tolist()]
+    ranks = range(1, len(item_ids) + 1)
     if task_scores is None:
-        return [
-            {"item_id": i, "rank": r, "score": s}
-            for r, (i, s) in enumerate(zip(item_ids, scores.tolist(), strict=True), start=1)
-        ]
-    # One [n, tasks] matrix to Python floats at once, and the per-item task dicts built by
-    # map/zip in C: 0.52 ms instead of 0.75 ms for 500 items × 6 tasks.
-    names = list(task_scores)
-    matrix = np.stack([v[order] for v in task_scores.values()], axis=1).astype(np.float64).tolist()
-    tasks = map(dict, map(zip, repeat(names), matrix))
-    return [
-        {"item_id": i, "rank": r, "score": s, "tasks": t}
-        for r, (i, s, t) in enumerate(zip(item_ids, scores.tolist(), tasks, strict=True), start=1)
-    ]
+        return list(map(RankedItem, item_ids, ranks, scores.tolist()))
+    columns = [v[order].tolist() for v in task_scores.values()]
+    tasks = map(task_scores_type(tuple(task_scores)), *columns)
+    return list(map(RankedItem, item_ids, ranks, scores.tolist(), tasks))
 
 
 def new_request_id() -> str:

@@ -11,6 +11,7 @@ The same structs give ``/openapi.json`` its request and response schemas (:func:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -62,25 +63,40 @@ class ModelRef(Struct):
     version: int
 
 
-class RankedItem(Struct):
+class RankedItem(Struct, omit_defaults=True):
     item_id: str
     rank: int
     score: float
     tasks: dict[str, float] | None = None
+    """Each task's prediction, with ``return_task_scores`` (absent without). The ranker fills it
+    with a struct of the model's tasks (:func:`task_scores_type`), encoded as the same object."""
 
 
 class RankResponse(Struct):
-    """What ``/v1/rank`` answers (the handler builds the same shape directly)."""
+    """What ``/v1/rank`` answers: the ranker builds it, :data:`RESPONSE_ENCODER` writes it."""
 
     request_id: str
     model: ModelRef
     bucket: str
     user_group: str | None
     degraded: bool
-    items: list[RankedItem]
-    missing_ids: int = 0
+    missing_ids: int
     """Store ids their table does not hold, answered with its default vector (an unreachable store
     is ``degraded`` instead)."""
+    items: list[RankedItem]
+
+
+RESPONSE_ENCODER = msgspec.json.Encoder()
+
+
+@functools.lru_cache(maxsize=64)
+def task_scores_type(tasks: tuple[str, ...]) -> type[Struct]:
+    """A struct with one float field per task, encoded as ``{task: score, ...}`` in that order.
+
+    500 items × 6 tasks: the items built as structs (``map`` over columns) and encoded by msgspec
+    take ~350 µs against ~570 µs as dicts encoded by orjson."""
+    fields = [(f"t{i}", float) for i in range(len(tasks))]
+    return msgspec.defstruct("TaskScores", fields, rename=dict(zip((f for f, _ in fields), tasks, strict=True)))
 
 
 _DECODER = msgspec.json.Decoder(RankRequest)
