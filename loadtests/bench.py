@@ -79,6 +79,8 @@ TAIL_KEPT_UP = 0.95
 INFORMATIONAL: dict[str, tuple[str, float, str]] = {
     "lookup_vs_redis_benchmark_500": ("<=", 2.0, "service Redis lookup ÷ redis-benchmark MGET, 500 ids "
                                                  "(p50 per call)"),
+    "retry_storm_goodput": (">=", 0.8, "200 answers/s of a closed loop of 4 × the best concurrency whose clients "
+                                       "resend at once on a 503 ÷ the best closed-loop throughput"),
 }
 ERROR_LINE = re.compile(r"\bERROR\b|\bCRITICAL\b|Traceback")
 
@@ -137,6 +139,9 @@ class BenchConfig:
     single points of three runs of the same code)."""
     overload_pause_s: float = 2.0
     """Idle time between overload repeats (the queue drains within the 500 ms deadline)."""
+    retry_storm_s: float = 10.0
+    """The retry-storm point on the overload server: a closed loop of ``overload_factor`` × the best
+    concurrency whose clients resend at once on a 503 (ignoring Retry-After), measured this long."""
     rss_interval_s: float = 0.2
 
     @classmethod
@@ -146,7 +151,7 @@ class BenchConfig:
             max_windows=3, min_requests_per_window=8, engine_min_time_s=0.03, engine_service_threads=False,
             engine_twice=False,
             lookup_calls=200, lookup_rounds=1, overload_s=3.0, overload_warmup_s=0.5, tail_repeats=1,
-            overload_repeats=1,
+            overload_repeats=1, retry_storm_s=2.0,
         )
 
     @property
@@ -436,6 +441,8 @@ def _overload(report: dict[str, Any], repo: Path, env: dict[str, str], bodies: d
                 figures.append(f)
                 _say(f"overload repeat {i + 1}/{repeats}: goodput {f['goodput_rps']:.0f} req/s, accepted p99 "
                      f"{f['accepted_p99_ms']:.1f} ms, 503 p99 {f['rejected_503_p99_ms']} ms, statuses {f['statuses']}")
+        time.sleep(cfg.overload_pause_s)
+        storm = _retry_storm(server, bodies[size], size, cfg, best)
     samples = rss.samples
     # The load generator's own start-up and warm-up come first; "after the first second" is past both.
     settled_at = cfg.overload_warmup_s + 1.0
@@ -462,12 +469,32 @@ def _overload(report: dict[str, Any], repo: Path, env: dict[str, str], bodies: d
                     "max": max(kib for _, kib in samples), "samples": len(samples)},
         "rss_samples": samples,
         "error_lines": report["servers"]["overload"]["error_lines"],
-        "repeats": figures, "warm_point": warm, "point": point,
+        "repeats": figures, "warm_point": warm, "point": point, "retry_storm": storm,
     }
     _say(f"overload (median of {repeats}): goodput {out['goodput_rps']:.0f} req/s, accepted p99 "
          f"{out['accepted_p99_ms']:.1f} ms, 503 p99 {out['rejected_503_p99_ms']} ms, statuses {statuses}, RSS "
          f"{out['rss_kib']['start']} → {out['rss_kib']['end']} KiB (max {out['rss_kib']['max']}), "
          f"{out['error_lines']} ERROR lines")
+    return out
+
+
+def _retry_storm(server, bodies_file: Path, size: int, cfg: BenchConfig, best: dict[str, Any]) -> dict[str, Any]:
+    """Clients that resend the moment they are refused: a closed loop of ``overload_factor`` × the best
+    concurrency, so that the deadline cannot hold them all and some are always being refused."""
+    clients = max(2, round(cfg.overload_factor * best["concurrency"]))
+    point = measure_point(server, bodies_file, size, cfg, concurrency=clients, warmup_s=cfg.overload_warmup_s,
+                          window_s=cfg.retry_storm_s, max_windows=1, stable_windows=1, min_requests=1,
+                          timeout_s=cfg.overload_client_timeout_s)
+    f = _overload_summary(point)
+    seconds = point["seconds"] or 1.0
+    out = {"clients": clients, "seconds": point["seconds"], "goodput_rps": f["goodput_rps"],
+           "refused_per_s": round(point["statuses"].get("503", 0) / seconds, 1),
+           "accepted_p99_ms": f["accepted_p99_ms"], "rejected_503_p50_ms": f["rejected_503_p50_ms"],
+           "rejected_503_p99_ms": f["rejected_503_p99_ms"], "statuses": f["statuses"], "load": point["load"],
+           "server_cpu_cores": point["server_cpu_cores"], "client_cpu_cores": point["client_cpu_cores"]}
+    _say(f"retry storm: {clients} clients resending at once on a 503: goodput {out['goodput_rps']:.0f} req/s "
+         f"(best closed loop {best['throughput_rps']:.0f}), {out['refused_per_s']:.0f} refusals/s, 503 p50/p99 "
+         f"{out['rejected_503_p50_ms']}/{out['rejected_503_p99_ms']} ms")
     return out
 
 
@@ -742,14 +769,30 @@ def compute_ratios(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def compute_informational(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Figures beside the targets: the Redis lookup against redis-benchmark."""
+    """Figures beside the targets: the Redis lookup against redis-benchmark, and the retry storm's goodput."""
+    return {"lookup_vs_redis_benchmark_500": _lookup_ratio(report), "retry_storm_goodput": _storm_ratio(report)}
+
+
+def _lookup_ratio(report: dict[str, Any]) -> dict[str, Any]:
     spec = INFORMATIONAL["lookup_vs_redis_benchmark_500"]
     lk = report.get("lookups") or {}
     if not lk:
-        return {"lookup_vs_redis_benchmark_500": _ratio(spec, None, missing="no Redis in this run (--redis none)")}
+        return _ratio(spec, None, missing="no Redis in this run (--redis none)")
     if not lk.get("redis_benchmark"):
-        return {"lookup_vs_redis_benchmark_500": _ratio(spec, None, missing="redis-benchmark is not installed")}
-    return {"lookup_vs_redis_benchmark_500": _ratio(
+        return _ratio(spec, None, missing="redis-benchmark is not installed")
+    return _ratio(
         spec, lk["service"]["p50_ms"] / lk["redis_benchmark"]["p50_ms"], service_p50_ms=lk["service"]["p50_ms"],
         redis_benchmark_p50_ms=lk["redis_benchmark"]["p50_ms"],
-        mean_ratio=round(lk["service"]["mean_ms"] / lk["redis_benchmark"]["mean_ms"], 3))}
+        mean_ratio=round(lk["service"]["mean_ms"] / lk["redis_benchmark"]["mean_ms"], 3))
+
+
+def _storm_ratio(report: dict[str, Any]) -> dict[str, Any]:
+    spec = INFORMATIONAL["retry_storm_goodput"]
+    ov = report.get("overload") or {}
+    storm = ov.get("retry_storm")
+    if not storm:
+        return _ratio(spec, None, missing="no retry-storm point in this run")
+    best = ov["best_closed_loop"]["throughput_rps"]
+    return _ratio(spec, storm["goodput_rps"] / best if best else None, goodput_rps=storm["goodput_rps"],
+                  best_closed_loop_rps=best, clients=storm["clients"], refused_per_s=storm["refused_per_s"],
+                  rejected_503_p99_ms=storm["rejected_503_p99_ms"], accepted_p99_ms=storm["accepted_p99_ms"])

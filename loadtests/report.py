@@ -159,6 +159,22 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
                     for s, v in ov["non_200"].items()]),
             "",
         ]
+        storm = ov.get("retry_storm")
+        if storm:
+            parts += [
+                f"### Retry storm: {storm['clients']} clients that resend at once on a 503", "",
+                f"A closed loop of {storm['clients']} connections on the same server, {storm['seconds']:.1f} s, each "
+                "sending its next request the moment it has an answer, 503s included (no back-off, Retry-After "
+                "ignored).", "",
+                _table(["goodput (200/s)", "÷ best closed loop", "refusals/s", "503 p50 / p99 ms", "accepted p99 ms",
+                        "server / client cores", "load"],
+                       [[storm["goodput_rps"], _fmt(storm["goodput_rps"] / ov["best_closed_loop"]["throughput_rps"], 2),
+                         storm["refused_per_s"],
+                         f"{_fmt(storm['rejected_503_p50_ms'], 2)} / {_fmt(storm['rejected_503_p99_ms'], 2)}",
+                         f"{storm['accepted_p99_ms']:.2f}",
+                         f"{storm['server_cpu_cores']:.2f} / {storm['client_cpu_cores']:.2f}", str(storm["load"])]]),
+                "",
+            ]
     lk = report.get("lookups")
     if lk:
         rows = [[name, r["p50_ms"], r["mean_ms"], r["p99_ms"]] for name, r in lk.items()

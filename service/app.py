@@ -407,6 +407,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 # an overload into a log storm, so they go to debug and a warning sums them up.
                 state["shed"] = True
                 engine.admission.note_refusal(str(e))
+                hold = engine.admission.refusal_hold_s(started + timeout_s - time.monotonic())
+                if hold > 0:
+                    await asyncio.sleep(hold)
         await response(scope, receive, send)
 
     app.add_middleware(RequestMetrics, request_timeout_s=timeout_s, rank=rank)

@@ -71,6 +71,12 @@ def check_bench_json(report: dict) -> None:
     for key in ("start", "after_first_second", "end", "max"):
         _finite_positive(ov["rss_kib"][key], f"overload RSS {key}")
     assert ov["rss_kib"]["max"] >= max(ov["rss_kib"]["start"], ov["rss_kib"]["end"])
+    storm = ov["retry_storm"]
+    assert storm["clients"] == round(4 * ov["best_closed_loop"]["concurrency"])
+    assert sum(storm["statuses"].values()) > 0 and storm["refused_per_s"] >= 0
+    storm_ratio = report["informational"]["retry_storm_goodput"]
+    assert storm_ratio["value"] == pytest.approx(
+        storm["goodput_rps"] / ov["best_closed_loop"]["throughput_rps"], abs=1e-3)
 
     ratios = report["ratios"]
     assert list(ratios) == target_names(sizes) == report["target_names"]

@@ -499,6 +499,38 @@ def test_a_request_that_cannot_finish_in_time_is_refused_before_its_body_is_read
         busy.result()
 
 
+def test_clients_that_resend_at_once_on_503_get_paced_refusals(slow_repo):
+    # Eight clients resend the moment they are refused, for 1.5 s, while the only batch slot is busy
+    # for longer than the 150 ms deadline: answered at once, they would get thousands of 503s.
+    from service.admission import REFUSAL_FLOOR_PER_S, REFUSALS_PER_ANSWER
+
+    spin_s, clients = 1.5, 8
+    with RemoteServer(slow_repo, env=SLOW_ENV | {"MTRANK_REQUEST_TIMEOUT_MS": "150", "MTRANK_LOG_LEVEL": "info"}) as s:
+        s.post("/v1/rank", json=rank_body(n=50))  # the body size per candidate is learnt (answer: 504)
+        body = json.dumps(rank_body(n=50)).encode()
+
+        def spin(_: int) -> list[tuple[int, float, str | None]]:
+            out = []
+            with httpx.Client(base_url=s.url, timeout=5.0) as client:
+                end = time.monotonic() + spin_s
+                while time.monotonic() < end:
+                    t0 = time.perf_counter()
+                    r = client.post("/v1/rank", content=body, headers={"content-type": "application/json"})
+                    out.append((r.status_code, time.perf_counter() - t0, r.headers.get("retry-after")))
+            return out
+
+        with ThreadPoolExecutor(clients) as pool:
+            answers = [a for part in pool.map(spin, range(clients)) for a in part]
+    refused = [a for a in answers if a[0] == 503]
+    others = [a for a in answers if a[0] != 503]
+    assert {a[0] for a in others} <= {200, 504}, others[:5]
+    assert all(a[2] is not None and int(a[2]) >= 1 for a in refused)
+    # At most a quarter second's worth at once, then the floor rate plus a multiple of the few answers.
+    allowed = REFUSAL_FLOOR_PER_S * (spin_s + 0.25) + REFUSALS_PER_ANSWER * len(others)
+    assert 20 <= len(refused) <= 1.5 * allowed, (len(refused), len(others))
+    assert max(a[1] for a in refused) >= 0.02, "no refusal was held"
+
+
 def test_a_client_that_hangs_up_while_queued_is_dropped(slow_repo):
     with RemoteServer(slow_repo, env=SLOW_ENV | {"MTRANK_REQUEST_TIMEOUT_MS": "5000"}) as s, \
             ThreadPoolExecutor(2) as pool:

@@ -723,3 +723,36 @@ def test_a_busy_loop_accepts_every_waiting_connection_at_once():
         accepted, last_s = runner.run(main())
     assert accepted == 100, f"{accepted} of 100 waiting connections accepted in 0.3 s of a busy loop"
     assert last_s < 0.15, f"the last connection was accepted {last_s * 1000:.0f} ms after the loop got busy"
+
+
+def test_refusals_beyond_a_multiple_of_the_answer_rate_are_paced():
+    from service.admission import MAX_HOLD_S, REFUSAL_FLOOR_PER_S, REFUSALS_PER_ANSWER
+
+    now = [1000.0]
+    admission = Admission(LoadEstimate(parallelism=1), clock=lambda: now[0])
+    # Nothing answered: the floor rate, a quarter of a second's worth at once, then one per 1/rate.
+    burst = int(REFUSAL_FLOOR_PER_S / 4)
+    holds = [admission.refusal_hold_s(budget_s=0.5) for _ in range(burst + 3)]
+    assert holds[:burst] == [0.0] * burst
+    assert holds[burst:] == pytest.approx([1 / REFUSAL_FLOOR_PER_S, 2 / REFUSAL_FLOOR_PER_S, 3 / REFUSAL_FLOOR_PER_S])
+    # However many wait, none is held past the deadline or MAX_HOLD_S.
+    assert max(admission.refusal_hold_s(budget_s=0.2) for _ in range(500)) == pytest.approx(0.2)
+    assert max(admission.refusal_hold_s(budget_s=30.0) for _ in range(500)) == pytest.approx(MAX_HOLD_S)
+    assert admission.held == 3 + 1000
+
+    # 50 answers a second for 5 s: the rate follows them, and so does what is refused at once.
+    admission = Admission(LoadEstimate(parallelism=1), clock=lambda: now[0])
+    for _ in range(250):
+        now[0] += 0.02
+        admission.answered(0.1)
+    assert admission.answer_rate() == pytest.approx(50.0, rel=0.02)
+    rate = REFUSALS_PER_ANSWER * admission.answer_rate()
+    assert rate > REFUSAL_FLOOR_PER_S
+    at_once = 0
+    while (hold := admission.refusal_hold_s(budget_s=0.5)) == 0.0:
+        at_once += 1
+    assert at_once == int(rate / 4) and 0 < hold <= 1 / rate
+    assert admission.refusal_hold_s(budget_s=0.5) - hold == pytest.approx(1 / rate, rel=0.02)
+    # Answers stop: the rate decays back to the floor.
+    now[0] += 10.0
+    assert admission.answer_rate() < 0.01
