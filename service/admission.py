@@ -28,14 +28,14 @@ An idle service admits everything, and so does a service that has not measured i
 **Refusals are paced.** A refusal is cheap, but not free (~0.1-0.2 ms of the event loop), and a
 client that resends at once on a 503, ignoring ``Retry-After``, turns each one into another
 request. Sixteen such clients with 500 candidates each and a 500 ms deadline kept a 2-core service
-refusing 800-2 000 requests a second: the loops, at a higher priority than inference, took the
-cores, the measured engine rate fell, and the refusals went on after the load that started them
-had passed (answers fell to 52-60 % of what the same clients got without refusals). So a process
+refusing 1 700-2 000 requests a second: the loops, at a higher priority than inference, took the
+cores, the measured engine rate fell (wall time per row 5 × its CPU time), which kept the refusals
+coming, and answers fell to 55-60 % of what the same clients got without refusals. So a process
 answers refusals at once only up to :data:`REFUSALS_PER_ANSWER` per request it answers (recent
-rates, plus :data:`REFUSAL_FLOOR_PER_S`); refusals beyond that are held, each until its turn at that
-rate (at most :data:`MAX_HOLD_S` and the deadline), then answered. Open-loop overload, where
-refusals only come from new arrivals, stays below the rate (4 × overload refuses about 3 per answer)
-and gets its 503s at once.
+rate by Little's law, which holds through pauses and bursts, plus :data:`REFUSAL_FLOOR_PER_S`);
+refusals beyond that are held, each until its turn at that rate (at most :data:`MAX_HOLD_S` and the
+deadline), then answered. Open-loop overload, where refusals only come from new arrivals, stays
+below the rate (4 × overload refuses about 3 per answer) and gets its 503s at once.
 """
 
 from __future__ import annotations
@@ -57,13 +57,11 @@ is not in it)."""
 
 
 REFUSALS_PER_ANSWER = 6.0
-"""Refusals answered at once per request answered (recent rates); beyond it they are paced."""
+"""Refusals answered at once per request the service answers (its recent rate); beyond it they are paced."""
 REFUSAL_FLOOR_PER_S = 100.0
 """Refusals per second answered at once even when nothing is being answered."""
 MAX_HOLD_S = 1.0
 """The longest a paced refusal is held (the ``Retry-After`` a refusal carries is at least 1 s)."""
-RATE_WINDOW_S = 1.0
-"""Time constant of the recent answer rate."""
 
 
 class Admission:
@@ -84,13 +82,10 @@ class Admission:
         self.held = 0
         """Refusals paced since the last warning."""
         self._warned_at = 0.0
-        self._answers = 0.0
-        """Answers, each decaying with :data:`RATE_WINDOW_S` (÷ the window: the recent answer rate)."""
-        self._answers_at = self.clock()
         self._tokens = math.inf
         """Refusals that may be answered at once now (at most the burst); below 0, the paced refusals
         waiting their turn."""
-        self._tokens_at = self._answers_at
+        self._tokens_at = self.clock()
 
     def check(self, content_length: str | None, budget_s: float) -> None:
         """Raise :class:`Overloaded` when a body of ``content_length`` bytes could not be ranked
@@ -118,17 +113,17 @@ class Admission:
             return float("inf")
         return max(self.parallel + 1.0, self.concurrency * target_s / self.latency_s)
 
-    def answer_rate(self, now: float | None = None) -> float:
-        """Requests answered per second, recently (time constant :data:`RATE_WINDOW_S`)."""
-        now = self.clock() if now is None else now
-        return self._answers * math.exp((self._answers_at - now) / RATE_WINDOW_S) / RATE_WINDOW_S
+    def answer_rate(self) -> float:
+        """Requests the service answers per second at its recent concurrency and latency (Little's law:
+        requests in flight ÷ time in the server); 0 before any answer."""
+        return self.concurrency / self.latency_s if self.latency_s > 0 else 0.0
 
     def refusal_hold_s(self, budget_s: float) -> float:
         """Seconds to hold the refusal being answered now (0: answer it at once): refusals flow at
-        :data:`REFUSALS_PER_ANSWER` × the answer rate (at least :data:`REFUSAL_FLOOR_PER_S`), with a
-        quarter of a second's worth at once; beyond that, each waits for its turn."""
+        :data:`REFUSALS_PER_ANSWER` × :meth:`answer_rate` (at least :data:`REFUSAL_FLOOR_PER_S`), with
+        a quarter of a second's worth at once; beyond that, each waits for its turn."""
         now = self.clock()
-        rate = max(REFUSAL_FLOOR_PER_S, REFUSALS_PER_ANSWER * self.answer_rate(now))
+        rate = max(REFUSAL_FLOOR_PER_S, REFUSALS_PER_ANSWER * self.answer_rate())
         burst = max(8.0, rate / 4)
         self._tokens = min(burst, self._tokens + (now - self._tokens_at) * rate)
         self._tokens_at = now
@@ -164,9 +159,6 @@ class Admission:
         self.concurrency += 0.05 * (self.inflight - self.concurrency)
         self.inflight -= 1
         self.latency_s += 0.05 * (seconds - self.latency_s)
-        now = self.clock()
-        self._answers = self._answers * math.exp((self._answers_at - now) / RATE_WINDOW_S) + 1.0
-        self._answers_at = now
 
     def learn(self, body_bytes: int, rows: int) -> None:
         """A decoded request: its body size and candidate count."""
