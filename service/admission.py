@@ -35,7 +35,8 @@ answers refusals at once only up to :data:`REFUSALS_PER_ANSWER` per request it a
 rate by Little's law, which holds through pauses and bursts, plus :data:`REFUSAL_FLOOR_PER_S`);
 refusals beyond that are held, each until its turn at that rate (at most :data:`MAX_HOLD_S` and the
 deadline), then answered. Open-loop overload, where refusals only come from new arrivals, stays
-below the rate (4 × overload refuses about 3 per answer) and gets its 503s at once.
+below the rate (4 × overload refuses 4-6 per answer, unevenly between processes) and gets its
+503s at once.
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ mean: the slow ones take about twice as long under overload, and the time before
 is not in it)."""
 
 
-REFUSALS_PER_ANSWER = 6.0
+REFUSALS_PER_ANSWER = 10.0
 """Refusals answered at once per request the service answers (its recent rate); beyond it they are paced."""
 REFUSAL_FLOOR_PER_S = 100.0
 """Refusals per second answered at once even when nothing is being answered."""
+BURST_S = 0.5
+"""Refusals answered at once in a burst: this many seconds' worth of the rate."""
 MAX_HOLD_S = 1.0
 """The longest a paced refusal is held (the ``Retry-After`` a refusal carries is at least 1 s)."""
 
@@ -121,10 +124,10 @@ class Admission:
     def refusal_hold_s(self, budget_s: float) -> float:
         """Seconds to hold the refusal being answered now (0: answer it at once): refusals flow at
         :data:`REFUSALS_PER_ANSWER` × :meth:`answer_rate` (at least :data:`REFUSAL_FLOOR_PER_S`), with
-        a quarter of a second's worth at once; beyond that, each waits for its turn."""
+        :data:`BURST_S` of it at once; beyond that, each waits for its turn."""
         now = self.clock()
         rate = max(REFUSAL_FLOOR_PER_S, REFUSALS_PER_ANSWER * self.answer_rate())
-        burst = max(8.0, rate / 4)
+        burst = max(8.0, rate * BURST_S)
         self._tokens = min(burst, self._tokens + (now - self._tokens_at) * rate)
         self._tokens_at = now
         self._tokens -= 1.0

@@ -409,6 +409,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 engine.admission.note_refusal(str(e))
                 hold = engine.admission.refusal_hold_s(started + timeout_s - time.monotonic())
                 if hold > 0:
+                    metrics.REFUSALS_PACED.inc()
                     await asyncio.sleep(hold)
         await response(scope, receive, send)
 

@@ -50,6 +50,10 @@ MISSING = Counter(
     "mtrank_embedding_missing", "Ids not in their table, served the default vector", ["table"]
 )
 REJECTED = Counter("mtrank_rejected", "Ranking requests refused or dropped, by reason", ["reason"])
+REFUSALS_PACED = Counter(
+    "mtrank_refusals_paced", "503s held until their turn because refusals outran answers (clients that resend at "
+    "once, ignoring Retry-After)",
+)
 # Gauges say how several worker processes of one replica add up (service/workers.py): in-flight
 # requests sum, "models loaded" is the worst worker's, the flags the worst of any worker.
 INFLIGHT = Gauge("mtrank_inflight_requests", "Ranking requests being served", multiprocess_mode="livesum")

@@ -502,7 +502,7 @@ def test_a_request_that_cannot_finish_in_time_is_refused_before_its_body_is_read
 def test_clients_that_resend_at_once_on_503_get_paced_refusals(slow_repo):
     # Eight clients resend the moment they are refused, for 1.5 s, while the only batch slot is busy
     # for longer than the 150 ms deadline: answered at once, they would get thousands of 503s.
-    from service.admission import REFUSAL_FLOOR_PER_S, REFUSALS_PER_ANSWER
+    from service.admission import BURST_S, REFUSAL_FLOOR_PER_S, REFUSALS_PER_ANSWER
 
     spin_s, clients = 1.5, 8
     with RemoteServer(slow_repo, env=SLOW_ENV | {"MTRANK_REQUEST_TIMEOUT_MS": "150", "MTRANK_LOG_LEVEL": "info"}) as s:
@@ -525,8 +525,8 @@ def test_clients_that_resend_at_once_on_503_get_paced_refusals(slow_repo):
     others = [a for a in answers if a[0] != 503]
     assert {a[0] for a in others} <= {200, 504}, others[:5]
     assert all(a[2] is not None and int(a[2]) >= 1 for a in refused)
-    # At most a quarter second's worth at once, then the floor rate plus a multiple of the few answers.
-    allowed = REFUSAL_FLOOR_PER_S * (spin_s + 0.25) + REFUSALS_PER_ANSWER * len(others)
+    # At most BURST_S's worth at once, then the floor rate plus a multiple of the few answers.
+    allowed = REFUSAL_FLOOR_PER_S * (spin_s + BURST_S) + REFUSALS_PER_ANSWER * len(others)
     assert 20 <= len(refused) <= 1.5 * allowed, (len(refused), len(others))
     assert max(a[1] for a in refused) >= 0.02, "no refusal was held"
 

@@ -726,12 +726,12 @@ def test_a_busy_loop_accepts_every_waiting_connection_at_once():
 
 
 def test_refusals_beyond_a_multiple_of_the_answer_rate_are_paced():
-    from service.admission import MAX_HOLD_S, REFUSAL_FLOOR_PER_S, REFUSALS_PER_ANSWER
+    from service.admission import BURST_S, MAX_HOLD_S, REFUSAL_FLOOR_PER_S, REFUSALS_PER_ANSWER
 
     now = [1000.0]
     admission = Admission(LoadEstimate(parallelism=1), clock=lambda: now[0])
-    # Nothing answered: the floor rate, a quarter of a second's worth at once, then one per 1/rate.
-    burst = int(REFUSAL_FLOOR_PER_S / 4)
+    # Nothing answered: the floor rate, BURST_S of it at once, then one per 1/rate.
+    burst = int(REFUSAL_FLOOR_PER_S * BURST_S)
     holds = [admission.refusal_hold_s(budget_s=0.5) for _ in range(burst + 3)]
     assert holds[:burst] == [0.0] * burst
     assert holds[burst:] == pytest.approx([1 / REFUSAL_FLOOR_PER_S, 2 / REFUSAL_FLOOR_PER_S, 3 / REFUSAL_FLOOR_PER_S])
@@ -749,7 +749,7 @@ def test_refusals_beyond_a_multiple_of_the_answer_rate_are_paced():
     at_once = 0
     while (hold := admission.refusal_hold_s(budget_s=0.5)) == 0.0:
         at_once += 1
-    assert at_once == int(rate / 4) and 0 < hold <= 1 / rate
+    assert at_once == int(rate * BURST_S) and 0 < hold <= 1 / rate
     assert admission.refusal_hold_s(budget_s=0.5) - hold == pytest.approx(1 / rate, rel=0.02)
     # The rate is the service's, not the moment's: a pause does not bring back the floor.
     now[0] += 10.0
