@@ -79,8 +79,9 @@ TAIL_KEPT_UP = 0.95
 INFORMATIONAL: dict[str, tuple[str, float, str]] = {
     "lookup_vs_redis_benchmark_500": ("<=", 2.0, "service Redis lookup ÷ redis-benchmark MGET, 500 ids "
                                                  "(p50 per call)"),
-    "retry_storm_goodput": (">=", 0.8, "200 answers/s of a closed loop of 4 × the best concurrency whose clients "
-                                       "resend at once on a 503 ÷ the best closed-loop throughput"),
+    "retry_storm_goodput": (">=", 0.8, "200 answers/s of closed-loop clients that resend at once on a 503, 4 × "
+                                       "as many as the deadline's 40 % holds at the best throughput ÷ that "
+                                       "throughput"),
 }
 ERROR_LINE = re.compile(r"\bERROR\b|\bCRITICAL\b|Traceback")
 
@@ -140,8 +141,8 @@ class BenchConfig:
     overload_pause_s: float = 2.0
     """Idle time between overload repeats (the queue drains within the 500 ms deadline)."""
     retry_storm_s: float = 10.0
-    """The retry-storm point on the overload server: a closed loop of ``overload_factor`` × the best
-    concurrency whose clients resend at once on a 503 (ignoring Retry-After), measured this long."""
+    """The retry-storm point on the overload server: a closed loop whose clients resend at once on a 503
+    (ignoring Retry-After), :func:`storm_clients` of them, measured this long."""
     rss_interval_s: float = 0.2
 
     @classmethod
@@ -478,10 +479,18 @@ def _overload(report: dict[str, Any], repo: Path, env: dict[str, str], bodies: d
     return out
 
 
+def storm_clients(cfg: BenchConfig, best_rps: float) -> int:
+    """Clients of the retry-storm point: ``overload_factor`` × the requests that can be in flight at the
+    best throughput for each to be answered within the admission's share of the deadline (Little's law),
+    so that some are always being refused."""
+    from service.admission import LATENCY_SHARE
+
+    return max(2, round(cfg.overload_factor * best_rps * LATENCY_SHARE * cfg.overload_timeout_ms / 1000))
+
+
 def _retry_storm(server, bodies_file: Path, size: int, cfg: BenchConfig, best: dict[str, Any]) -> dict[str, Any]:
-    """Clients that resend the moment they are refused: a closed loop of ``overload_factor`` × the best
-    concurrency, so that the deadline cannot hold them all and some are always being refused."""
-    clients = max(2, round(cfg.overload_factor * best["concurrency"]))
+    """Clients that resend the moment they are refused (:func:`storm_clients` of them, closed loop)."""
+    clients = storm_clients(cfg, best["throughput_rps"])
     point = measure_point(server, bodies_file, size, cfg, concurrency=clients, warmup_s=cfg.overload_warmup_s,
                           window_s=cfg.retry_storm_s, max_windows=1, stable_windows=1, min_requests=1,
                           timeout_s=cfg.overload_client_timeout_s)
