@@ -28,9 +28,9 @@ An idle service admits everything, and so does a service that has not measured i
 **Refusals are paced.** A refusal is cheap, but not free (~0.1-0.2 ms of the event loop), and a
 client that resends at once on a 503, ignoring ``Retry-After``, turns each one into another
 request. Sixteen such clients with 500 candidates each and a 500 ms deadline kept a 2-core service
-refusing 1 700-2 000 requests a second: the loops, at a higher priority than inference, took the
+refusing 1 700-2 750 requests a second: the loops, at a higher priority than inference, took the
 cores, the measured engine rate fell (wall time per row 5 × its CPU time), which kept the refusals
-coming, and answers fell to 55-60 % of what the same clients got without refusals. So a process
+coming, and answers fell to 40-65 % of what the same clients got without refusals. So a process
 answers refusals at once only up to :data:`REFUSALS_PER_ANSWER` per request it answers (recent
 rate by Little's law, which holds through pauses and bursts, plus :data:`REFUSAL_FLOOR_PER_S`);
 refusals beyond that are held, each until its turn at that rate (at most :data:`MAX_HOLD_S` and the
@@ -138,6 +138,8 @@ class Admission:
         if hold > longest:  # as many waiting as the longest hold allows: this one waits that long, taking no turn
             self._tokens += 1.0
             hold = longest
+        if hold <= 0.0:  # its deadline has passed: answered now
+            return 0.0
         self.held += 1
         return hold
 

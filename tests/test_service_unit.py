@@ -739,6 +739,7 @@ def test_refusals_beyond_a_multiple_of_the_answer_rate_are_paced():
     assert max(admission.refusal_hold_s(budget_s=0.2) for _ in range(500)) == pytest.approx(0.2)
     assert max(admission.refusal_hold_s(budget_s=30.0) for _ in range(500)) == pytest.approx(MAX_HOLD_S)
     assert admission.held == 3 + 1000
+    assert admission.refusal_hold_s(budget_s=-0.01) == 0.0 and admission.held == 1003  # past its deadline
 
     # Answers at 16 in flight, 200 ms each: 80 a second by Little's law, and so many times that at once.
     admission = Admission(LoadEstimate(parallelism=1), clock=lambda: now[0])
