@@ -26,6 +26,7 @@ COUNTERS: dict[str, frozenset[str]] = {
     "mtrank_embedding_cache_misses_total": frozenset(),
     "mtrank_embedding_missing_total": frozenset({"table"}),
     "mtrank_rejected_total": frozenset({"reason"}),
+    "mtrank_refusals_paced_total": frozenset(),
     "mtrank_redis_errors_total": frozenset(),
 }
 HISTOGRAMS: dict[str, frozenset[str]] = {
