@@ -362,6 +362,12 @@ def test_ctrl_c_drains_each_worker_once_and_a_killed_supervisor_takes_its_worker
 
     with start() as s:
         assert len(s.pids()) == 3
+        supervisor, *workers = s.pids()
+        # Each worker in a process group of its own (Ctrl-C skips it) but in the supervisor's session:
+        # Linux schedules each session as a group (autogroup), where the batch threads' niceness
+        # would stop counting against the other worker's event loop.
+        assert [os.getsid(w) for w in workers] == [os.getsid(supervisor)] * 2
+        assert [os.getpgid(w) for w in workers] == workers
         os.killpg(s.proc.pid, signal.SIGINT)  # what the terminal does
         s.proc.wait(60)
         output = s.output()
