@@ -55,8 +55,10 @@ def _peaks(report: dict[str, Any]) -> str:
     peaks = report.get("engine_peaks")
     if not peaks:
         return ""
-    first, again = (f"{p['rows_per_s']:,.0f}" for p in peaks)
-    return f"; the better of two measurements, at the start ({first}) and at the end ({again}) of the run"
+    values = ", ".join(f"{p['rows_per_s']:,.0f}" for p in peaks)
+    when = "at the start and at the end" if len(peaks) == 2 else \
+        "at the start, after the batching server's sections and at the end"
+    return f"; the best of {len(peaks)} measurements, {when} of the run ({values})"
 
 
 def _engine_label(e: dict[str, Any]) -> str:
