@@ -8,11 +8,13 @@
    (:mod:`loadtests.engine`);
 2. embedding lookups: the service's Redis lookup of 500 ids against redis-benchmark's ``MGET`` of
    the same keys (:mod:`loadtests.lookups`; informational);
-3. service: ``mtrank serve`` with the settings a user gets by default, a closed-loop concurrency
-   sweep per request size, each point held until stable (:mod:`loadtests.loadgen`), then an
-   open-loop point at 70 % of each size's best throughput for the tail-latency target;
-4. naive server: the same service with ``MTRANK_BATCHING=false`` (one inference per request), the
-   same sweep, so each size is compared at each server's best concurrency;
+3. service and naive server: ``mtrank serve`` with the settings a user gets by default, and the
+   same service with ``MTRANK_BATCHING=false`` (one inference per request), both running; a
+   closed-loop concurrency sweep per request size, each point held until stable
+   (:mod:`loadtests.loadgen`) and measured on both servers back to back, so that the two sweeps see
+   the same moments of the host and each size is compared at each server's best concurrency;
+4. tail: on the batching server, an open-loop point at 70 % of each size's best throughput for the
+   tail-latency target;
 5. overload: a fresh server with ``MTRANK_REQUEST_TIMEOUT_MS`` at a realistic value, open loop at
    4 × the best closed-loop throughput of 500-candidate requests: goodput, 503 latency, accepted
    p99, the server's RSS through the point and the ERROR lines of its log.
@@ -273,16 +275,22 @@ def _say(message: str) -> None:
     print(f"bench [{time.monotonic() - _STARTED:5.0f} s]: {message}", file=sys.stderr, flush=True)
 
 
-def sweep(server, bodies: dict[int, Path], points: list[tuple[int, int]], cfg: BenchConfig,
-          label: str) -> list[dict[str, Any]]:
-    out = []
-    for size, concurrency in points:
-        p = measure_point(server, bodies[size], size, cfg, concurrency=concurrency)
-        _say(f"{label} size={size:4d} c={concurrency:3d}: {p['throughput_rps']:8.1f} req/s "
-             f"{p['rows_per_s']:9.0f} rows/s p50={p['p50_ms']:7.2f} p99={p['p99_ms']:7.2f} ms "
-             f"batch={p['mean_batch_rows']:6.0f} rows{'' if p['stable'] else ' (unstable)'}"
-             f"{' errors=' + str(p['errors']) if p['errors'] else ''}")
-        out.append(p)
+def sweeps(servers: dict[str, RemoteServer], bodies: dict[int, Path], points: list[tuple[int, int]],
+           cfg: BenchConfig) -> dict[str, list[dict[str, Any]]]:
+    """Every point on every server, one server right after the other, which goes first alternating
+    from point to point. This host's speed moves by half within minutes (ONNX Runtime at 78k and
+    at 117-120k rows/s in one run), so sweeps run one after the other compared the moments they
+    ran in as much as the servers."""
+    out: dict[str, list[dict[str, Any]]] = {label: [] for label in servers}
+    labels = list(servers)
+    for i, (size, concurrency) in enumerate(points):
+        for label in labels if i % 2 == 0 else labels[::-1]:
+            p = measure_point(servers[label], bodies[size], size, cfg, concurrency=concurrency)
+            _say(f"{label:7s} size={size:4d} c={concurrency:3d}: {p['throughput_rps']:8.1f} req/s "
+                 f"{p['rows_per_s']:9.0f} rows/s p50={p['p50_ms']:7.2f} p99={p['p99_ms']:7.2f} ms "
+                 f"batch={p['mean_batch_rows']:6.0f} rows{'' if p['stable'] else ' (unstable)'}"
+                 f"{' errors=' + str(p['errors']) if p['errors'] else ''}")
+            out[label].append(p)
     return out
 
 
@@ -609,17 +617,16 @@ def run_bench(args) -> dict[str, Any]:
                 "MTRANK_WORKERS": str(report["workers"]["asked"])}  # 0: the service's default
             points = [(s, c) for s in cfg.sizes for c in cfg.concurrencies]
             with _server(report, "service", repo, env | {"MTRANK_BATCHING": "true"}, device) as server:
-                with _section(report, "service"):
-                    report["service"] = sweep(server, bodies, points, cfg, "service")
+                with (_server(report, "naive", repo, env | {"MTRANK_BATCHING": "false"}, device) as naive,
+                      _section(report, "sweeps")):
+                    both = sweeps({"service": server, "naive": naive}, bodies, points, cfg)
+                    report["service"], report["naive"] = both["service"], both["naive"]
                 with _section(report, "tail"):
                     report["tail"] = [_tail_point(server, bodies, size, report["service"], cfg) for size in cfg.sizes]
             if cfg.engine_twice:
                 with _section(report, "engine_middle"):
                     _engine_again(report, bench_engine(vdir, manifest, graph, None, cfg.engine_min_time_s,
                                                        device=device))
-            with (_server(report, "naive", repo, env | {"MTRANK_BATCHING": "false"}, device) as server,
-                  _section(report, "naive")):
-                report["naive"] = sweep(server, bodies, points, cfg, "naive  ")
             with _section(report, "overload"):
                 report["overload"] = _overload(report, repo, env | {"MTRANK_BATCHING": "true"}, bodies, cfg, device)
             if cfg.engine_twice:
