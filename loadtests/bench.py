@@ -589,6 +589,12 @@ def run_bench(args) -> dict[str, Any]:
         bodies = _write_bodies(factory, cfg.sizes, cfg.bodies_per_size, Path(tmp))
         graph = _main_graph(manifest)
 
+        def measure_engine_again(section: str) -> None:
+            if cfg.engine_twice:
+                with _section(report, section):
+                    _engine_again(report, bench_engine(vdir, manifest, graph, None, cfg.engine_min_time_s,
+                                                       device=device))
+
         with _section(report, "engine"):
             from service.runner import DeviceError
 
@@ -623,16 +629,10 @@ def run_bench(args) -> dict[str, Any]:
                     report["service"], report["naive"] = both["service"], both["naive"]
                 with _section(report, "tail"):
                     report["tail"] = [_tail_point(server, bodies, size, report["service"], cfg) for size in cfg.sizes]
-            if cfg.engine_twice:
-                with _section(report, "engine_middle"):
-                    _engine_again(report, bench_engine(vdir, manifest, graph, None, cfg.engine_min_time_s,
-                                                       device=device))
+            measure_engine_again("engine_middle")
             with _section(report, "overload"):
                 report["overload"] = _overload(report, repo, env | {"MTRANK_BATCHING": "true"}, bodies, cfg, device)
-            if cfg.engine_twice:
-                with _section(report, "engine_again"):
-                    _engine_again(report, bench_engine(vdir, manifest, graph, None, cfg.engine_min_time_s,
-                                                       device=device))
+            measure_engine_again("engine_again")
         finally:
             if redis_url:
                 report["redis_keys_deleted"] = _clean_redis(redis_url, prefix)

@@ -163,12 +163,14 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         ]
         storm = ov.get("retry_storm")
         if storm:
+            from service.admission import LATENCY_SHARE
+
             parts += [
                 f"### Retry storm: {storm['clients']} clients that resend at once on a 503", "",
                 f"A closed loop of {storm['clients']} connections on the same server, {storm['seconds']:.1f} s, each "
                 "sending its next request the moment it has an answer, 503s included (no back-off, Retry-After "
-                "ignored): 4 × the requests that 40 % of the deadline holds at the best throughput, so that some "
-                "are always refused.", "",
+                f"ignored): {ov['factor']:g} × the requests that {LATENCY_SHARE:.0%} of the deadline holds at the best "
+                "throughput, so that some are always refused.", "",
                 _table(["goodput (200/s)", "÷ best closed loop", "refusals/s", "503 p50 / p99 ms", "accepted p99 ms",
                         "server / client cores", "load"],
                        [[storm["goodput_rps"], _fmt(storm["goodput_rps"] / ov["best_closed_loop"]["throughput_rps"], 2),

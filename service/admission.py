@@ -109,12 +109,12 @@ class Admission:
 
     def inflight_limit(self, budget_s: float) -> float:
         """Requests that may be in flight for a new one to be answered within the deadline's share:
-        the recent answer rate (concurrency ÷ latency) × that share; infinite while recent requests
-        were quicker, never below the engine's parallelism + 1."""
+        :meth:`answer_rate` × that share; infinite while recent requests were quicker, never below the
+        engine's parallelism + 1."""
         target_s = LATENCY_SHARE * budget_s
         if self.latency_s <= target_s:
             return float("inf")
-        return max(self.parallel + 1.0, self.concurrency * target_s / self.latency_s)
+        return max(self.parallel + 1.0, self.answer_rate() * target_s)
 
     def answer_rate(self) -> float:
         """Requests the service answers per second at its recent concurrency and latency (Little's law:
