@@ -340,3 +340,23 @@ class FeatureTransform:
         if facet is None:
             return None
         return facet_index(facet, columns, n, self.dense_defaults)
+
+    def facet_one(self, facet: Facet, values: Mapping[str, Any]) -> int:
+        """The facet value index of one row of scalar raw values (a request's user): the answer of
+        :meth:`facet` for ``n = 1``, in plain Python."""
+        features: dict[str, float] = {}
+        for rule in facet.rules:
+            name = rule.feature
+            value = values.get(name)
+            if value is None:
+                x = self.dense_defaults.get(name, math.nan)
+            elif isinstance(value, str):
+                raise TransformError("must be a number, got a string", name)
+            elif isinstance(value, int | float | bool | np.number):
+                x = float(value)
+                if math.isnan(x):
+                    x = self.dense_defaults.get(name, math.nan)
+            else:  # not a scalar: the array path says what is wrong with it
+                return int(facet_index(facet, values, 1, self.dense_defaults)[0])
+            features[name] = x
+        return facet.index_one(features)

@@ -350,6 +350,7 @@ class Batcher:
         batch: list[_Pending] = []
         rows = 0
         dropped = 0
+        late: list[tuple[_Pending, BaseException]] = []
         while self._queue and (not batch or rows + self._queue[0].rows <= self.max_batch_rows):
             p = self._queue.popleft()
             self._queued_rows -= p.rows
@@ -358,12 +359,13 @@ class Batcher:
                 continue
             if p.deadline <= now:
                 dropped += p.rows
-                _resolve(p, DeadlineExceeded("deadline passed while queued"))
+                late.append((p, DeadlineExceeded("deadline passed while queued")))
                 continue
             batch.append(p)
             rows += p.rows
             p.dispatched_ns = now_ns
             self._m_wait.observe(now - p.enqueued)
+        _resolve(late)
         self.load.drop_queued(dropped)
         self.load.start(rows)
         return batch
@@ -380,8 +382,7 @@ class Batcher:
                 outputs = self._run(feed)
             except Exception as e:  # a runtime failure fails this batch's requests, not the worker
                 log.exception("inference failed for a batch of %d rows", rows)
-                for p in batch:
-                    _resolve(p, RuntimeError(f"inference failed: {e}"))
+                _resolve([(p, RuntimeError(f"inference failed: {e}")) for p in batch])
                 return
             elapsed = time.perf_counter() - started
             done_ns = time.time_ns()
@@ -390,11 +391,13 @@ class Batcher:
             self._m_rows.observe(rows)
             self._m_requests.observe(len(batch))
             offset = 0
+            results: list[tuple[_Pending, dict[str, np.ndarray]]] = []
             for p in batch:
                 p.done_ns = done_ns
                 end = offset + p.rows
-                _resolve(p, {n: out[offset:end] for n, out in zip(self.output_names, outputs, strict=True)})
+                results.append((p, {n: out[offset:end] for n, out in zip(self.output_names, outputs, strict=True)}))
                 offset = end
+            _resolve(results)
         finally:
             self.load.finish(rows)
 
@@ -423,16 +426,25 @@ class Batcher:
             worker.join()
 
 
-def _resolve(p: _Pending, outcome: dict[str, np.ndarray] | BaseException) -> None:
-    """From a worker thread: settle the request's future on its event loop (unless it is done)."""
+def _resolve(outcomes: list[tuple[_Pending, dict[str, np.ndarray] | BaseException]]) -> None:
+    """From a worker thread: settle the requests' futures on their event loop (those not done yet).
 
-    def settle() -> None:
-        if p.future.done():
-            return
+    One hand-off per loop for the whole list, not one per request: each ``call_soon_threadsafe``
+    wakes the loop, and a batch of 20-candidate requests at concurrency 32 holds 5-10 of them."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, object]]] = {}
+    for p, outcome in outcomes:
+        by_loop.setdefault(p.future.get_loop(), []).append((p.future, outcome))
+    for loop, settled in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for the answers any more
+            loop.call_soon_threadsafe(_settle, settled)
+
+
+def _settle(settled: list[tuple[asyncio.Future, object]]) -> None:
+    """On the event loop: each future's result or exception, unless it is done (cancelled)."""
+    for future, outcome in settled:
+        if future.done():
+            continue
         if isinstance(outcome, BaseException):
-            p.future.set_exception(outcome)
+            future.set_exception(outcome)
         else:
-            p.future.set_result(outcome)
-
-    with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for the answer any more
-        p.future.get_loop().call_soon_threadsafe(settle)
+            future.set_result(outcome)

@@ -143,7 +143,7 @@ def _user_group(transform: FeatureTransform, query: RankQuery) -> str | None:
         return query.user_group
     user = {rule.feature: query.user_value(rule.feature) for rule in facet.rules}
     try:
-        return facet.values[int(transform.facet(facet, user, 1)[0])]
+        return facet.values[transform.facet_one(facet, user)]
     except TransformError as e:
         raise RequestError(f"user.features.{e}") from None
 

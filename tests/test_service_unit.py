@@ -18,6 +18,9 @@ import pytest
 from loadtests.server import free_port
 from mtrank import fusion
 from mtrank.fusion import BucketConfig, LengthFn
+from mtrank.manifest import DenseInfo
+from mtrank.spec import Facet, FacetRule
+from mtrank.transform import FeatureTransform, TransformError
 from service.admission import Admission
 from service.batcher import Batcher, LoadEstimate
 from service.buckets import BucketTable, user_slot
@@ -79,6 +82,33 @@ def test_negative_weight_ranks_a_likely_skip_lower():
 
 def test_rank_order_keeps_request_order_on_ties():
     assert fusion.rank_order(np.array([0.0, 1.0, 0.0, 1.0])).tolist() == [1, 3, 0, 2]
+
+
+# -- the user group of one request -----------------------------------------------------------
+
+
+def test_the_user_group_of_one_row_is_the_array_transforms_answer():
+    """FeatureTransform.facet_one (plain Python, per request) against FeatureTransform.facet (numpy):
+    every rule op, values on the thresholds, missing and NaN values (the dense default, or no rule
+    when there is none), booleans, ints and numpy scalars."""
+    rules = (FacetRule("heavy", "watch", "ge", 10.0), FacetRule("new", "age", "lt", 3.0),
+             FacetRule("new", "age", "eq", 5.0), FacetRule("light", "watch", "gt", 0.0),
+             FacetRule("light", "tenure", "le", -1.0))
+    facet = Facet("group", ("heavy", "new", "light", "other"), rules, default="other")
+    dense = [DenseInfo("watch", "user", "log1p", 0.0, 1.0, 12.0), DenseInfo("age", "user", "none", 0.0, 1.0, 0.0)]
+    transform = FeatureTransform(dense, [], user_groups=facet)
+    rng = np.random.default_rng(0)
+    pool = [None, math.nan, True, False, 0, 3, 5, 10, -1, 0.0, 2.999, 3.0, 5.0, 9.5, 10.0, np.float32(10.0),
+            np.int64(5), -1.5]
+    seen = set()
+    for _ in range(3000):
+        values = {name: pool[rng.integers(len(pool))] for name in ("watch", "age", "tenure") if rng.random() < 0.8}
+        one = transform.facet_one(facet, values)
+        assert one == int(transform.facet(facet, values, 1)[0]), values
+        seen.add(one)
+    assert seen == {0, 1, 2, 3}
+    with pytest.raises(TransformError, match="age: must be a number, got a string"):
+        transform.facet_one(facet, {"age": "7"})
 
 
 # -- buckets --------------------------------------------------------------------------------
