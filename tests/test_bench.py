@@ -7,16 +7,20 @@ average around each section) and that every figure is finite and positive.
 
 from __future__ import annotations
 
+import http.server
 import json
 import math
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from loadtests.bench import compute_ratios, target_names
+from loadtests.loadgen import PointSpec, run_point, write_bodies
 from tests.conftest import IN_CI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,3 +230,58 @@ def test_the_engine_reference_is_the_best_of_its_measurements():
     _engine_again(report, engine(90_000.0))
     assert report["engine"]["peak"]["rows_per_s"] == 110_000.0
     assert [p["rows_per_s"] for p in report["engine_peaks"]] == [63_000.0, 110_000.0, 90_000.0]
+
+
+# -- the load generator ------------------------------------------------------------------------
+
+
+class _Answer(http.server.BaseHTTPRequestHandler):
+    """Reads the body and answers 200 with a small JSON body, kept alive; ``/slow`` first waits 0.5 s."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/slow":
+            time.sleep(0.5)
+        body = b'{"ok":true}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def plain_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def _spec(port: int, tmp_path: Path, **kw: object) -> PointSpec:
+    bodies = tmp_path / "bodies.jsonl"
+    write_bodies(bodies, [b'{"n":%d}' % i for i in range(5)])
+    return PointSpec("127.0.0.1", port, str(bodies), warmup_s=0.3, window_s=0.5, stable_windows=2, max_windows=4,
+                     **kw)
+
+
+def test_the_open_loop_keeps_its_schedule(plain_server, tmp_path):
+    result = run_point(_spec(plain_server, tmp_path, rate=200.0))
+    assert result.mode == "open" and result.errors == 0 and result.statuses == {"200": result.requests}
+    assert 170 <= result.throughput_rps <= 230, result
+    assert result.p50_ms < 15, result  # latency counts from the scheduled start: a late send shows here
+
+
+def test_an_answer_later_than_the_timeout_counts_as_a_failure(plain_server, tmp_path):
+    result = run_point(_spec(plain_server, tmp_path, concurrency=2, path="/slow", timeout_s=0.2, min_requests=1))
+    assert result.requests == 0 and result.errors > 0 and set(result.statuses) == {"0"}, result
+    assert 150 <= result.non_200["0"]["p50_ms"] <= 400, result
