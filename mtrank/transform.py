@@ -25,6 +25,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -155,7 +156,7 @@ def sparse_keys(values: Column, n: int | None = None) -> list[str]:
         if n is None:
             raise TransformError("a scalar column needs a row count")
         return [sparse_key(values)] * n
-    if all(type(v) is str for v in values):
+    if set(map(type, values)) <= {str}:  # C-level: a generator here was ~0.1 ms at 500 candidates
         return list(values)
     return [sparse_key(v) for v in values]
 
@@ -181,8 +182,7 @@ class Vocabulary:
 
     def indices(self, keys: Sequence[str]) -> np.ndarray:
         """``[len(keys)]`` int64."""
-        get = self._index.get
-        return np.fromiter((get(k, 0) for k in keys), dtype=np.int64, count=len(keys))
+        return np.fromiter(map(self._index.get, keys, repeat(0)), dtype=np.int64, count=len(keys))
 
     def index(self, key: str) -> int:
         return self._index.get(key, 0)

@@ -27,7 +27,7 @@ from service.buckets import BucketTable, user_slot
 from service.errors import DeadlineExceeded, Overloaded
 from service.runner import GraphRunner, best_batch_rows
 from service.settings import ConfigError, load_settings
-from service.stores import InProcessStore, LocalTable, RedisStore, lookup
+from service.stores import InProcessStore, LocalTable, RedisStore, _unique, lookup
 from tests.server import TOY_ITEMS, TOY_USERS, build_toy_version
 
 # -- fusion ---------------------------------------------------------------------------------
@@ -494,6 +494,14 @@ def _tables(vdir: Path) -> dict[str, LocalTable]:
 
     m = load_manifest(vdir)
     return {f: LocalTable(m.name, m.version, info, vdir) for f, info in m.tables.items()}
+
+
+def test_the_ids_of_a_lookup_are_asked_once_each_in_first_seen_order():
+    ids = ["a7", "a2", "a7", "a9", "a2", "a7"]
+    distinct, inverse = _unique(ids)
+    assert distinct == ["a7", "a2", "a9"] and inverse.tolist() == [0, 1, 0, 2, 1, 0]
+    assert [distinct[j] for j in inverse] == ids
+    assert _unique(["v1", "v2"]) == (["v1", "v2"], None)  # distinct already: no gather
 
 
 def test_in_process_store_gives_default_vectors_for_missing_ids(toy_version):
