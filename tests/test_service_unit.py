@@ -109,6 +109,11 @@ def test_the_user_group_of_one_row_is_the_array_transforms_answer():
     assert seen == {0, 1, 2, 3}
     with pytest.raises(TransformError, match="age: must be a number, got a string"):
         transform.facet_one(facet, {"age": "7"})
+    # Not a scalar (the service never decodes one, a library caller might): the array path answers.
+    row = {"watch": 1.0, "age": [2.0]}
+    assert transform.facet_one(facet, row) == int(transform.facet(facet, row, 1)[0]) == 1
+    with pytest.raises(TransformError, match="age: 2 values for 1 rows"):
+        transform.facet_one(facet, {"watch": 1.0, "age": [2.0, 9.0]})
 
 
 # -- buckets --------------------------------------------------------------------------------
