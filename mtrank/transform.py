@@ -63,16 +63,30 @@ def numeric_column(values: Column, n: int, default: float, name: str) -> np.ndar
         x = values.astype(np.float64, copy=True)
     elif isinstance(values, np.ndarray):
         x = _floats(values.tolist(), name)
-    elif values is None or isinstance(values, int | float | bool | np.number):
-        x = np.full(n, math.nan if values is None else float(values), dtype=np.float64)
-    elif isinstance(values, str):
-        raise TransformError("must be a number, got a string", name)
+    elif is_scalar(values):
+        return np.full(n, numeric_value(values, default, name), dtype=np.float64)
     else:
         x = _floats(values, name)
     if x.shape != (n,):
         raise TransformError(f"{x.shape[0]} values for {n} rows", name)
     x[np.isnan(x)] = default
     return x
+
+
+def is_scalar(value: Any) -> bool:
+    """One raw value rather than a column: None, a string, a number or a boolean."""
+    return value is None or isinstance(value, str | int | float | bool | np.number)
+
+
+def numeric_value(value: Any, default: float, name: str) -> float:
+    """One scalar raw value as :func:`numeric_column` reads it: a number or boolean as a float,
+    None or NaN as ``default``; a string raises :class:`TransformError` naming ``name``."""
+    if value is None:
+        return default
+    if isinstance(value, str):
+        raise TransformError("must be a number, got a string", name)
+    x = float(value)
+    return default if math.isnan(x) else x
 
 
 def _floats(values: Sequence, name: str) -> np.ndarray:
@@ -346,17 +360,8 @@ class FeatureTransform:
         :meth:`facet` for ``n = 1``, in plain Python."""
         features: dict[str, float] = {}
         for rule in facet.rules:
-            name = rule.feature
-            value = values.get(name)
-            if value is None:
-                x = self.dense_defaults.get(name, math.nan)
-            elif isinstance(value, str):
-                raise TransformError("must be a number, got a string", name)
-            elif isinstance(value, int | float | bool | np.number):
-                x = float(value)
-                if math.isnan(x):
-                    x = self.dense_defaults.get(name, math.nan)
-            else:  # not a scalar: the array path says what is wrong with it
+            value = values.get(rule.feature)
+            if not is_scalar(value):  # the array path says what is wrong with it
                 return int(facet_index(facet, values, 1, self.dense_defaults)[0])
-            features[name] = x
+            features[rule.feature] = numeric_value(value, self.dense_defaults.get(rule.feature, math.nan), rule.feature)
         return facet.index_one(features)
