@@ -5,6 +5,9 @@ included, so every line of the process has the same format.
 Structured fields ride on a record as ``extra={...}``; the JSON formatter writes them as
 top-level keys (``request_id``, ``status``, ``latency_ms``, ``event``...), the text formatter
 leaves them out (the message already says what a person needs).
+
+Lines are written in blocks (:class:`BlockHandler`, ``MTRANK_LOG_FLUSH_MS``): one write per line
+was a system call and a wake-up of the reader (a container runtime, a log shipper) per request.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import sys
+import threading
 from typing import Any, Literal
 
 import orjson
@@ -47,9 +51,70 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
-def configure_logging(level: str, log_format: Literal["text", "json"]) -> None:
-    """Send every logger (uvicorn's too) to one stderr handler in ``log_format`` at ``level``."""
-    handler = logging.StreamHandler(sys.stderr)
+class BlockHandler(logging.StreamHandler):
+    """A stream handler that writes its lines in blocks: every ``flush_s`` seconds (a thread of its
+    own), as soon as ``limit`` characters wait, and at once, with every line before it, for a
+    warning or worse, on :meth:`flush` and at close (``logging.shutdown`` at exit). A line is thus
+    held back at most ``flush_s``, except when the process is killed outright.
+
+    Per line, a write to a pipe is a system call that also wakes the reader: in the server, at 20
+    candidates and concurrency 32, that write was 12 % of the event loop's samples (py-spy), and
+    the access log at ``info`` cost 70-90 µs of loop CPU per request against ``warning``.
+    """
+
+    def __init__(self, stream: Any, flush_s: float, limit: int = 64 * 1024):
+        super().__init__(stream)
+        self.flush_s = flush_s
+        self.limit = limit
+        self._lines: list[str] = []
+        self._size = 0
+        self._stopping = threading.Event()
+        self._flusher: threading.Thread | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Called with the handler's lock held (Handler.handle), which also orders the blocks.
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        self._lines.append(line)
+        self._size += len(line)
+        if record.levelno >= logging.WARNING or self._size >= self.limit or self._stopping.is_set():
+            self.flush()
+        elif self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_every, name="mtrank-log-flush", daemon=True)
+            self._flusher.start()
+
+    def flush(self) -> None:
+        """Write every waiting line now, in one call."""
+        with self.lock:
+            if not self._lines:
+                return
+            block = "".join(self._lines)
+            self._lines.clear()
+            self._size = 0
+            try:
+                self.stream.write(block)
+                self.stream.flush()
+            except Exception:
+                # The reader is gone (a closed pipe): logging must not take the server down with it.
+                self.handleError(logging.makeLogRecord({"msg": block.rstrip(self.terminator)}))
+
+    def _flush_every(self) -> None:
+        while not self._stopping.wait(self.flush_s):
+            self.flush()
+
+    def close(self) -> None:
+        self._stopping.set()
+        self.flush()
+        super().close()
+
+
+def configure_logging(level: str, log_format: Literal["text", "json"], flush_s: float = 0.0) -> None:
+    """Send every logger (uvicorn's too) to one stderr handler in ``log_format`` at ``level``;
+    ``flush_s`` > 0 writes its lines in blocks at least that often (:class:`BlockHandler`)."""
+    handler = BlockHandler(sys.stderr, flush_s) if flush_s > 0 else logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):

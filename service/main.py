@@ -61,7 +61,7 @@ def serve(repo: str | Path | None = None, host: str | None = None, port: int | N
         # A reload signal may come from a sibling before this worker can reload: not fatal meanwhile.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         follow_supervisor()
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, settings.log_flush_ms / 1000.0)
     count = settings.worker_count() if worker is None else 1
     if count > 1 and not hasattr(socket, "SO_REUSEPORT"):
         if settings.workers:

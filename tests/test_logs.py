@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import select
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from loadtests.server import RemoteServer
-from service.logs import JsonFormatter
+from service.logs import BlockHandler, JsonFormatter
 from tests.conftest import _need
 from tests.server import build_toy_version, rank_body
 
@@ -89,6 +92,95 @@ def test_json_formatter_keeps_the_traceback_in_one_line():
     line = json.loads(text)
     assert line["message"] == "failed it" and line["request_id"] == "r-9" and line["level"] == "ERROR"
     assert "Traceback" in line["exc"] and "ValueError: boom" in line["exc"]
+
+
+# -- lines written in blocks ---------------------------------------------------------------
+
+
+def _pipe_handler(flush_s: float, limit: int = 64 * 1024) -> tuple[BlockHandler, int, logging.Logger]:
+    """A BlockHandler writing into a real pipe; its read end (non-blocking) and a logger of its own."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    handler = BlockHandler(os.fdopen(write_fd, "w"), flush_s, limit=limit)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger(f"test-block-{read_fd}")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    return handler, read_fd, logger
+
+
+def _waiting(fd: int) -> str:
+    """What the pipe holds now ("" when nothing)."""
+    if not select.select([fd], [], [], 0)[0]:
+        return ""
+    return os.read(fd, 1 << 20).decode()
+
+
+def test_block_handler_holds_info_lines_and_writes_them_before_a_warning_in_order():
+    handler, fd, logger = _pipe_handler(flush_s=60.0)
+    try:
+        logger.info("one")
+        logger.debug("two")
+        assert _waiting(fd) == ""
+        logger.warning("three")
+        assert _waiting(fd) == "INFO one\nDEBUG two\nWARNING three\n"
+        logger.info("four")
+        handler.flush()
+        assert _waiting(fd) == "INFO four\n"
+        logger.info("five")
+        handler.close()  # as logging.shutdown does at exit
+        assert _waiting(fd) == "INFO five\n"
+        logger.info("six")  # after close, each line at once
+        assert _waiting(fd) == "INFO six\n"
+    finally:
+        handler.close()
+        os.close(fd)
+
+
+def test_block_handler_writes_when_its_block_is_full_and_every_interval():
+    handler, fd, logger = _pipe_handler(flush_s=60.0, limit=100)
+    try:
+        for i in range(4):
+            logger.info("line %d %s", i, "x" * 20)  # 32 characters each
+        assert _waiting(fd) == "".join(f"INFO line {i} {'x' * 20}\n" for i in range(4))
+    finally:
+        handler.close()
+        os.close(fd)
+    handler, fd, logger = _pipe_handler(flush_s=0.05)
+    try:
+        logger.info("soon")
+        deadline, seen = time.monotonic() + 5.0, ""
+        while "soon" not in seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+            seen += _waiting(fd)
+        assert seen == "INFO soon\n"
+    finally:
+        handler.close()
+        os.close(fd)
+
+
+def test_block_handler_survives_a_reader_that_is_gone(capsys):
+    handler, fd, logger = _pipe_handler(flush_s=60.0)
+    os.close(fd)
+    logger.info("lost")
+    logger.error("also lost")  # the write fails (EPIPE): reported on stderr, not raised
+    handler.close()
+    assert "also lost" in capsys.readouterr().err
+
+
+def test_a_running_server_writes_its_request_lines_within_the_flush_interval(toy_repo):
+    s = RemoteServer(toy_repo, env={"MTRANK_LOG_LEVEL": "info", "MTRANK_LOG_FLUSH_MS": "100"})
+    try:
+        r = s.post("/v1/rank", json=rank_body(n=4), headers={"X-Request-ID": "flushed-1"})
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 5.0
+        while not any("request_id=flushed-1" in line for line in s.log_lines()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (line,) = [ln for ln in s.log_lines() if "request_id=flushed-1" in ln]
+        assert " INFO mtrank.access: POST /v1/rank 200 " in line, line
+    finally:
+        s.stop()
 
 
 # -- tracing -------------------------------------------------------------------------------
