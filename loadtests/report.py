@@ -118,6 +118,13 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             for i, p in enumerate(report["engine"]["curve"])]
     parts += [_table(header, rows), ""]
     parts += ["## Service (dynamic batching)", "", _points_table(report["service"]), ""]
+    if report.get("c1_pairs"):
+        parts += ["### 20 candidates at concurrency 1: pairs of points", "",
+                  "Batching and naive back to back, which first alternating, the sweep's pair first; the target "
+                  "reads the median ratio.", "",
+                  _table(["pair", "batching p50 ms", "naive p50 ms", "ratio"],
+                         [[i, q["batching_p50_ms"], q["naive_p50_ms"], q["ratio"]]
+                          for i, q in enumerate(report["c1_pairs"], start=1)]), ""]
     if report.get("tail"):
         parts += ["### Open loop at 70 % of the best throughput", "",
                   "Each size's point is the one with the median p99 ÷ p50 of its repeats (all repeats below).", "",

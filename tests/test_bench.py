@@ -88,6 +88,10 @@ def check_bench_json(report: dict) -> None:
 
     ratios = report["ratios"]
     assert list(ratios) == target_names(sizes) == report["target_names"]
+    pairs = report["c1_pairs"]
+    assert len(pairs) == report["config"]["c1_pairs"] and pairs[0]["batching_p50_ms"] == next(
+        p["p50_ms"] for p in report["service"] if (p["size"], p["concurrency"]) == (20, 1))
+    assert ratios["batching_vs_naive_p50_20_c1"]["pairs"] == [round(q["ratio"], 3) for q in pairs]
     assert {"batching_vs_naive_p50_20_c1", "service_vs_engine_20_c32", "service_vs_engine_500_c16",
             "batching_vs_naive_20", "batching_vs_naive_500", "p99_over_p50_at_70pct_20",
             "p99_over_p50_at_70pct_500", "overload_goodput", "overload_503_p99_ms", "overload_accepted_p99_ms",
@@ -215,6 +219,34 @@ def test_target_ratios_from_hand_made_figures():
     assert {name: (r["value"], r["met"]) for name, r in ratios.items()} == expected
     assert ratios["overload_accepted_p99_ms"]["target"] == 500.0
     assert ratios["batching_vs_naive_p50_20_c1"]["missing"] == "no 20-candidate point at concurrency 1"
+
+
+def test_the_concurrency_1_ratio_is_the_median_of_its_pairs():
+    """Each pair's p50s were measured back to back; the target is the middle pair's ratio, not a ratio of
+    medians taken minutes apart."""
+    from loadtests.bench import compute_ratios
+
+    curve = [{"batch": 1, "rows_per_s": 1000.0, "rows_per_cpu_s": 1000.0}]
+    report = {
+        "config": {"sizes": [20]},
+        "engine": {"curve": curve, "peak": curve[0]},
+        "service": [_hand_point(20, 1, 500.0, 1.8, 3.0)],
+        "naive": [_hand_point(20, 1, 600.0, 1.5, 3.0)],
+        "c1_pairs": [{"batching_p50_ms": 1.8, "naive_p50_ms": 1.5}, {"batching_p50_ms": 1.3, "naive_p50_ms": 1.4},
+                     {"batching_p50_ms": 2.0, "naive_p50_ms": 2.0}],
+        "tail": [_hand_point(20, 0, 350.0, 2.0, 4.0, rate=350.0)],
+        "overload": {"size": 20, "rate_rps": 2000.0, "best_closed_loop": {"throughput_rps": 500.0},
+                     "goodput_rps": 400.0, "statuses": {"200": 100}, "request_timeout_ms": 500,
+                     "rejected_503_p99_ms": None, "accepted_p50_ms": 2.0, "accepted_p99_ms": 9.0,
+                     "rss_kib": {"start": 1, "after_first_second": 1, "end": 1, "max": 1}, "error_lines": 0},
+        "servers": {"overload": {"error_lines": 0, "error_examples": []}},
+    }
+    c1 = compute_ratios(report)["batching_vs_naive_p50_20_c1"]
+    assert (c1["value"], c1["met"], c1["pairs"]) == (1.0, True, [1.2, 0.929, 1.0])
+    assert (c1["batching_p50_ms"], c1["naive_p50_ms"]) == (2.0, 2.0)
+    del report["c1_pairs"]  # a report without pairs (older runs): the sweep's own pair
+    c1 = compute_ratios(report)["batching_vs_naive_p50_20_c1"]
+    assert (c1["value"], c1["met"], c1["pairs"]) == (1.2, False, [1.2])
 
 
 def test_the_engine_reference_is_the_best_of_its_measurements():
