@@ -142,6 +142,16 @@ def test_bench_quick_writes_every_section_with_finite_figures(exported_repo, red
     ratio = compute_ratios(report)[f"p99_over_p50_at_70pct_{tail['size']}"]
     assert ratio["value"] == 1.0 and ratio["kept_up"] == 0.8 and ratio["met"] is False
     assert "did not keep up" in ratio["not_at_load"]
+    # Nor one that kept up behind a standing queue: more requests in flight than the best closed-loop point ran.
+    best_c = max((p for p in report["service"] if p["size"] == tail["size"]), key=lambda p: p["throughput_rps"])[
+        "concurrency"]
+    tail["throughput_rps"] = tail["rate"]
+    tail["mean_ms"] = 1000.0 * (best_c + 1) / tail["rate"]
+    ratio = compute_ratios(report)[f"p99_over_p50_at_70pct_{tail['size']}"]
+    assert ratio["value"] == 1.0 and ratio["in_flight"] == round(best_c + 1, 1) and ratio["met"] is False
+    assert "standing queue" in ratio["not_at_load"]
+    tail["mean_ms"] = 1000.0 * (best_c - 1) / tail["rate"]
+    assert compute_ratios(report)[f"p99_over_p50_at_70pct_{tail['size']}"]["met"] is True
     markdown = (out / "bench.md").read_text()
     for heading in ("## Targets", "## Sections and the machine's load", "## Naive server", "## Overload"):
         assert heading in markdown
