@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import select
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from loadtests.server import RemoteServer
 from service.logs import BlockHandler, JsonFormatter
 from tests.conftest import _need
 from tests.server import build_toy_version, rank_body
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +170,38 @@ def test_block_handler_survives_a_reader_that_is_gone(capsys):
     logger.error("also lost")  # the write fails (EPIPE): reported on stderr, not raised
     handler.close()
     assert "also lost" in capsys.readouterr().err
+
+
+_WRITER = """
+import logging, sys
+from service.logs import BlockHandler
+handler = BlockHandler(sys.stderr, flush_s=60.0)
+logger = logging.getLogger("w")
+logger.addHandler(handler)
+logger.setLevel(logging.INFO)
+for i in range(4000):
+    logger.info("w%s %06d %s", sys.argv[1], i, "x" * 180)
+handler.close()
+"""
+
+
+def test_two_processes_sharing_a_pipe_never_interleave_inside_a_line():
+    """As the workers of MTRANK_WORKERS share the supervisor's stderr: each write holds whole lines and
+    at most PIPE_BUF bytes, which the kernel keeps in one piece even while the reader lags behind."""
+    read_fd, write_fd = os.pipe()
+    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, str(k)], stderr=write_fd, cwd=ROOT)
+               for k in (1, 2)]
+    os.close(write_fd)
+    data = bytearray()
+    with os.fdopen(read_fd, "rb") as pipe:
+        while chunk := pipe.read1(8192):  # a slow reader: the writers block on a full pipe, mid-block
+            data += chunk
+            time.sleep(0.001)
+    assert [w.wait(30) for w in writers] == [0, 0]
+    lines = data.decode().splitlines()
+    pattern = re.compile(r"w[12] \d{6} x{180}")
+    assert [ln for ln in lines if not pattern.fullmatch(ln)] == []
+    assert sorted(lines) == sorted(f"w{k} {i:06d} {'x' * 180}" for k in (1, 2) for i in range(4000))
 
 
 def test_a_running_server_writes_its_request_lines_within_the_flush_interval(toy_repo):
