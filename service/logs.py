@@ -136,14 +136,19 @@ def _blocks(lines: list[tuple[str, int]], most: int) -> list[str]:
     return blocks
 
 
-def configure_logging(level: str, log_format: Literal["text", "json"], flush_s: float = 0.0) -> None:
-    """Send every logger (uvicorn's too) to one stderr handler in ``log_format`` at ``level``;
-    ``flush_s`` > 0 writes its lines in blocks at least that often (:class:`BlockHandler`)."""
-    handler = BlockHandler(sys.stderr, flush_s) if flush_s > 0 else logging.StreamHandler(sys.stderr)
+def configure_logging(level: str, log_format: Literal["text", "json"], flush_s: float = 0.0,
+                      stream: Any = None) -> logging.Handler:
+    """Send every logger (uvicorn's too) to one handler on ``stream`` (stderr) in ``log_format`` at
+    ``level``; returns it. ``flush_s`` > 0 writes the lines in blocks at least that often
+    (:class:`BlockHandler`), except to a terminal, where a person reads them as they come."""
+    stream = sys.stderr if stream is None else stream
+    blocks = flush_s > 0 and not _is_terminal(stream)
+    handler = BlockHandler(stream, flush_s) if blocks else logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+        old.flush()
     root.addHandler(handler)
     root.setLevel(level.upper())
     for name in UVICORN_LOGGERS:
@@ -152,3 +157,11 @@ def configure_logging(level: str, log_format: Literal["text", "json"], flush_s: 
         uv.handlers.clear()
         uv.propagate = True
         uv.setLevel(level.upper())
+    return handler
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False

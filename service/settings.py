@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     """Log lines as plain text, or one JSON object per line (one per request and per event)."""
     log_flush_ms: float = Field(100.0, ge=0.0, le=10_000.0)
     """Log lines are written in blocks at least this often (and at once for warnings and errors);
-    0 writes each line as it comes."""
+    0, or a terminal on stderr, writes each line as it comes."""
     otel_endpoint: str | None = None
     """OTLP/HTTP endpoint (``http://collector:4318``) for OpenTelemetry traces; None = tracing off.
     ``OTEL_EXPORTER_OTLP_ENDPOINT`` is used when this is not set. Needs the ``otel`` extra."""

@@ -204,6 +204,29 @@ def test_two_processes_sharing_a_pipe_never_interleave_inside_a_line():
     assert sorted(lines) == sorted(f"w{k} {i:06d} {'x' * 180}" for k in (1, 2) for i in range(4000))
 
 
+def test_a_terminal_gets_each_line_as_it_comes_and_a_pipe_gets_blocks():
+    from service.logs import configure_logging
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    primary, secondary = os.openpty()
+    read_fd, write_fd = os.pipe()
+    try:
+        with os.fdopen(secondary, "w") as terminal, os.fdopen(write_fd, "w") as pipe:
+            assert type(configure_logging("info", "text", 0.1, stream=terminal)) is logging.StreamHandler
+            handler = configure_logging("info", "json", 0.1, stream=pipe)
+            assert isinstance(handler, BlockHandler) and handler.flush_s == 0.1
+            assert type(configure_logging("info", "text", 0.0, stream=pipe)) is logging.StreamHandler
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+        os.close(primary)
+        os.close(read_fd)
+
+
 def test_a_running_server_writes_its_request_lines_within_the_flush_interval(toy_repo):
     s = RemoteServer(toy_repo, env={"MTRANK_LOG_LEVEL": "info", "MTRANK_LOG_FLUSH_MS": "100"})
     try:
