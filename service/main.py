@@ -131,6 +131,8 @@ async def _reload(engine: Engine) -> None:
 
 
 def _die(message: str) -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()  # the lines logged so far (written in blocks) come before the error
     print(f"mtrank serve: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 

@@ -774,7 +774,10 @@ def test_a_port_in_use_stops_start_up_with_one_line(ple_repo):
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(RuntimeError) as e:
-            RemoteServer(ple_repo, port=port, ready_timeout_s=60)
+            RemoteServer(ple_repo, port=port, ready_timeout_s=60, env={"MTRANK_LOG_LEVEL": "info"})
     lines = [ln for ln in str(e.value).splitlines() if ln.startswith("mtrank serve: error:")]
     assert "exited with 2" in str(e.value) and len(lines) == 1, str(e.value)
     assert f"cannot listen on 127.0.0.1:{port}" in lines[0] and "in use" in lines[0], lines[0]
+    # The log lines before it (written in blocks) come out before the error, which is the last line.
+    output = [ln for ln in str(e.value).splitlines() if ln.strip()]
+    assert output[-1] == lines[0] and any(" INFO mtrank.main: serving " in ln for ln in output), output
