@@ -165,3 +165,9 @@ def _is_terminal(stream: Any) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         return False
+
+
+def flush_logs() -> None:
+    """Write what the root handlers hold, before a line printed straight to stderr."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()

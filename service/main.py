@@ -22,7 +22,7 @@ import uvicorn
 
 from service import listener, tracing
 from service.app import Engine, create_app, served_app
-from service.logs import configure_logging
+from service.logs import configure_logging, flush_logs
 from service.repository import StartupError
 from service.runner import DeviceError
 from service.settings import ConfigError, Settings, load_settings, unknown_variables
@@ -131,8 +131,7 @@ async def _reload(engine: Engine) -> None:
 
 
 def _die(message: str) -> None:
-    for handler in logging.getLogger().handlers:
-        handler.flush()  # the lines logged so far (written in blocks) come before the error
+    flush_logs()  # the lines logged so far (written in blocks) come before the error
     print(f"mtrank serve: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 

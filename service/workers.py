@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+from service.logs import flush_logs
 from service.settings import Settings
 
 WORKER_VARIABLE = "_MTRANK_WORKER"
@@ -140,6 +141,7 @@ def _wait(children: list[subprocess.Popen], stopping: threading.Event, metrics_d
             multiprocess.mark_process_dead(child.pid, metrics_dir)
             if not stopping.is_set() and status == 0:
                 status = child.returncode or 1
+                flush_logs()
                 print(f"mtrank serve: worker {child.pid} exited with status {child.returncode}; stopping the others",
                       file=sys.stderr, flush=True)
                 for other in running:
