@@ -50,6 +50,7 @@ import numpy as np
 import orjson
 
 from loadtests.engine import bench_engine, rows_per_s_at
+from loadtests.floor import FloorServer
 from loadtests.loadgen import PointSpec, run_point, write_bodies
 from loadtests.lookups import bench_lookups
 from loadtests.server import RemoteServer
@@ -85,6 +86,12 @@ hundreds of milliseconds (100 candidates at 17:54: 99 in flight against 8, p50 2
 INFORMATIONAL: dict[str, tuple[str, float, str]] = {
     "lookup_vs_redis_benchmark_500": ("<=", 2.0, "service Redis lookup ÷ redis-benchmark MGET, 500 ids "
                                                  "(p50 per call)"),
+    "floor_vs_engine_20_c32": (">=", 0.6, "the serving floor (HTTP, batching and ONNX Runtime on a fixed feed, no "
+                                          "ranking path) rows/s ÷ engine peak rows/s, 20 candidates at concurrency 32: "
+                                          "the most any ranking path could reach here (the service's target "
+                                          "beside it)"),
+    "floor_vs_engine_500_c16": (">=", 0.85, "the serving floor rows/s ÷ engine peak rows/s, 500 candidates at "
+                                            "concurrency 16 (the service's target beside it)"),
     "retry_storm_goodput": (">=", 0.8, "200 answers/s of closed-loop clients that resend at once on a 503, 4 × "
                                        "as many as the deadline's 40 % holds at the best throughput ÷ that "
                                        "throughput"),
@@ -125,6 +132,9 @@ class BenchConfig:
     lookup_ids: int = 500
     lookup_calls: int = 2000
     lookup_rounds: int = 3
+    floor_points: list[tuple[int, int]] = field(default_factory=lambda: [(20, 32), (500, 16)])
+    """(candidates, concurrency) of the serving floor (:mod:`loadtests.floor`), CPU runs only: the
+    points of the two engine targets, measured with nothing but HTTP, batching and ONNX Runtime."""
     c1_pairs: int = 3
     """Pairs of concurrency-1 points at 20 candidates (batching, naive, back to back, which first
     alternating), the sweep's pair included; the target takes the median of the pairs' p50 ratios.
@@ -320,6 +330,35 @@ def c1_pairs(servers: dict[str, RemoteServer], bodies: dict[int, Path], report: 
     _say("20 candidates at concurrency 1, batching ÷ naive p50: "
          + ", ".join(f"{q['ratio']:.2f} ({q['batching_p50_ms']:.2f}/{q['naive_p50_ms']:.2f} ms)" for q in pairs))
     return pairs
+
+
+def floor_points(vdir: Path, graph: str, bodies: dict[int, Path], workers: int,
+                 cfg: BenchConfig) -> list[dict[str, Any]]:
+    """The serving floor at ``cfg.floor_points`` (those whose size the run has): closed loop, as the
+    sweeps measure, with the floor server's CPU time."""
+    points = []
+    server = FloorServer(vdir, graph, workers)
+    try:
+        for size, concurrency in cfg.floor_points:
+            if size not in bodies:
+                continue
+            spec = PointSpec(host="127.0.0.1", port=server.port, bodies_file=str(bodies[size]), concurrency=concurrency,
+                             warmup_s=cfg.warmup_s, window_s=cfg.window_s, max_windows=cfg.max_windows,
+                             min_requests=cfg.min_requests_per_window)
+            cpu0, t0 = _cpu_seconds(server.pids()), time.perf_counter()
+            result = run_point(spec)
+            cores = (_cpu_seconds(server.pids()) - cpu0) / (time.perf_counter() - t0)
+            rows_per_s = result.throughput_rps * size
+            points.append({"size": size, "concurrency": concurrency, "throughput_rps": round(result.throughput_rps, 2),
+                           "rows_per_s": round(rows_per_s, 1), "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
+                           "errors": result.errors, "server_cpu_cores": round(cores, 3),
+                           "rows_per_server_cpu_s": round(rows_per_s / cores, 1) if cores > 0 else 0.0,
+                           "load": _load()})
+            _say(f"floor   size={size:4d} c={concurrency:3d}: {result.throughput_rps:8.1f} req/s "
+                 f"{rows_per_s:9.0f} rows/s p50={result.p50_ms:7.2f} ms (HTTP, batching and ONNX Runtime only)")
+    finally:
+        server.stop()
+    return points
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -658,6 +697,9 @@ def run_bench(args) -> dict[str, Any]:
                     report["c1_pairs"] = c1_pairs({"service": server, "naive": naive}, bodies, report, cfg)
                 with _section(report, "tail"):
                     report["tail"] = [_tail_point(server, bodies, size, report["service"], cfg) for size in cfg.sizes]
+            if device == "cpu":
+                with _section(report, "floor"):
+                    report["floor"] = floor_points(vdir, graph, bodies, report["workers"]["count"], cfg)
             measure_engine_again("engine_middle")
             with _section(report, "overload"):
                 report["overload"] = _overload(report, repo, env | {"MTRANK_BATCHING": "true"}, bodies, cfg, device)
@@ -831,8 +873,24 @@ def compute_ratios(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def compute_informational(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Figures beside the targets: the Redis lookup against redis-benchmark, and the retry storm's goodput."""
-    return {"lookup_vs_redis_benchmark_500": _lookup_ratio(report), "retry_storm_goodput": _storm_ratio(report)}
+    """Figures beside the targets: the Redis lookup against redis-benchmark, the retry storm's goodput and
+    the serving floor against the engine."""
+    return {"lookup_vs_redis_benchmark_500": _lookup_ratio(report), "retry_storm_goodput": _storm_ratio(report),
+            **{f"floor_vs_engine_{size}_c{c}": _floor_ratio(report, size, c) for size, c in ((20, 32), (500, 16))}}
+
+
+def _floor_ratio(report: dict[str, Any], size: int, concurrency: int) -> dict[str, Any]:
+    spec = INFORMATIONAL[f"floor_vs_engine_{size}_c{concurrency}"]
+    floor = _point(report.get("floor") or [], size, concurrency)
+    if floor is None:
+        return _ratio(spec, None, missing=f"no floor point at {size} candidates, concurrency {concurrency} "
+                                          "(CPU runs with that size only)")
+    peak = report["engine"]["peak"]["rows_per_s"]
+    service = _point(report.get("service") or [], size, concurrency)
+    return _ratio(spec, floor["rows_per_s"] / peak, floor_rows_per_s=floor["rows_per_s"], engine_peak_rows_per_s=peak,
+                  service_rows_per_s=service["rows_per_s"] if service else None,
+                  service_vs_floor=round(service["rows_per_s"] / floor["rows_per_s"], 3) if service else None,
+                  floor_rows_per_server_cpu_s=floor["rows_per_server_cpu_s"])
 
 
 def _lookup_ratio(report: dict[str, Any]) -> dict[str, Any]:

@@ -118,6 +118,19 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             for i, p in enumerate(report["engine"]["curve"])]
     parts += [_table(header, rows), ""]
     parts += ["## Service (dynamic batching)", "", _points_table(report["service"]), ""]
+    if report.get("floor"):
+        service = {(q["size"], q["concurrency"]): q for q in report["service"]}
+        parts += ["### The serving floor: HTTP, batching and ONNX Runtime alone", "",
+                  "The service's HTTP stack and batcher on a fixed feed, no ranking path (`loadtests/floor.py`): "
+                  "what any ranking path is below on this machine.", "",
+                  _table(["cands", "conc", "floor req/s", "floor rows/s", "p50 ms", "server CPU cores",
+                          "rows per server CPU-s", "service rows/s", "service ÷ floor"],
+                         [[q["size"], q["concurrency"], q["throughput_rps"], q["rows_per_s"], q["p50_ms"],
+                           q["server_cpu_cores"], q["rows_per_server_cpu_s"],
+                           service.get((q["size"], q["concurrency"]), {}).get("rows_per_s", "–"),
+                           _short(service[(q["size"], q["concurrency"])]["rows_per_s"] / q["rows_per_s"])
+                           if (q["size"], q["concurrency"]) in service and q["rows_per_s"] else "–"]
+                          for q in report["floor"]]), ""]
     if report.get("c1_pairs"):
         parts += ["### 20 candidates at concurrency 1: pairs of points", "",
                   "Batching and naive back to back, which first alternating, the sweep's pair first; the target "

@@ -86,6 +86,15 @@ def check_bench_json(report: dict) -> None:
     assert storm_ratio["value"] == pytest.approx(
         storm["goodput_rps"] / ov["best_closed_loop"]["throughput_rps"], abs=1e-3)
 
+    floor = {(q["size"], q["concurrency"]): q for q in report["floor"]}
+    assert set(floor) == {(s, c) for s, c in ((20, 32), (500, 16)) if s in sizes}
+    for q in floor.values():
+        for key in ("throughput_rps", "rows_per_s", "p50_ms", "server_cpu_cores", "rows_per_server_cpu_s"):
+            _finite_positive(q[key], f"floor {key}")
+        assert q["errors"] == 0 and q["rows_per_s"] == pytest.approx(q["throughput_rps"] * q["size"], rel=1e-3)
+        informational = report["informational"][f"floor_vs_engine_{q['size']}_c{q['concurrency']}"]
+        assert informational["value"] == round(q["rows_per_s"] / report["engine"]["peak"]["rows_per_s"], 3)
+
     ratios = report["ratios"]
     assert list(ratios) == target_names(sizes) == report["target_names"]
     pairs = report["c1_pairs"]
