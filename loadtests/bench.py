@@ -252,16 +252,20 @@ def _delta(after: dict[str, float], before: dict[str, float], name: str) -> floa
     return after.get(name, 0.0) - before.get(name, 0.0)
 
 
+def _spec(port: int, bodies_file: Path, cfg: BenchConfig, **fields: Any) -> PointSpec:
+    """A load point against 127.0.0.1:``port`` with the run's warm-up and windows; ``fields`` set the rest."""
+    spec = PointSpec(host="127.0.0.1", port=port, bodies_file=str(bodies_file), warmup_s=cfg.warmup_s,
+                     window_s=cfg.window_s, max_windows=cfg.max_windows, min_requests=cfg.min_requests_per_window)
+    return replace(spec, **fields)
+
+
 def measure_point(server, bodies_file: Path, size: int, cfg: BenchConfig, concurrency: int = 0,
                   rate: float = 0.0, **spec_overrides: Any) -> dict[str, Any]:
     """One load point, with what the server's own metrics and CPU time say about it.
 
     ``spec_overrides`` replace fields of the :class:`PointSpec` (e.g. a fixed-length window).
     """
-    spec = PointSpec(host="127.0.0.1", port=server.port, bodies_file=str(bodies_file), concurrency=concurrency,
-                     rate=rate, warmup_s=cfg.warmup_s, window_s=cfg.window_s, max_windows=cfg.max_windows,
-                     min_requests=cfg.min_requests_per_window)
-    spec = replace(spec, **spec_overrides)
+    spec = _spec(server.port, bodies_file, cfg, concurrency=concurrency, rate=rate, **spec_overrides)
     before, cpu0, t0 = scrape(server.metrics()), _cpu_seconds(server.pids()), time.perf_counter()
     result = run_point(spec)
     after, cpu1, t1 = scrape(server.metrics()), _cpu_seconds(server.pids()), time.perf_counter()
@@ -342,11 +346,8 @@ def floor_points(vdir: Path, graph: str, bodies: dict[int, Path], workers: int,
         for size, concurrency in cfg.floor_points:
             if size not in bodies:
                 continue
-            spec = PointSpec(host="127.0.0.1", port=server.port, bodies_file=str(bodies[size]), concurrency=concurrency,
-                             warmup_s=cfg.warmup_s, window_s=cfg.window_s, max_windows=cfg.max_windows,
-                             min_requests=cfg.min_requests_per_window)
             cpu0, t0 = _cpu_seconds(server.pids()), time.perf_counter()
-            result = run_point(spec)
+            result = run_point(_spec(server.port, bodies[size], cfg, concurrency=concurrency))
             cores = (_cpu_seconds(server.pids()) - cpu0) / (time.perf_counter() - t0)
             rows_per_s = result.throughput_rps * size
             points.append({"size": size, "concurrency": concurrency, "throughput_rps": round(result.throughput_rps, 2),

@@ -26,18 +26,17 @@ import httpx
 import numpy as np
 import orjson
 
-from loadtests.server import free_port
+from loadtests.engine import random_feed
+from loadtests.server import free_port, process_and_children
+from mtrank.manifest import load_manifest
+from service.batcher import Batcher
+from service.runner import BATCH_SIZES, GraphRunner, best_batch_rows
+from service.settings import Settings
 
 _STATE: dict[str, Any] = {}
 
 
 def _start() -> None:
-    from loadtests.engine import random_feed
-    from mtrank.manifest import load_manifest
-    from service.batcher import Batcher
-    from service.runner import BATCH_SIZES, GraphRunner, best_batch_rows
-    from service.settings import Settings
-
     vdir = Path(os.environ["FLOOR_VERSION_DIR"])
     manifest = load_manifest(vdir, verify=False)
     graph = os.environ["FLOOR_GRAPH"]
@@ -49,14 +48,13 @@ def _start() -> None:
         batcher=Batcher(runner.run, runner.output_names, manifest.name, graph, "cpu", max_batch_rows=batch_rows,
                         max_concurrent=batches),
     )
-    _STATE["random_feed"] = random_feed
 
 
 def _fixed(rows: int) -> tuple[dict[str, np.ndarray], bytes]:
     """The feed and the answer for a request of ``rows`` candidates (made once per size)."""
     feed = _STATE["feeds"].get(rows)
     if feed is None:
-        feed = _STATE["feeds"][rows] = _STATE["random_feed"](_STATE["runner"], _STATE["manifest"], rows, _STATE["rng"])
+        feed = _STATE["feeds"][rows] = random_feed(_STATE["runner"], _STATE["manifest"], rows, _STATE["rng"])
         items = [{"item_id": f"v{i}", "rank": i + 1, "score": 0.5} for i in range(rows)]
         _STATE["answers"][rows] = orjson.dumps({"items": items})
     return feed, _STATE["answers"][rows]
@@ -115,11 +113,7 @@ class FloorServer:
                 raise TimeoutError(f"floor server: {len(answered)} of {workers} workers ready in {ready_timeout_s} s")
 
     def pids(self) -> list[int]:
-        pid = self.proc.pid
-        try:
-            return [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
-        except FileNotFoundError:
-            return [pid]
+        return process_and_children(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -27,6 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_and_children(pid: int) -> list[int]:
+    """``pid`` and its child processes (Linux; only ``pid`` once it has exited)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return [pid, *map(int, children)]
+
+
 class RemoteServer:
     """``mtrank serve`` in a subprocess. Use as a context manager; ``url`` is its base URL."""
 
@@ -96,12 +105,7 @@ class RemoteServer:
 
     def pids(self) -> list[int]:
         """The server process and its children (the workers, with ``MTRANK_WORKERS`` > 1)."""
-        pid = self.proc.pid
-        try:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        except OSError:
-            children = []
-        return [pid, *map(int, children)]
+        return process_and_children(self.proc.pid)
 
     def rss_kib(self) -> int:
         """Resident set size of the server (``VmRSS`` of /proc/PID/status, workers included), KiB; 0 once
