@@ -159,11 +159,16 @@ class Admission:
         """A ranking request passed :meth:`check` and is now in flight."""
         self.inflight += 1
 
-    def answered(self, seconds: float) -> None:
-        """An admitted request left after ``seconds`` in the server (answered or failed)."""
-        self.concurrency += 0.05 * (self.inflight - self.concurrency)
+    def answered(self, seconds: float, refused: bool = False) -> None:
+        """An admitted request left after ``seconds`` in the server (answered or failed).
+
+        ``refused``: the batcher refused it for load once decoded. It leaves the in-flight count but
+        not the averages: a burst of such quick refusals, each with many others in flight, would read
+        as a high answer rate and lift the pacing of refusals just when it is needed."""
+        if not refused:
+            self.concurrency += 0.05 * (self.inflight - self.concurrency)
+            self.latency_s += 0.05 * (seconds - self.latency_s)
         self.inflight -= 1
-        self.latency_s += 0.05 * (seconds - self.latency_s)
 
     def learn(self, body_bytes: int, rows: int) -> None:
         """A decoded request: its body size and candidate count."""

@@ -386,6 +386,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             # Before the body is read: a request that cannot finish in time costs next to nothing.
             engine.admission.check(declared, timeout_s)
             engine.admission.admitted()
+            refused = False
             try:
                 body = await _read_body(receive, declared, settings.max_body_bytes)
                 with tracing.span("parse", bytes=len(body)):
@@ -396,8 +397,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 async with asyncio.timeout(started + timeout_s - time.monotonic()):
                     result = await _unless_disconnected(receive, engine.ranker.rank(query, started + timeout_s, ctx))
                 response = Response(RESPONSE_ENCODER.encode(result), media_type="application/json")
+            except Overloaded:
+                refused = True
+                raise
             finally:
-                engine.admission.answered(time.monotonic() - started)
+                engine.admission.answered(time.monotonic() - started, refused=refused)
         except Exception as e:
             response = error_response(e)
             if response is None:

@@ -8,6 +8,8 @@ but not a trained one.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -130,6 +132,42 @@ def _toy_graph(path: Path, seed: int, tasks: Sequence[str], busy_rounds: int = 0
     model.ir_version = 8
     onnx.checker.check_model(model)
     onnx.save(model, path)
+
+
+def time_one_call(graph: Path, rows: int = 50, runs: int = 3) -> float:
+    """Median wall seconds of one ONNX Runtime call of a toy graph on ``rows`` rows, with one intra-op
+    thread (as :class:`loadtests.server.RemoteServer` runs the service)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+    feed = {"dense": np.zeros((rows, len(TOY_DENSE)), np.float32), "ids": np.zeros((rows, 2), np.int64)}
+    feed |= {f"emb.{f}": np.zeros((rows, TOY_DIM), np.float32) for f, _, _ in TOY_STORE_FIELDS}
+    session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def build_slow_version(repo: Path, call_s: float, name: str = "toy", version: int = 1) -> float:
+    """Write a toy version whose every inference call takes about ``call_s`` seconds on this host,
+    whatever its rows: the busy rounds are chosen from a timed probe graph, so a test can set its
+    deadlines against a delay it measured instead of assuming how fast the host is. Returns the
+    measured seconds of one call of the written graph."""
+    probe_rounds = 40
+    probe = Path(repo) / ".probe"
+    probe.mkdir(parents=True)
+    _toy_graph(probe / "probe.onnx", 0, [t for t, _ in TOY_TASKS], probe_rounds)
+    per_round_s = time_one_call(probe / "probe.onnx") / probe_rounds
+    for f in probe.iterdir():
+        f.unlink()
+    probe.rmdir()
+    vdir = build_toy_version(repo, name, version, busy_rounds=max(1, math.ceil(call_s / per_round_s)))
+    return time_one_call(vdir / "graphs" / "all.onnx")
 
 
 def build_toy_version(

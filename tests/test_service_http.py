@@ -432,28 +432,64 @@ def test_buckets_are_stable_across_restarts_and_sigterm_drains_in_flight_request
     assert runs[0] == runs[1] and set(runs[0]) == {"control", "treatment"}
 
 
+SLOW_CALL_S = 0.6
+"""Target wall time of one inference call of the slow toy model (measured at the fixture, not assumed)."""
+
+
 @pytest.fixture(scope="module")
-def slow_repo(tmp_path_factory) -> Path:
-    """A toy model whose every inference call takes a few hundred milliseconds, whatever its rows."""
-    from tests.server import build_toy_version
+def slow_engine(tmp_path_factory) -> tuple[Path, float]:
+    """A toy model whose every inference call takes about :data:`SLOW_CALL_S`, whatever its rows, on
+    this host (the work per call is chosen from a timed probe), and the measured seconds of one call."""
+    from tests.server import build_slow_version
 
     repo = tmp_path_factory.mktemp("slow-repo")
-    build_toy_version(repo, "toy", 1, busy_rounds=300)
-    return repo
+    call_s = build_slow_version(repo, SLOW_CALL_S)
+    assert call_s > 0.25, f"the slow toy model's call took {call_s:.3f} s: the tests below need one far over 0.1 s"
+    return repo, call_s
 
 
 SLOW_ENV = {"MTRANK_MAX_CANDIDATES": "50", "MTRANK_MAX_QUEUE_ROWS": "100", "MTRANK_MAX_CONCURRENT_BATCHES": "1",
             "MTRANK_MAX_BATCH_ROWS": "100", "MTRANK_REQUEST_TIMEOUT_MS": "1000"}
 
 
-def test_full_queue_answers_503_with_retry_after(slow_repo):
+def _metric_sum(s: RemoteServer, name: str) -> float:
+    return sum(x.value for x in _metric_samples(s.metrics(), name))
+
+
+def _wait_for_metric(s: RemoteServer, name: str, at_least: float, timeout_s: float = 10.0) -> None:
+    """Poll /metrics until ``name`` (summed over its labels) reaches ``at_least``."""
+    deadline = time.monotonic() + timeout_s
+    while _metric_sum(s, name) < at_least:
+        assert time.monotonic() < deadline, f"{name} did not reach {at_least} within {timeout_s} s"
+        time.sleep(0.005)
+
+
+def _batches_started(s: RemoteServer, n: int) -> None:
+    """Wait until ``n`` requests have left the queue for a batch (counted when the batch starts)."""
+    _wait_for_metric(s, "mtrank_queue_wait_seconds_count", n)
+
+
+def _batches_done(s: RemoteServer, n: int) -> None:
+    """Wait until ``n`` batches have finished (counted when the batch ends, even for a request
+    answered 504 long before)."""
+    _wait_for_metric(s, "mtrank_batch_rows_count", n)
+
+
+def _wait_inflight(s: RemoteServer, n: int) -> None:
+    _wait_for_metric(s, "mtrank_inflight_requests", n)
+    time.sleep(0.02)  # from admitted to queued: decoding a 50-candidate body (well under a millisecond)
+
+
+def test_full_queue_answers_503_with_retry_after(slow_engine):
+    repo, _ = slow_engine
     # A deadline so long that only MTRANK_MAX_QUEUE_ROWS can refuse.
-    with RemoteServer(slow_repo, env=SLOW_ENV | {"MTRANK_REQUEST_TIMEOUT_MS": "30000"}) as s, \
+    with RemoteServer(repo, env=SLOW_ENV | {"MTRANK_REQUEST_TIMEOUT_MS": "30000"}) as s, \
             ThreadPoolExecutor(3) as pool:
         running = pool.submit(_rank_with(s, 50), "q0")  # an idle graph runs it at once
-        time.sleep(0.05)
+        _batches_started(s, 1)
         queued = [pool.submit(_rank_with(s, 50), f"q{i}") for i in (1, 2)]  # 100 rows: the queue is full
-        time.sleep(0.05)
+        _wait_inflight(s, 3)
+        assert _metric_sum(s, "mtrank_batch_rows_count") == 0, "the first batch ended before the queue filled"
         fourth = s.post("/v1/rank", json=rank_body(user_id="q3", n=50))
         assert fourth.status_code == 503 and int(fourth.headers["retry-after"]) >= 1, fourth.text[:300]
         assert "MTRANK_MAX_QUEUE_ROWS" in fourth.json()["error"]
@@ -462,9 +498,11 @@ def test_full_queue_answers_503_with_retry_after(slow_repo):
         assert reasons["overloaded"] == 1
 
 
-def test_a_passed_deadline_answers_504(slow_repo):
-    # One inference call takes longer than the whole deadline.
-    with RemoteServer(slow_repo, env=SLOW_ENV | {"MTRANK_REQUEST_TIMEOUT_MS": "100"}) as s:
+def test_a_passed_deadline_answers_504(slow_engine):
+    repo, call_s = slow_engine
+    # One inference call takes four times the whole deadline.
+    deadline_ms = int(call_s * 1000 / 4)
+    with RemoteServer(repo, env=SLOW_ENV | {"MTRANK_REQUEST_TIMEOUT_MS": str(deadline_ms)}) as s:
         r = s.post("/v1/rank", json=rank_body(n=10))
         assert r.status_code == 504 and "deadline" in r.json()["error"], r.text[:300]
         reasons = {x.labels["reason"]: x.value for x in _metric_samples(s.metrics(), "mtrank_rejected_total")}
@@ -490,32 +528,39 @@ def _read_response(conn: socket.socket) -> str:
     return (head + b"\r\n\r\n" + body).decode()
 
 
-def test_a_request_that_cannot_finish_in_time_is_refused_before_its_body_is_read(slow_repo):
-    # One inference call takes a few hundred ms; the deadline is 150 ms (120 ms of it for queueing):
-    # a request behind a running batch cannot make it, whatever the machine's speed.
-    with RemoteServer(slow_repo, env=SLOW_ENV | {"MTRANK_REQUEST_TIMEOUT_MS": "150"}) as s, \
+def test_a_request_that_cannot_finish_in_time_is_refused_before_its_body_is_read(slow_engine):
+    repo, call_s = slow_engine
+    # The deadline is a quarter of one inference call: a request behind a running batch cannot make it.
+    deadline_ms = int(call_s * 1000 / 4)
+    with RemoteServer(repo, env=SLOW_ENV | {"MTRANK_REQUEST_TIMEOUT_MS": str(deadline_ms)}) as s, \
             ThreadPoolExecutor(1) as pool:
         s.post("/v1/rank", json=rank_body(n=50))  # the body size per candidate is learnt (answer: 504)
-        busy = pool.submit(_rank_with(s, 50), "busy")  # takes the only batch slot
-        time.sleep(0.03)
+        _batches_done(s, 1)  # its batch runs on after the 504: wait until the graph is idle again
+        busy = pool.submit(_rank_with(s, 50), "busy")  # an idle graph runs it at once
+        _batches_started(s, 2)
         with socket.create_connection(("127.0.0.1", s.port), timeout=5) as conn:
             # Headers only: the body is never sent, so only an answer before reading it can be a 503.
             conn.sendall(b"POST /v1/rank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 600000\r\n\r\n")
             answer = _read_response(conn)
+        assert _metric_sum(s, "mtrank_batch_rows_count") == 1, "the busy batch ended before the refusal"
         assert answer.startswith("HTTP/1.1 503"), answer
         assert "retry-after" in answer.lower() and "deadline" in answer, answer
-        busy.result()
+        assert busy.result().status_code == 504
 
 
-def test_clients_that_resend_at_once_on_503_get_paced_refusals(slow_repo):
+def test_clients_that_resend_at_once_on_503_get_paced_refusals(slow_engine):
     # Eight clients resend the moment they are refused, for 1.5 s, while the only batch slot is busy
-    # for longer than the 150 ms deadline: answered at once, they would get thousands of 503s.
+    # for four times the deadline: answered at once, they would get thousands of 503s.
     from service.admission import BURST_S, REFUSAL_FLOOR_PER_S, REFUSALS_PER_ANSWER
 
+    repo, call_s = slow_engine
+    deadline_ms = int(call_s * 1000 / 4)
     spin_s, clients = 1.5, 8
-    with RemoteServer(slow_repo, env=SLOW_ENV | {"MTRANK_REQUEST_TIMEOUT_MS": "150", "MTRANK_LOG_LEVEL": "info"}) as s:
+    env = SLOW_ENV | {"MTRANK_REQUEST_TIMEOUT_MS": str(deadline_ms), "MTRANK_LOG_LEVEL": "info"}
+    with RemoteServer(repo, env=env) as s:
         s.post("/v1/rank", json=rank_body(n=50))  # the body size per candidate is learnt (answer: 504)
+        _batches_done(s, 1)
         body = json.dumps(rank_body(n=50)).encode()
 
         def spin(_: int) -> list[tuple[int, float, str | None]]:
@@ -534,19 +579,23 @@ def test_clients_that_resend_at_once_on_503_get_paced_refusals(slow_repo):
     others = [a for a in answers if a[0] != 503]
     assert {a[0] for a in others} <= {200, 504}, others[:5]
     assert all(a[2] is not None and int(a[2]) >= 1 for a in refused)
-    # At most BURST_S's worth at once, then the floor rate plus a multiple of the few answers.
-    allowed = REFUSAL_FLOOR_PER_S * (spin_s + BURST_S) + REFUSALS_PER_ANSWER * len(others)
+    # At most BURST_S's worth at once, then the floor rate plus a multiple of the few answers; a
+    # held refusal waits at most until its deadline, so each client adds at most one per deadline.
+    allowed = (REFUSAL_FLOOR_PER_S * (spin_s + BURST_S) + REFUSALS_PER_ANSWER * len(others)
+               + clients * spin_s / (deadline_ms / 1000))
     assert 20 <= len(refused) <= 1.5 * allowed, (len(refused), len(others))
     assert max(a[1] for a in refused) >= 0.02, "no refusal was held"
 
 
-def test_a_client_that_hangs_up_while_queued_is_dropped(slow_repo):
-    with RemoteServer(slow_repo, env=SLOW_ENV | {"MTRANK_REQUEST_TIMEOUT_MS": "5000"}) as s, \
+def test_a_client_that_hangs_up_while_queued_is_dropped(slow_engine):
+    repo, _ = slow_engine
+    with RemoteServer(repo, env=SLOW_ENV | {"MTRANK_REQUEST_TIMEOUT_MS": "5000"}) as s, \
             ThreadPoolExecutor(2) as pool:
         first = pool.submit(_rank_with(s, 50), "first")  # occupies the only batch slot
-        time.sleep(0.05)
+        _batches_started(s, 1)
         with pytest.raises(httpx.ReadTimeout):
             s.post("/v1/rank", json=rank_body(user_id="impatient", n=5), timeout=0.1)
+        assert _metric_sum(s, "mtrank_batch_rows_count") == 0, "the first batch ended before the client hung up"
         first.result()
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
