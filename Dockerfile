@@ -50,9 +50,6 @@ RUN groupadd --system --gid 10001 mtrank \
 FROM scratch AS source
 COPY pyproject.toml README.md /src/
 COPY mtrank /src/mtrank
-COPY training /src/training
-COPY export /src/export
-COPY service /src/service
 COPY loadtests /src/loadtests
 
 # builder: installs the project (not editable) into /opt/venv on the runtime base of the variant,
@@ -83,7 +80,7 @@ CMD ["--help"]
 
 # ---------------------------------------------------------------------------------------------
 # loadtest: locust running loadtests/locustfile.py. The scenario imports numpy, orjson and the
-# project's loadtests and mtrank packages: the base install (no ONNX Runtime, no torch) plus locust.
+# project's mtrank package (mtrank.bench.workload): the base install (no ONNX Runtime, no torch) plus locust.
 FROM base-cpu AS loadtest
 ARG LOCUST_VERSION=2.47.0
 WORKDIR /app

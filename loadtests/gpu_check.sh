@@ -138,7 +138,7 @@ EOF
 step model
 # Run from the work dir: the checkout's own packages must not shadow the installed ones.
 cd "$WORK"
-"$PY" -m loadtests.prepare "$WORK/bench/repo" ple
+"$PY" -m mtrank.bench.prepare "$WORK/bench/repo" ple
 
 step serve
 PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -154,7 +154,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from loadtests.workload import Catalog, RequestFactory
+from mtrank.bench.workload import Catalog, RequestFactory
 
 port, repo, out, pid = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30.0)

@@ -28,7 +28,7 @@ import numpy as np
 import orjson
 from locust import FastHttpUser, between, events, task
 
-from loadtests.workload import Catalog, RequestFactory
+from mtrank.bench.workload import Catalog, RequestFactory
 
 REPO = Path(os.environ.get("MTRANK_LOCUST_REPO", "bench/repo"))
 MODEL = os.environ.get("MTRANK_LOCUST_MODEL", "ple")

@@ -13,7 +13,7 @@ class CLIError(Exception):
 
 
 def _synth(a: argparse.Namespace) -> None:
-    from training.synth import generate
+    from mtrank.training.synth import generate
 
     generate(a.out, rows=a.rows, seed=a.seed, shards=a.shards)
     splits = f"{{train,valid,test}}/ ({a.shards} Parquet files each)" if a.shards else "{train,valid,test}.parquet"
@@ -25,20 +25,20 @@ def _train(a: argparse.Namespace) -> int:
         raise CLIError("--model, --data and --out are required (or --resume RUN to continue a killed run)")
     nproc = a.nproc
     if a.resume is not None and nproc is None:
-        from training.trainer import resume_world
+        from mtrank.training.trainer import resume_world
 
         nproc = resume_world(a.resume)
     if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from training.distributed import launch
+        from mtrank.training.distributed import launch
 
         return launch(_without_option(a.argv, "--nproc"), nproc)
     if a.resume is not None:
-        from training.trainer import resume
+        from mtrank.training.trainer import resume
 
         report = resume(a.resume, progress=True)
         out = a.resume
     else:
-        from training.trainer import train
+        from mtrank.training.trainer import train
 
         overrides = {"lr": a.lr, "batch_size": a.batch_size, "patience": a.patience, "threads": a.threads,
                      "loss_weighting": a.loss_weighting}
@@ -67,7 +67,7 @@ def _without_option(argv: list[str], name: str) -> list[str]:
 
 
 def _evaluate(a: argparse.Namespace) -> None:
-    from training.evaluate import evaluate_run
+    from mtrank.training.evaluate import evaluate_run
 
     report = evaluate_run(a.run, a.data, split=a.split, baseline=a.baseline, stem_pair=a.stem_pair)
     _print_summary(report)
@@ -75,26 +75,26 @@ def _evaluate(a: argparse.Namespace) -> None:
 
 
 def _export(a: argparse.Namespace) -> None:
-    from export.exporter import export_run
+    from mtrank.export.exporter import export_run
 
     version_dir = export_run(a.run, a.repo, name=a.name, fp16=a.fp16)
     print(f"wrote {version_dir}")
 
 
 def _load_embeddings(a: argparse.Namespace) -> None:
-    from export.redis_loader import load_embeddings
+    from mtrank.export.redis_loader import load_embeddings
 
     load_embeddings(a.repo, a.model, a.redis, version=a.version, prune=a.prune, shards=a.shards)
 
 
 def _serve(a: argparse.Namespace) -> None:
-    from service.main import serve
+    from mtrank.service.main import serve
 
     serve(repo=a.repo, host=a.host, port=a.port, redis_url=a.redis)
 
 
 def _bench(a: argparse.Namespace) -> None:
-    from loadtests.bench import run_bench
+    from mtrank.bench.harness import run_bench
 
     run_bench(a)
 
@@ -122,7 +122,7 @@ def _positive_int(text: str) -> int:
 
 
 def _tune_fusion(a: argparse.Namespace) -> None:
-    from training.fusion_tuning import TuningConfig, parse_task_values, tune_fusion
+    from mtrank.training.fusion_tuning import TuningConfig, parse_task_values, tune_fusion
 
     cfg = TuningConfig(
         value=parse_task_values(a.value, "--value") if a.value else None,
@@ -322,9 +322,9 @@ def run() -> None:
     """The console script: ``main()``'s status is the process's exit status."""
     status = main()
     # A data-parallel worker that joined its process group ends without the interpreter's
-    # finalisation (training.distributed.exit_worker). Looked up, not imported: serving never
+    # finalisation (mtrank.training.distributed.exit_worker). Looked up, not imported: serving never
     # loads torch.
-    workers = sys.modules.get("training.distributed")
+    workers = sys.modules.get("mtrank.training.distributed")
     if workers is not None and workers.joined_group():
         workers.exit_worker(status)
     sys.exit(status)

@@ -27,8 +27,8 @@ def _step(message: str) -> None:
 
 def sample_request(data_dir: Path, n_candidates: int = 5) -> dict:
     """A request built from real test rows: one user and a few of the items shown to users."""
-    from training import data as data_io
-    from training import dataset
+    from mtrank.training import data as data_io
+    from mtrank.training import dataset
 
     spec = data_io.load_spec(data_dir)
     frame = dataset.load_split(data_dir, "test", spec)
@@ -64,19 +64,19 @@ def run_demo(workdir: Path, host: str = "127.0.0.1", port: int = 8000, rows: int
     workdir = Path(workdir)
     data_dir, run_dir, repo = workdir / "data", workdir / f"run-{model}", workdir / "repo"
     if not (data_dir / "spec.yaml").is_file():
-        from training.synth import generate
+        from mtrank.training.synth import generate
 
         _step(f"generating {rows} synthetic impressions into {data_dir}")
         generate(data_dir, rows=rows, seed=1)
     if not (run_dir / "checkpoint.json").is_file():
-        from training.trainer import train
+        from mtrank.training.trainer import train
 
         config = Path(__file__).resolve().parents[1] / "configs" / f"{model}.yaml"
         _step(f"training {model} into {run_dir}")
         report = train(model, data_dir, run_dir, config_path=config if config.is_file() else None, epochs=2)
         _step(f"test avg AUC {report['avg_auc']:.4f} (oracle {report.get('avg_oracle_auc')})")
     if not list_versions(repo, model):
-        from export.exporter import export_run
+        from mtrank.export.exporter import export_run
 
         _step(f"exporting to {repo}")
         export_run(run_dir, repo, name=model)
@@ -86,7 +86,7 @@ def run_demo(workdir: Path, host: str = "127.0.0.1", port: int = 8000, rows: int
     print("\nReady-to-paste request (once the server says it is up):\n", file=sys.stderr)
     print(f"curl -s {url} -H 'content-type: application/json' -d {shlex.quote(body)}\n", file=sys.stderr, flush=True)
 
-    from service.main import serve
+    from mtrank.service.main import serve
 
     if "MTRANK_BUCKETS" not in os.environ:
         os.environ["MTRANK_BUCKETS"] = json.dumps(DEMO_BUCKETS)

@@ -57,7 +57,7 @@ def redis_prefix(redis_url: str):
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
-    from training.synth import generate
+    from mtrank.training.synth import generate
 
     out = tmp_path_factory.mktemp("synth")
     generate(out, rows=SYNTH_ROWS, seed=SYNTH_SEED, progress=False)
@@ -69,7 +69,7 @@ def trained_run(synth_dir: Path, tmp_path_factory) -> Callable[[str], Path]:
     """``trained_run("ple")`` → a run directory trained for one short epoch (cached)."""
     import yaml
 
-    from training.trainer import train
+    from mtrank.training.trainer import train
 
     cache: dict[str, Path] = {}
 
@@ -88,7 +88,7 @@ def trained_run(synth_dir: Path, tmp_path_factory) -> Callable[[str], Path]:
 @pytest.fixture(scope="session")
 def exported_repo(trained_run, tmp_path_factory) -> Callable[[str], Path]:
     """``exported_repo("ple")`` → a model repository holding version 1 of model ``ple`` (cached)."""
-    from export.exporter import export_run
+    from mtrank.export.exporter import export_run
 
     cache: dict[str, Path] = {}
 

@@ -1,6 +1,6 @@
 """Test helpers for the service: a tiny hand-built model repository and request bodies.
 
-The server process itself is :class:`loadtests.server.RemoteServer`. :func:`build_toy_version`
+The server process itself is :class:`mtrank.bench.server.RemoteServer`. :func:`build_toy_version`
 writes a model version that follows the manifest contract exactly (ONNX graphs made with
 ``onnx.helper``, store tables, checksums) in a fraction of a second, for tests that need a model
 but not a trained one.
@@ -136,7 +136,7 @@ def _toy_graph(path: Path, seed: int, tasks: Sequence[str], busy_rounds: int = 0
 
 def time_one_call(graph: Path, rows: int = 50, runs: int = 3) -> float:
     """Median wall seconds of one ONNX Runtime call of a toy graph on ``rows`` rows, with one intra-op
-    thread (as :class:`loadtests.server.RemoteServer` runs the service)."""
+    thread (as :class:`mtrank.bench.server.RemoteServer` runs the service)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

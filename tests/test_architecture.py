@@ -11,17 +11,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("mtrank", "training", "export", "service", "loadtests")
+PACKAGE = "mtrank"
+"""The one import name the distribution installs; the stages are its subpackages."""
+STAGES = ("training", "export", "service", "bench")
 ENTRY_POINTS = {"mtrank.cli", "mtrank.demo"}
-"""The command line: the one place that may reach every stage."""
+"""The command line: the one place that may reach every stage, and that nothing imports."""
 ALLOWED = {
-    "mtrank": set(),
-    "training": {"mtrank"},
-    "export": {"mtrank", "training"},
-    "service": {"mtrank"},
-    "loadtests": {"mtrank", "service", "training", "export"},
+    "contracts": set(),
+    "training": {"contracts"},
+    "export": {"contracts", "training"},
+    "service": {"contracts"},
+    "bench": {"contracts", "service", "training", "export"},
+    "cli": {"contracts", "training", "export", "service", "bench"},
 }
-"""Package → the project packages its modules may import (besides itself)."""
+"""Layer → the project layers its modules may import (besides its own)."""
 
 
 def _module_name(path: Path) -> str:
@@ -30,7 +33,16 @@ def _module_name(path: Path) -> str:
 
 
 def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+    return {_module_name(p): p for p in sorted((ROOT / PACKAGE).rglob("*.py"))}
+
+
+def _layer(module: str) -> str:
+    """``cli`` for the entry points, the stage for ``mtrank.<stage>...``, else ``contracts`` (the
+    torch-free modules at the top of the package: spec, manifest, transform, store keys, fusion)."""
+    if module in ENTRY_POINTS:
+        return "cli"
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in STAGES else "contracts"
 
 
 def _imports(module: str, path: Path) -> Iterator[str]:
@@ -96,16 +108,28 @@ def test_module_import_graph_is_acyclic():
 
 
 def test_stages_import_only_the_stages_before_them():
-    wrong = []
-    for module, deps in _project_graph().items():
-        if module in ENTRY_POINTS:
-            continue
-        package = module.split(".")[0]
-        for dep in deps:
-            other = dep.split(".")[0]
-            if other != package and other not in ALLOWED[package]:
-                wrong.append(f"{module} imports {dep}")
+    wrong = [
+        f"{module} imports {dep}"
+        for module, deps in _project_graph().items()
+        for dep in deps
+        if _layer(dep) != _layer(module) and _layer(dep) not in ALLOWED[_layer(module)]
+    ]
     assert wrong == []
+
+
+def test_the_contracts_import_no_stage_and_nothing_imports_the_cli():
+    graph = _project_graph()
+    contracts = [m for m in graph if _layer(m) == "contracts"]
+    assert {"mtrank.spec", "mtrank.manifest", "mtrank.transform", "mtrank.store_keys", "mtrank.fusion"} <= {
+        *contracts}
+    assert [f"{m} imports {d}" for m in contracts for d in graph[m] if _layer(d) != "contracts"] == []
+    assert [f"{m} imports {d}" for m, deps in graph.items() for d in deps
+            if d in ENTRY_POINTS and m not in ENTRY_POINTS] == []
+
+
+def test_the_layer_rule_sees_a_contract_importing_a_stage():
+    assert _layer("mtrank.service.app") == "service" and _layer("mtrank.spec") == "contracts"
+    assert "contracts" in ALLOWED["service"] and "service" not in ALLOWED["contracts"]
 
 
 def test_nothing_packaged_imports_the_tests():
@@ -122,9 +146,9 @@ def test_service_and_the_shared_contracts_never_import_torch():
     offenders = [
         f"{module} imports {name}"
         for module, path in _modules().items()
-        if module.split(".")[0] in ("service", "mtrank") and module not in ENTRY_POINTS
+        if _layer(module) in ("service", "contracts")
         for name in _imports(module, path)
-        if name.split(".")[0] in ("torch", "training", "export", "pandas")
+        if name.split(".")[0] in ("torch", "pandas") or (name in _modules() and _layer(name) in ("training", "export"))
     ]
     assert offenders == []
 

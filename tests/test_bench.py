@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.bench import compute_ratios, target_names
-from loadtests.loadgen import PointSpec, run_point, write_bodies
+from mtrank.bench.harness import compute_ratios, target_names
+from mtrank.bench.loadgen import PointSpec, run_point, write_bodies
 from tests.conftest import IN_CI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +202,7 @@ def _hand_point(size: int, concurrency: int, rps: float, p50: float, p99: float,
 
 def test_target_ratios_from_hand_made_figures():
     """Each target is the quotient the issue names, compared the way it names; missing points are None."""
-    from loadtests.bench import compute_ratios, target_names
+    from mtrank.bench.harness import compute_ratios, target_names
 
     curve = [{"batch": b, "rows_per_s": r, "rows_per_cpu_s": r} for b, r in ((1, 1000.0), (512, 100_000.0))]
     report = {
@@ -244,7 +244,7 @@ def test_target_ratios_from_hand_made_figures():
 def test_the_concurrency_1_ratio_is_the_median_of_its_pairs():
     """Each pair's p50s were measured back to back; the target is the middle pair's ratio, not a ratio of
     medians taken minutes apart."""
-    from loadtests.bench import compute_ratios
+    from mtrank.bench.harness import compute_ratios
 
     curve = [{"batch": 1, "rows_per_s": 1000.0, "rows_per_cpu_s": 1000.0}]
     report = {
@@ -270,7 +270,7 @@ def test_the_concurrency_1_ratio_is_the_median_of_its_pairs():
 
 
 def test_the_engine_reference_is_the_best_of_its_measurements():
-    from loadtests.bench import _engine_again
+    from mtrank.bench.harness import _engine_again
 
     def engine(peak: float) -> dict:
         return {"peak": {"rows_per_s": peak, "batch": 1024}, "curve": []}

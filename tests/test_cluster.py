@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from export.redis_loader import load_embeddings
-from export.tables import write_table
-from loadtests.server import RemoteServer
 from mtrank import store_keys
+from mtrank.bench.server import RemoteServer
+from mtrank.export.redis_loader import load_embeddings
+from mtrank.export.tables import write_table
 from mtrank.manifest import Manifest, load_manifest, open_vectors, read_ids, version_dir, write_manifest
-from service.stores import LocalTable, RedisStore
+from mtrank.service.stores import LocalTable, RedisStore
 from tests.cluster import LocalCluster, redis_binaries
 from tests.server import build_toy_version, rank_body
 

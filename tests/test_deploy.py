@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from loadtests.server import free_port
+from mtrank.bench.server import free_port
 from tests.conftest import _need
 from tests.deploy_refs import (
     ALERTS,
@@ -107,7 +107,7 @@ def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
 
 def _known_settings() -> frozenset[str]:
     """The environment variables the service reads: its Settings fields with their prefix."""
-    from service.settings import Settings
+    from mtrank.service.settings import Settings
 
     prefix = Settings.model_config["env_prefix"]
     return frozenset(prefix + name.upper() for name in Settings.model_fields)
@@ -137,7 +137,7 @@ def _image_tag(image: str) -> str | None:
 
 def _check_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """The service's own settings validation accepts ``env`` (types, ranges, bucket shares...)."""
-    from service.settings import load_settings
+    from mtrank.service.settings import load_settings
 
     for name in list(os.environ):
         if name.startswith("MTRANK_"):
@@ -906,7 +906,7 @@ def test_compose_admin_token_has_no_built_in_value(monkeypatch):
     assert env["MTRANK_ADMIN_TOKEN"] == "${MTRANK_ADMIN_TOKEN:-}"
     assert "change-me" not in COMPOSE.read_text()
     monkeypatch.setenv("MTRANK_ADMIN_TOKEN", "")
-    from service.settings import load_settings
+    from mtrank.service.settings import load_settings
 
     assert load_settings().admin_token is None
     assert "admin endpoints are off" in DEPLOY_README.read_text()
@@ -960,7 +960,7 @@ def test_loadtest_image_installs_what_the_locustfile_imports():
 
     # In a subprocess: locust patches the standard library with gevent when imported.
     code = (
-        "import sys; before = set(sys.modules); import loadtests.locustfile; "
+        "import sys; before = set(sys.modules); import runpy; runpy.run_path('loadtests/locustfile.py'); "
         "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MTRANK_")}
@@ -1239,7 +1239,7 @@ def test_readiness_comment_says_what_readyz_answers():
             break
         comment.insert(0, line.strip().lstrip("# "))
     text = " ".join(comment)
-    # service/app.py: a store outage answers 200 with "degraded": true; 503 is for draining or
+    # mtrank/service/app.py: a store outage answers 200 with "degraded": true; 503 is for draining or
     # a bucket without a servable version.
     assert '"degraded": true' in text and "200" in text and "503" in text and "draining" in text
     assert "reachable store" not in text

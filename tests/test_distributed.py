@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from mtrank.cli import main
-from training.checkpoint import partial_dir
+from mtrank.training.checkpoint import partial_dir
 
 MODEL = {"embedding_dim": 4, "bottom_hidden": [32], "tower_hidden": [8]}
 TRAIN = {"epochs": 1, "batch_size": 256, "eval_train_rows": 1000, "seed": 3}
@@ -22,7 +22,7 @@ TRAIN = {"epochs": 1, "batch_size": 256, "eval_train_rows": 1000, "seed": 3}
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> Path:
-    from training.synth import generate
+    from mtrank.training.synth import generate
 
     out = tmp_path_factory.mktemp("ddp-data")
     generate(out, rows=20_000, seed=7, progress=False, shards=4)

@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export import exporter
-from export.exporter import ParityError, export_run
 from mtrank.cli import main as cli_main
+from mtrank.export import exporter
+from mtrank.export.exporter import ParityError, export_run
 from mtrank.manifest import (
     ALL_GROUPS,
     DENSE_INPUT,
@@ -29,9 +29,9 @@ from mtrank.manifest import (
     version_dir,
 )
 from mtrank.spec import DenseField, FeatureSpec, SparseField, Task
-from training.checkpoint import load_run, save_run
-from training.features import DenseStats, Preprocessor
-from training.models.registry import create_model, make_config, model_names
+from mtrank.training.checkpoint import load_run, save_run
+from mtrank.training.features import DenseStats, Preprocessor
+from mtrank.training.models.registry import create_model, make_config, model_names
 
 MODELS = model_names()
 BATCH_SIZES = (1, 7, 1024)

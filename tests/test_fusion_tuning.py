@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from loadtests.server import RemoteServer
+from mtrank.bench.server import RemoteServer
 from mtrank.cli import main
 from mtrank.fusion import BucketConfig, check_buckets, log_scores, rank_order
+from mtrank.training.fusion_tuning import TuningConfig, ndcg_at_k, parse_task_values, top_k_watch_time, tune_fusion
 from tests.server import rank_body
-from training.fusion_tuning import TuningConfig, ndcg_at_k, parse_task_values, top_k_watch_time, tune_fusion
 
 VALUE = "vtr=1,finish=2,like=5,share=10,skip=-1"
 BUDGET = 20
@@ -118,9 +118,9 @@ def test_guardrail_keeps_every_task_within_the_allowed_loss(trained_run, synth_d
 @pytest.mark.parametrize(("objective", "length_fn"), [("ndcg", "log1p"), ("ndcg", "power"), ("watch_time", "sigmoid")])
 def test_reported_objective_is_the_one_of_the_written_buckets(trained_run, synth_dir, tmp_path, objective, length_fn):
     # Recompute the held-out objective from buckets.json with the service's fusion: same number.
-    from training.checkpoint import load_run
-    from training.dataset import load_split
-    from training.evaluate import predict_frame
+    from mtrank.training.checkpoint import load_run
+    from mtrank.training.dataset import load_split
+    from mtrank.training.evaluate import predict_frame
 
     report = _tune(trained_run, synth_dir, tmp_path, seed=2, objective=objective, k=3, length_fn=length_fn)
     treatment = BucketConfig(**json.loads((tmp_path / "buckets.json").read_text())[1])

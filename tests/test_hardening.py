@@ -17,7 +17,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtests.server import RemoteServer
+from mtrank.bench.server import RemoteServer
 from tests.server import build_toy_version, rank_body
 
 ADMIN_TOKEN = "hardening-token"
@@ -186,8 +186,8 @@ def test_work_of_a_cancelled_request_never_leaves_an_unretrieved_exception(when)
     """The races behind "Task exception was never retrieved": the ranking work fails (a batcher
     deadline) in the same loop iteration as the request's timeout cancels the handler, or it
     turns its cancellation into an error of its own (as client libraries do when interrupted)."""
-    from service.app import _unless_disconnected
-    from service.errors import DeadlineExceeded
+    from mtrank.service.app import _unless_disconnected
+    from mtrank.service.errors import DeadlineExceeded
 
     async def scenario() -> list[dict]:
         loop = asyncio.get_running_loop()

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.server import RemoteServer
-from service.logs import BlockHandler, JsonFormatter
+from mtrank.bench.server import RemoteServer
+from mtrank.service.logs import BlockHandler, JsonFormatter
 from tests.conftest import _need
 from tests.server import build_toy_version, rank_body
 
@@ -174,7 +174,7 @@ def test_block_handler_survives_a_reader_that_is_gone(capsys):
 
 _WRITER = """
 import logging, sys
-from service.logs import BlockHandler
+from mtrank.service.logs import BlockHandler
 handler = BlockHandler(sys.stderr, flush_s=60.0)
 logger = logging.getLogger("w")
 logger.addHandler(handler)
@@ -205,7 +205,7 @@ def test_two_processes_sharing_a_pipe_never_interleave_inside_a_line():
 
 
 def test_a_terminal_gets_each_line_as_it_comes_and_a_pipe_gets_blocks():
-    from service.logs import configure_logging
+    from mtrank.service.logs import configure_logging
 
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
@@ -245,7 +245,7 @@ def test_a_running_server_writes_its_request_lines_within_the_flush_interval(toy
 
 
 def test_tracing_is_a_shared_no_op_when_off():
-    from service import tracing
+    from mtrank.service import tracing
 
     assert not tracing.enabled()
     assert tracing.span("lookup") is tracing.span("fusion", rows=3)
@@ -261,9 +261,9 @@ def test_a_traced_rank_request_has_its_stage_spans_under_the_callers_trace(toy_r
         _need(f"opentelemetry-sdk (the otel extra) is not installed: {e}")
     from fastapi.testclient import TestClient
 
-    from service import tracing
-    from service.app import create_app
-    from service.settings import load_settings
+    from mtrank.service import tracing
+    from mtrank.service.app import create_app
+    from mtrank.service.settings import load_settings
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from mtrank.spec import DenseField, Facet, FacetRule, FeatureSpec, SparseField, Task
-from training.metrics import auc, evaluate_predictions, logloss, mse, mtl_gain
+from mtrank.training.metrics import auc, evaluate_predictions, logloss, mse, mtl_gain
 
 
 def _pairwise_auc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from mtrank.spec import FeatureSpec, SpecError
-from training.features import Preprocessor
-from training.models.registry import create_model, make_config
-from training.profile import forward_cost
-from training.trainer import Tensors, TrainConfig, Trainer, evaluate, to_tensors
+from mtrank.training.features import Preprocessor
+from mtrank.training.models.registry import create_model, make_config
+from mtrank.training.profile import forward_cost
+from mtrank.training.trainer import Tensors, TrainConfig, Trainer, evaluate, to_tensors
 
 PRODUCT_MODELS = ["flat", "h_mtl", "mfh"]
 # Small sizes keep every test well under a second; the structure is the default one.
@@ -368,11 +368,11 @@ def test_three_facet_mfh_trains_with_mtrank_train_and_exports_with_an_item_facet
     import onnxruntime as ort
     import yaml
 
-    from export.exporter import export_run
     from mtrank.cli import main as cli_main
+    from mtrank.export.exporter import export_run
     from mtrank.manifest import ITEM_FACET_INPUT, TensorInfo, load_manifest
+    from mtrank.training.checkpoint import load_run
     from tests.test_export import random_rows, serving_feeds
-    from training.checkpoint import load_run
 
     config = tmp_path / "mfh3.yaml"
     model_cfg = {**SMALL["mfh"], "item_facet": True}

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from mtrank.spec import FeatureSpec, SpecError
-from training.features import Preprocessor
-from training.losses import LossWeighting, masked_task_losses
-from training.models.registry import create_model, make_config, model_names
-from training.trainer import to_tensors
+from mtrank.training.features import Preprocessor
+from mtrank.training.losses import LossWeighting, masked_task_losses
+from mtrank.training.models.registry import create_model, make_config, model_names
+from mtrank.training.trainer import to_tensors
 
 FOUNDATION = ["single", "shared_bottom", "mmoe", "cgc", "ple"]
 
@@ -179,7 +179,7 @@ def test_a_forward_without_a_gates_dict_leaves_no_state_behind(tiny, name):
 
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "training" / "models"
-SHARED_MODULES = {"training.models.blocks", "training.models.base", "training.models.registry"}
+SHARED_MODULES = {"mtrank.training.models.blocks", "mtrank.training.models.base", "mtrank.training.models.registry"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -191,16 +191,16 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names if base == "training.models"}
+            found |= {f"{base}.{a.name}" for a in node.names if base == "mtrank.training.models"}
     return found
 
 
 @pytest.mark.parametrize("path", sorted(MODEL_DIR.glob("*.py")), ids=lambda p: p.name)
 def test_model_files_import_only_torch_the_spec_and_the_shared_blocks(path):
-    allowed_own = SHARED_MODULES | {"training.models"}
+    allowed_own = SHARED_MODULES | {"mtrank.training.models"}
     if path.stem == "__init__":
         # The package imports every model module so that their @register decorators run.
-        allowed_own |= {f"training.models.{p.stem}" for p in MODEL_DIR.glob("*.py")}
+        allowed_own |= {f"mtrank.training.models.{p.stem}" for p in MODEL_DIR.glob("*.py")}
     bad = []
     for module in _imports(path):
         top = module.split(".")[0]

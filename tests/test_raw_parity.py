@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from loadtests.server import RemoteServer
+from mtrank.bench.server import RemoteServer
 from tests.conftest import FAST_MODEL_CONFIGS
 
 TOLERANCE = 1e-5
@@ -51,8 +51,8 @@ def int_id_data(synth_dir: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def served_runs(int_id_data: Path, tmp_path_factory):
     """``get(case)`` → (run dir, repository) trained and exported on the integer-id data (cached)."""
-    from export.exporter import export_run
-    from training.trainer import train
+    from mtrank.export.exporter import export_run
+    from mtrank.training.trainer import train
 
     cache: dict[str, tuple[Path, Path]] = {}
 
@@ -130,9 +130,9 @@ def _requests(rows: pd.DataFrame) -> list[dict]:
 
 
 def _torch_scores(run_dir: Path, rows: pd.DataFrame) -> dict[str, np.ndarray]:
-    from training.checkpoint import load_run
-    from training.data import conform_frame
-    from training.evaluate import predict_frame
+    from mtrank.training.checkpoint import load_run
+    from mtrank.training.data import conform_frame
+    from mtrank.training.evaluate import predict_frame
 
     run = load_run(run_dir)
     preds, _ = predict_frame(run, conform_frame(rows, run.spec))

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import redis
 
-from export.redis_loader import load_embeddings, load_table, loaded_version, prune_versions
-from export.tables import write_table
 from mtrank import store_keys
 from mtrank.cli import main as cli_main
+from mtrank.export.redis_loader import load_embeddings, load_table, loaded_version, prune_versions
+from mtrank.export.tables import write_table
 from mtrank.manifest import Manifest, ManifestError, load_manifest, open_vectors, read_ids, version_dir, write_manifest
+from mtrank.training.models.registry import model_names
 from tests.cluster import free_node_port
 from tests.conftest import _need
-from training.models.registry import model_names
 
 pytestmark = pytest.mark.redis
 DIM = 4

@@ -12,15 +12,15 @@ import pytest
 import torch
 import yaml
 
-from export.exporter import export_run
+from mtrank.export.exporter import export_run
 from mtrank.fusion import P_MIN, LengthFn, log_scores
 from mtrank.manifest import ALL_GROUPS, load_manifest
 from mtrank.spec import FeatureSpec, SpecError
+from mtrank.training.checkpoint import load_run
+from mtrank.training.evaluate import evaluate_run
+from mtrank.training.outputs import OutputLayer, TaskOutput, choose_output, fit_output
+from mtrank.training.trainer import predict, to_tensors, train
 from tests.test_export import serving_feeds
-from training.checkpoint import load_run
-from training.evaluate import evaluate_run
-from training.outputs import OutputLayer, TaskOutput, choose_output, fit_output
-from training.trainer import predict, to_tensors, train
 
 ROWS = {"train": 6000, "valid": 1500, "test": 3000}
 LABEL_STD = 1.15

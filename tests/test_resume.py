@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from mtrank.cli import main
-from training.checkpoint import partial_dir
+from mtrank.training.checkpoint import partial_dir
 
 MODEL = {"embedding_dim": 4, "bottom_hidden": [32], "tower_hidden": [8]}
 # 16k train rows in batches of 64: 250 steps an epoch, a checkpoint every 7 steps (never on an

@@ -15,19 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadtests.server import free_port
 from mtrank import fusion
+from mtrank.bench.server import free_port
 from mtrank.fusion import BucketConfig, LengthFn
 from mtrank.manifest import DenseInfo
+from mtrank.service.admission import Admission
+from mtrank.service.batcher import Batcher, LoadEstimate
+from mtrank.service.buckets import BucketTable, user_slot
+from mtrank.service.errors import DeadlineExceeded, Overloaded
+from mtrank.service.runner import GraphRunner, best_batch_rows
+from mtrank.service.settings import ConfigError, load_settings
+from mtrank.service.stores import InProcessStore, LocalTable, RedisStore, _unique, lookup
 from mtrank.spec import Facet, FacetRule
 from mtrank.transform import FeatureTransform, TransformError
-from service.admission import Admission
-from service.batcher import Batcher, LoadEstimate
-from service.buckets import BucketTable, user_slot
-from service.errors import DeadlineExceeded, Overloaded
-from service.runner import GraphRunner, best_batch_rows
-from service.settings import ConfigError, load_settings
-from service.stores import InProcessStore, LocalTable, RedisStore, _unique, lookup
 from tests.server import TOY_ITEMS, TOY_USERS, build_toy_version
 
 # -- fusion ---------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def test_bucket_assignment_is_stable_across_processes_and_depends_on_the_salt():
     ids = [f"user-{i}" for i in range(200)]
     here = [user_slot("s1", u) for u in ids]
     code = (
-        "from service.buckets import user_slot;"
+        "from mtrank.service.buckets import user_slot;"
         "print(','.join(str(user_slot('s1', f'user-{i}')) for i in range(200)))"
     )
     # A fresh interpreter has a different str hash seed: the slots must not depend on it.
@@ -194,7 +194,7 @@ def test_settings_defaults_and_overrides(monkeypatch):
     ids=["v2 unlimited", "v2 1.5 cores", "v1 unlimited", "v1 4 cores", "no cgroup"],
 )
 def test_cpu_quota_is_read_from_cgroup_v2_or_v1(tmp_path, files, quota):
-    from service.settings import cpu_quota
+    from mtrank.service.settings import cpu_quota
 
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +203,7 @@ def test_cpu_quota_is_read_from_cgroup_v2_or_v1(tmp_path, files, quota):
 
 
 def test_workers_default_to_one_per_available_core_within_the_quota(monkeypatch):
-    import service.settings as settings
+    import mtrank.service.settings as settings
 
     monkeypatch.delenv("MTRANK_WORKERS", raising=False)
     monkeypatch.setattr(settings.os, "sched_getaffinity", lambda _pid: set(range(16)))
@@ -523,7 +523,7 @@ def test_in_process_store_gives_default_vectors_for_missing_ids(toy_version):
 
 @pytest.mark.redis
 def test_redis_and_in_process_stores_return_identical_vectors(toy_version, redis_url, redis_prefix):
-    from export.redis_loader import load_embeddings
+    from mtrank.export.redis_loader import load_embeddings
 
     load_embeddings(toy_version.parent.parent, "toy", redis_url, prefix=redis_prefix, progress=False)
     tables = _tables(toy_version)
@@ -685,8 +685,8 @@ def test_close_waits_for_the_running_batch_and_fails_what_is_queued(tiny_runner)
 
 
 def test_event_loop_lag_is_what_a_blocked_loop_delays_a_timer():
-    from service import metrics
-    from service.app import watch_event_loop_lag
+    from mtrank.service import metrics
+    from mtrank.service.app import watch_event_loop_lag
 
     def lag_sum() -> float:
         return next(s.value for s in metrics.EVENT_LOOP_LAG.collect()[0].samples if s.name.endswith("_sum"))
@@ -707,7 +707,7 @@ def test_event_loop_lag_is_what_a_blocked_loop_delays_a_timer():
 
 
 def test_workers_time_their_graphs_one_at_a_time(tmp_path, monkeypatch):
-    from service.workers import WARM_UP_LOCK_VARIABLE, warm_up_turn
+    from mtrank.service.workers import WARM_UP_LOCK_VARIABLE, warm_up_turn
 
     monkeypatch.setenv(WARM_UP_LOCK_VARIABLE, str(tmp_path / "warm-up.lock"))
     spans: list[tuple[float, float]] = []
@@ -730,7 +730,7 @@ def test_workers_time_their_graphs_one_at_a_time(tmp_path, monkeypatch):
 def test_a_busy_loop_accepts_every_waiting_connection_at_once():
     """On a loop whose iterations each take 20 ms (a busy service), 100 connections that wait in the
     kernel's queue are all accepted within a few iterations (libuv alone takes one per iteration)."""
-    from service.listener import listening_socket, loop_factory
+    from mtrank.service.listener import listening_socket, loop_factory
 
     made: list[float] = []
 
@@ -769,7 +769,7 @@ def test_a_busy_loop_accepts_every_waiting_connection_at_once():
 
 
 def test_refusals_beyond_a_multiple_of_the_answer_rate_are_paced():
-    from service.admission import BURST_S, MAX_HOLD_S, REFUSAL_FLOOR_PER_S, REFUSALS_PER_ANSWER
+    from mtrank.service.admission import BURST_S, MAX_HOLD_S, REFUSAL_FLOOR_PER_S, REFUSALS_PER_ANSWER
 
     now = [1000.0]
     admission = Admission(LoadEstimate(parallelism=1), clock=lambda: now[0])

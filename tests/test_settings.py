@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from loadtests.server import RemoteServer
-from service.settings import ENV_PREFIX, Settings, unknown_variables
+from mtrank.bench.server import RemoteServer
+from mtrank.service.settings import ENV_PREFIX, Settings, unknown_variables
 from tests.server import ROOT, build_toy_version
 
 

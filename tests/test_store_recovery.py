@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from export.redis_loader import load_embeddings
-from loadtests.server import RemoteServer
+from mtrank.bench.server import RemoteServer
+from mtrank.export.redis_loader import load_embeddings
 from mtrank.manifest import load_manifest
-from service.stores import LocalTable, RedisStore
+from mtrank.service.stores import LocalTable, RedisStore
 from tests.cluster import RedisNode, redis_binaries
 from tests.server import TOY_ITEMS, build_toy_version, rank_body
 

@@ -15,19 +15,19 @@ import yaml
 
 from mtrank.cli import main
 from mtrank.spec import DenseField, FeatureSpec, SparseField, SpecError, Task
+from mtrank.training import data as data_io
+from mtrank.training import dataset
+from mtrank.training.checkpoint import load_run, partial_dir
+from mtrank.training.dataset import SplitSource, TrainStream, fit_preprocessing, to_tensors
+from mtrank.training.trainer import evaluate, evaluate_frames
 from mtrank.transform import VocabularyCounter
-from training import data as data_io
-from training import dataset
-from training.checkpoint import load_run, partial_dir
-from training.dataset import SplitSource, TrainStream, fit_preprocessing, to_tensors
-from training.trainer import evaluate, evaluate_frames
 
 SMALL_SB = {"embedding_dim": 4, "bottom_hidden": [16], "tower_hidden": [8]}
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> Path:
-    from training.synth import generate
+    from mtrank.training.synth import generate
 
     out = tmp_path_factory.mktemp("sharded")
     generate(out, rows=6000, seed=3, progress=False, shards=3)
@@ -64,7 +64,7 @@ def _rows(stream: TrainStream, epoch: int, start: int = 0) -> list[list[int]]:
 
 
 def test_a_directory_of_parquet_files_reads_like_one_file(sharded, tmp_path):
-    from training.synth import generate
+    from mtrank.training.synth import generate
 
     generate(tmp_path, rows=6000, seed=3, progress=False)
     spec = data_io.load_spec(sharded)
@@ -142,7 +142,7 @@ def test_training_metrics_are_computed_on_every_test_row(trained_run, synth_dir)
 
 
 def test_the_fitted_preprocessing_of_a_stream_equals_the_whole_frames(sharded):
-    from training.features import Preprocessor
+    from mtrank.training.features import Preprocessor
 
     spec = data_io.load_spec(sharded)
     streamed, labels, space = fit_preprocessing(SplitSource.open(sharded, "train", spec), spec, None, 0)

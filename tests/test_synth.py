@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from mtrank.spec import FeatureSpec
-from training.metrics import auc
-from training.synth import BINARY_TASKS, TASKS, generate, oracle_report, simulate
+from mtrank.training.metrics import auc
+from mtrank.training.synth import BINARY_TASKS, TASKS, generate, oracle_report, simulate
 
 ROWS = 100_000
 

@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from mtrank.cli import main as cli_main
-from training import data as data_io
-from training import dataset
-from training.checkpoint import load_run
-from training.trainer import predict, to_tensors, train
+from mtrank.training import data as data_io
+from mtrank.training import dataset
+from mtrank.training.checkpoint import load_run
+from mtrank.training.trainer import predict, to_tensors, train
 
 
 def _config(tmp_path: Path, **train_values) -> Path:
@@ -77,7 +77,7 @@ def test_a_checkpoint_rebuilds_its_model_without_outside_config(trained_run, syn
     test = dataset.load_split(synth_dir, "test", spec)
     probs, _ = predict(run.model, to_tensors(test, spec, run.preprocessor))
     report = json.loads((trained_run("cgc") / "metrics.json").read_text())
-    from training.metrics import auc
+    from mtrank.training.metrics import auc
 
     assert auc(test["vtr"].to_numpy(), probs[:, 0]) == pytest.approx(report["tasks"]["vtr"]["auc"], abs=1e-9)
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from export.redis_loader import load_embeddings
-from export.tables import write_table
-from loadtests.server import RemoteServer
 from mtrank import store_keys
+from mtrank.bench.server import RemoteServer
+from mtrank.export.redis_loader import load_embeddings
+from mtrank.export.tables import write_table
 from mtrank.manifest import Manifest, write_manifest
 from tests.cluster import LocalCluster
 from tests.server import build_toy_version, rank_body

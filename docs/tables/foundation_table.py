@@ -7,7 +7,7 @@ Resumable: runs whose metrics.json exists are read, not retrained (runs/ is git-
 
 from __future__ import annotations
 
-from training.experiments import REPO_ROOT, RUNS_ROOT, ensure_data, ensure_run, mean_std
+from mtrank.training.experiments import REPO_ROOT, RUNS_ROOT, ensure_data, ensure_run, mean_std
 
 MODELS = ["single", "shared_bottom", "mmoe", "cgc", "ple"]
 SEEDS = [1, 2, 3]

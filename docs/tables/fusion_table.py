@@ -3,7 +3,7 @@
     nice -n 10 python docs/tables/fusion_table.py
 
 For each seed: ``data/synth-200k-s<seed>-<generator fingerprint>`` and its PLE
-(``runs/<data dir>/ple``, ``configs/ple.yaml``), made by ``training.experiments`` unless they exist;
+(``runs/<data dir>/ple``, ``configs/ple.yaml``), made by ``mtrank.training.experiments`` unless they exist;
 then ``tune_fusion`` once per row of ``SETTINGS`` into ``runs/<data dir>/fusion/<setting>/`` unless its
 ``report.json`` exists (resumable; ``timing.json`` beside it records wall time and load average).
 Writes the generated part of ``docs/fusion.md`` between its ``fusion-table`` markers, copies seed 1's
@@ -20,8 +20,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from training.experiments import REPO_ROOT, RUNS_ROOT, ensure_data, ensure_run, mean_std, write_generated_block
-from training.fusion_tuning import TuningConfig, parse_task_values, tune_fusion
+from mtrank.training.experiments import REPO_ROOT, RUNS_ROOT, ensure_data, ensure_run, mean_std, write_generated_block
+from mtrank.training.fusion_tuning import TuningConfig, parse_task_values, tune_fusion
 
 SEEDS = [1, 2, 3]
 VALUE = "vtr=1,finish=2,like=5,share=10,skip=-1"

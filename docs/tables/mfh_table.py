@@ -3,7 +3,7 @@
     nice -n 10 python docs/tables/mfh_table.py
 
 Trains each (row, seed) on ``data/synth-200k-s<seed>-<generator fingerprint>`` through
-``training.trainer.train`` unless ``runs/<data dir>/<run>/metrics.json`` exists (resumable):
+``mtrank.training.trainer.train`` unless ``runs/<data dir>/<run>/metrics.json`` exists (resumable):
 ``flat``, ``h_mtl`` and ``mfh`` with ``configs/<model>.yaml``; the ``ple`` baseline with
 ``configs/ple.yaml`` and ``threads: 1`` (run ``ple-threads1``); the ablation ``mfh-own-group``
 with ``configs/mfh.yaml`` and ``also_trains: {}``. Writes the generated part of ``docs/mfh.md``
@@ -18,7 +18,15 @@ from pathlib import Path
 
 import yaml
 
-from training.experiments import CONFIGS, REPO_ROOT, RUNS_ROOT, ensure_data, ensure_run, mean_std, write_generated_block
+from mtrank.training.experiments import (
+    CONFIGS,
+    REPO_ROOT,
+    RUNS_ROOT,
+    ensure_data,
+    ensure_run,
+    mean_std,
+    write_generated_block,
+)
 
 MODELS = ["ple", "flat", "h_mtl", "mfh"]
 """``ple`` is the behaviour-only baseline: one tower per task for every user."""
@@ -120,10 +128,10 @@ def cost_table(data_dir: Path) -> list[str]:
     """Network parameters touched and FLOPs per row: full model vs each group's mode."""
     import torch
 
-    from training import dataset
-    from training.checkpoint import load_run
-    from training.profile import forward_cost
-    from training.trainer import to_tensors
+    from mtrank.training import dataset
+    from mtrank.training.checkpoint import load_run
+    from mtrank.training.profile import forward_cost
+    from mtrank.training.trainer import to_tensors
 
     lines = [
         "### Cost of one forward (network only, embedding lookups excluded; seed-1 runs, 256 test rows)",
@@ -151,7 +159,7 @@ def run_dir(row: str, data_dir: Path) -> Path:
 
 def ensure_row(row: str, seed: int, data_dir: Path) -> dict:
     """metrics.json of one table row's run, trained first if missing."""
-    from training.trainer import train
+    from mtrank.training.trainer import train
 
     if row not in VARIANTS:
         return ensure_run(row, seed, data_dir)

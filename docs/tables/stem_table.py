@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from training.experiments import generator_fingerprint, mean_std
+from mtrank.training.experiments import generator_fingerprint, mean_std
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -44,7 +44,7 @@ BEGIN, END = "<!-- stem_table:begin -->", "<!-- stem_table:end -->"
 
 
 def ensure_data(seed: int, rows: int) -> Path:
-    from training.experiments import ensure_data as shared_ensure_data
+    from mtrank.training.experiments import ensure_data as shared_ensure_data
 
     return shared_ensure_data(seed, rows)
 
@@ -65,8 +65,8 @@ def run_config(variant: str, seed: int, threads: int, run_dir: Path) -> Path:
 
 
 def ensure_run(variant: str, seed: int, data: Path, runs: Path, threads: int, reevaluate: bool) -> dict:
-    from training.evaluate import evaluate_run
-    from training.trainer import train
+    from mtrank.training.evaluate import evaluate_run
+    from mtrank.training.trainer import train
 
     run_dir = runs / f"s{seed}" / variant
     metrics = run_dir / "metrics.json"

@@ -1,0 +1,497 @@
+"""Synthetic short-video platform: impressions with six feedback tasks and their ground truth.
+
+Each row is one impression of a video (item) to a user. The generative model, in order
+(every number is a field of ``SynthParams``, saved in ``spec.extra["params"]``):
+
+1. **Users** (``rows / 40``): ``new`` users (9 % of users) have ``account_age_days`` in [0, 7);
+   the others ``7 + LogNormal(median 300 d)``. ``watch_minutes_30d`` is LogNormal (median 100
+   min, new users 40 min, sigma 1.4). ``device`` is ios/android/web (40/50/10 %). ``user_group``
+   follows the spec's rules: new if age < 7 d, else low if minutes < 60, else high.
+2. **Items** (``rows / 50``) belong to authors (``items / 8``) and one of 40 categories
+   (authors stick to a home category 70 % of the time); ``video_len`` LogNormal(median 30 s,
+   sigma 1) clipped to [3, 1800] s; ``item_age_days`` Exponential(mean 25 d); cold if < 2 d.
+3. **Impressions**: items are drawn Zipf-like (weight ``rank^-0.8``), users in proportion to
+   ``(watch_minutes + 5)^0.6``, with new users' total share of rows fixed at 4 %.
+4. **Ground truth.** For task k, given a play, the logit is
+
+   ``z_k = bias_k + engagement_k * (E_obs + E_id) + length_k(L) + activity_k * A + cat_k[c] + id_k``
+
+   - ``E_obs``: observable engagement: category appeal, device bias, device x category,
+     activity ``A`` (standardised ``log1p(watch_minutes_30d)``) and ``A x freshness``
+     (freshness = ``exp(-item_age_days / 7)``).
+   - ``E_id``: latent part shared by all tasks (small): user·item affinity (item factor =
+     category centroid + own deviation), user bias, item quality (correlated with popularity),
+     author bias.
+   - ``length_k``: slope and curvature in ``L = log(video_len / 30 s)``, softened for active users
+     and on web; ``cat_k``: the task's own category appeal; ``id_k``: task-specific user bias,
+     item bias and user·item affinity. Tasks share ``E_obs + E_id`` but differ in length slope,
+     category and activity, so they agree on most rows and disagree on some (long videos are
+     rarely finished but often liked).
+   - New users follow their own pattern: category appeal only 0.5-correlated with everyone
+     else's, their own device bias and length slopes (e.g. vtr falls with L instead of rising),
+     no activity terms, and id terms scaled by 0.3.
+   ``vcr`` uses the same form for the logit of its mean; ``played`` has logit
+   ``bias_play + 0.5 * (E_obs + E_id) + device term``. The intercepts are solved per data set so
+   that 86 % of rows are played and each task's mean given a play hits its target ``rate``.
+5. **Labels.** ``played ~ Bernoulli(p_play)``. Given a play, one uniform ``e`` draws the
+   engagement labels comonotonically (``skip = e < q_skip``, ``finish = e > 1 - q_finish``,
+   ``vtr = e > 1 - q_vtr``): a finished play is never a skip when ``q_skip + q_finish <= 1`` and
+   is a valid view when ``q_finish <= q_vtr``. like and share are independent draws;
+   ``vcr ~ Beta(2.5 m, 2.5 (1 - m))`` whose mean is exactly ``m``.
+   Unplayed rows: vtr = finish = like = share = 0, skip = 1, vcr = NaN.
+
+Oracle columns hold the true probability of each binary label on every row, play included
+(``oracle_vtr = p_play * q_vtr``, ``oracle_skip = 1 - p_play + p_play * q_skip``), and for
+``vcr`` the expectation given a play (``m``), also on unplayed rows. Every label is drawn from
+its oracle, so ``auc(label, oracle)`` is what a perfect model reaches. ``docs/data.md`` explains
+how to read them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mtrank.spec import DenseField, Facet, FacetRule, FeatureSpec, SparseField, Task
+from mtrank.training.metrics import auc, mse
+
+TASKS = ("vtr", "vcr", "finish", "skip", "like", "share")
+BINARY_TASKS = ("vtr", "finish", "skip", "like", "share")
+DEVICES = ("ios", "android", "web")
+GROUPS = ("new", "low", "high")
+SPLITS = (("train", 0.8), ("valid", 0.1), ("test", 0.1))
+
+
+@dataclass(frozen=True)
+class TaskEffect:
+    """Coefficients of one task's logit given a play (see the module docstring)."""
+
+    rate: float
+    """Mean of q_k over played impressions; the logit's intercept is solved for it per data set."""
+    engagement: float
+    """Weight of the shared engagement score E_obs + E_id."""
+    length: float
+    """Slope per unit of L = log(video_len / 30 s) for low/high users."""
+    length_sq: float
+    """Curvature in L (negative: medium lengths are best), low/high users."""
+    length_new: float
+    """Slope in L for new users."""
+    activity: float
+    """Slope per unit of standardised log1p(watch_minutes_30d)."""
+    category: float
+    """Std of the task's own category appeal."""
+    user_bias: float
+    """Std of the task-specific user bias."""
+    item_bias: float
+    """Std of the task-specific item bias."""
+    affinity: float
+    """Std of the task-specific user·item affinity."""
+
+
+@dataclass(frozen=True)
+class SynthParams:
+    """Every knob of the generator; saved to ``spec.extra['params']``."""
+
+    rows_per_user: float = 40.0
+    rows_per_item: float = 50.0
+    items_per_author: float = 8.0
+    n_categories: int = 40
+    latent_dim: int = 4
+    new_user_share: float = 0.09
+    """Share of users that are new (account younger than 7 days)."""
+    new_row_share: float = 0.04
+    """Share of impressions that go to new users."""
+    device_probs: tuple[float, float, float] = (0.4, 0.5, 0.1)
+    account_age_median_days: float = 300.0
+    account_age_sigma: float = 0.9
+    watch_minutes_median: float = 100.0
+    watch_minutes_median_new: float = 40.0
+    watch_minutes_sigma: float = 1.4
+    user_weight_power: float = 0.6
+    """Impression weight of a low/high user is (watch_minutes + 5) ** user_weight_power."""
+    video_len_median_s: float = 30.0
+    video_len_sigma: float = 1.0
+    video_len_range_s: tuple[float, float] = (3.0, 1800.0)
+    item_age_mean_days: float = 25.0
+    item_zipf_power: float = 0.8
+    author_home_category: float = 0.7
+    category_appeal: float = 1.0
+    device_bias: tuple[float, float, float] = (0.2, 0.0, -0.5)
+    device_category: float = 0.3
+    activity_engagement: float = 0.2
+    fresh_activity: float = 0.4
+    """Engagement bonus per unit of activity times freshness exp(-item_age_days / 7)."""
+    new_category_appeal: float = 1.0
+    new_category_corr: float = 0.5
+    """Correlation between new users' category appeal and everyone else's."""
+    new_device_bias: tuple[float, float, float] = (0.3, -0.1, -0.6)
+    new_id_scale: float = 0.3
+    """Multiplier of every id-driven term for new users."""
+    affinity: float = 0.12
+    user_bias: float = 0.1
+    item_quality: float = 0.15
+    popularity_quality: float = 0.5
+    """Correlation between an item's quality and its popularity rank (log scale)."""
+    author_bias: float = 0.08
+    web_length_tolerance: float = 0.7
+    activity_length_tolerance: float = 0.15
+    play_rate: float = 0.86
+    """Share of impressions played; the intercept of the play logit is solved for it."""
+    play_engagement: float = 0.5
+    play_device: tuple[float, float, float] = (0.1, 0.0, -0.6)
+    vcr_concentration: float = 2.5
+    tasks: dict[str, TaskEffect] = field(
+        default_factory=lambda: {
+            "vtr": TaskEffect(0.68, 1.0, 0.6, -0.4, -0.7, 0.25, 0.4, 0.05, 0.05, 0.05),
+            "vcr": TaskEffect(0.63, 0.8, -1.2, 0.0, -1.5, 0.2, 0.3, 0.05, 0.05, 0.05),
+            "finish": TaskEffect(0.5, 0.9, -1.6, 0.0, -2.0, 0.2, 0.3, 0.05, 0.05, 0.05),
+            "skip": TaskEffect(0.2, -1.0, 0.9, 0.15, 1.1, -0.3, 0.4, 0.05, 0.05, 0.05),
+            "like": TaskEffect(0.055, 0.9, 0.3, -0.15, -0.5, 0.5, 0.6, 0.05, 0.05, 0.1),
+            "share": TaskEffect(0.027, 1.0, 0.3, -0.15, 0.5, 0.3, 0.4, 0.05, 0.05, 0.1),
+        }
+    )
+
+
+def feature_spec(
+    params: SynthParams | None = None, rows: int = 0, seed: int = 0, intercepts: dict[str, float] | None = None
+) -> FeatureSpec:
+    """The feature spec of the synthetic data; ``extra`` documents the generator.
+
+    ``intercepts`` are the logit intercepts ``generate`` solved for the target rates.
+    """
+    params = params or SynthParams()
+    extra: dict[str, Any] = {
+        "generator": "mtrank.training.synth",
+        "rows": int(rows),
+        "seed": int(seed),
+        "params": json.loads(json.dumps(asdict(params))),  # tuples -> lists, as after a YAML load
+        "intercepts": dict(intercepts or {}),
+        "oracles": {t: f"oracle_{t}" for t in TASKS},
+        "notes": (
+            "oracle_<task> is the true P(label = 1) on every row for binary tasks (the play "
+            "included) and E[vcr | played] for vcr; skip = 1 on unplayed rows; see docs/data.md"
+        ),
+    }
+    return FeatureSpec(
+        name="synth_short_video",
+        dense=(
+            DenseField("account_age_days", side="user", transform="log1p", default=0.0),
+            DenseField("watch_minutes_30d", side="user", transform="log1p", default=0.0),
+            DenseField("video_len", side="item", transform="log1p", default=params.video_len_median_s),
+            DenseField("item_age_days", side="item", transform="log1p", default=0.0),
+        ),
+        sparse=(
+            SparseField("user_id", side="user", location="store", min_count=2),
+            SparseField("device", side="user", location="graph"),
+            SparseField("item_id", side="item", location="store", min_count=2),
+            SparseField("author_id", side="item", location="store"),
+            SparseField("category", side="item", location="graph"),
+        ),
+        tasks=(
+            Task("vtr"),
+            Task("vcr", type="regression", space="played"),
+            Task("finish"),
+            Task("skip"),
+            Task("like"),
+            Task("share"),
+        ),
+        user_groups=Facet(
+            column="user_group",
+            values=GROUPS,
+            rules=(
+                FacetRule("new", "account_age_days", "lt", 7.0),
+                FacetRule("low", "watch_minutes_30d", "lt", 60.0),
+            ),
+            default="high",
+        ),
+        item_facet=Facet(
+            column="item_state",
+            values=("cold", "warm"),
+            rules=(FacetRule("cold", "item_age_days", "lt", 2.0),),
+            default="warm",
+        ),
+        extra=extra,
+    )
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _lognormal(rng: np.random.Generator, median: float, sigma: float, size: int) -> np.ndarray:
+    return median * np.exp(sigma * rng.standard_normal(size))
+
+
+def _standardised(x: np.ndarray) -> np.ndarray:
+    """Zero mean and unit std over the last axis: a seed changes which category gets which
+    effect, not how strong category effects are."""
+    return (x - x.mean(axis=-1, keepdims=True)) / x.std(axis=-1, keepdims=True)
+
+
+def _ids(prefix: str, n: int) -> np.ndarray:
+    return np.array([f"{prefix}{k}" for k in range(n)], dtype=object)
+
+
+def _draw_users(rng: np.random.Generator, n: int, p: SynthParams) -> dict[str, np.ndarray]:
+    is_new = rng.permutation(n) < round(p.new_user_share * n)  # an exact share of users
+    account_age = np.where(
+        is_new, rng.random(n) * 7.0, 7.0 + _lognormal(rng, p.account_age_median_days, p.account_age_sigma, n)
+    )
+    minutes_median = np.where(is_new, p.watch_minutes_median_new, p.watch_minutes_median)
+    return {
+        "is_new": is_new,
+        "account_age": account_age,
+        "watch_minutes": minutes_median * np.exp(p.watch_minutes_sigma * rng.standard_normal(n)),
+        "device": rng.choice(len(DEVICES), size=n, p=np.asarray(p.device_probs)),
+        "factor": rng.standard_normal((n, p.latent_dim)),
+        "bias": rng.standard_normal(n),
+    }
+
+
+def _draw_items(rng: np.random.Generator, n: int, n_authors: int, p: SynthParams) -> dict[str, np.ndarray]:
+    n_cat, d = p.n_categories, p.latent_dim
+    author_home = rng.integers(0, n_cat, n_authors)
+    author = rng.integers(0, n_authors, n)
+    category = np.where(rng.random(n) < p.author_home_category, author_home[author], rng.integers(0, n_cat, n))
+    lo, hi = p.video_len_range_s
+    video_len = np.clip(_lognormal(rng, p.video_len_median_s, p.video_len_sigma, n), lo, hi)
+    item_age = rng.exponential(p.item_age_mean_days, n)
+    popularity_rank = rng.permutation(n) + 1
+    log_pop = -np.log(popularity_rank)
+    pop_z = (log_pop - log_pop.mean()) / (log_pop.std() + 1e-12)
+    quality = p.popularity_quality * pop_z + np.sqrt(1 - p.popularity_quality**2) * rng.standard_normal(n)
+    centroid = rng.standard_normal((n_cat, d))
+    return {
+        "author": author,
+        "category": category,
+        "video_len": video_len,
+        "item_age": item_age,
+        "popularity_rank": popularity_rank,
+        "quality": quality,
+        "factor": np.sqrt(0.5) * centroid[category] + np.sqrt(0.5) * rng.standard_normal((n, d)),
+        "author_bias": rng.standard_normal(n_authors),
+    }
+
+
+def _draw_impressions(
+    rng: np.random.Generator, rows: int, users: dict[str, np.ndarray], items: dict[str, np.ndarray], p: SynthParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """User and item index per row: users by activity (new users' share fixed), items Zipf-like."""
+    weight = (users["watch_minutes"] + 5.0) ** p.user_weight_power
+    new_mass = weight * users["is_new"]
+    old_mass = weight * ~users["is_new"]
+    user_p = p.new_row_share * new_mass / max(new_mass.sum(), 1e-12)
+    user_p += (1 - p.new_row_share) * old_mass / max(old_mass.sum(), 1e-12)
+    item_p = items["popularity_rank"].astype(np.float64) ** -p.item_zipf_power
+    u = rng.choice(len(user_p), size=rows, p=user_p / user_p.sum())
+    i = rng.choice(len(item_p), size=rows, p=item_p / item_p.sum())
+    return u, i
+
+
+def _intercept(z: np.ndarray, weight: np.ndarray, rate: float) -> float:
+    """The b with mean(sigmoid(b + z)) = rate under ``weight`` (Newton steps on a monotone function).
+
+    Solving the intercept per data set keeps positive rates at their targets whatever the random
+    category and item effects of a seed are.
+    """
+    b = float(np.log(rate / (1.0 - rate)))
+    for _ in range(50):
+        s = _sigmoid(b + z)
+        gap = np.average(s, weights=weight) - rate
+        if abs(gap) < 1e-9:
+            break
+        slope = max(float(np.average(s * (1.0 - s), weights=weight)), 1e-6)
+        b -= float(np.clip(gap / slope, -2.0, 2.0))
+    return b
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise dot product scaled to unit variance for standard normal factors."""
+    return np.einsum("nd,nd->n", a, b) / np.sqrt(a.shape[1])
+
+
+def simulate(rows: int, seed: int, params: SynthParams | None = None) -> pd.DataFrame:
+    """All ``rows`` impressions, in generation order, with labels and oracle columns."""
+    return _simulate(rows, seed, params or SynthParams())[0]
+
+
+def _simulate(rows: int, seed: int, p: SynthParams) -> tuple[pd.DataFrame, dict[str, float]]:
+    """The impressions and the solved logit intercepts (``played`` and one per task)."""
+    rng = np.random.default_rng(seed)
+    n_users = max(2, round(rows / p.rows_per_user))
+    n_items = max(2, round(rows / p.rows_per_item))
+    n_authors = max(1, round(n_items / p.items_per_author))
+    n_cat = p.n_categories
+    users = _draw_users(rng, n_users, p)
+    items = _draw_items(rng, n_items, n_authors, p)
+    appeal = _standardised(rng.standard_normal(n_cat))
+    c = p.new_category_corr
+    cat_appeal = p.category_appeal * appeal
+    own_appeal = _standardised(rng.standard_normal(n_cat))
+    cat_appeal_new = p.new_category_appeal * (c * appeal + np.sqrt(1 - c**2) * own_appeal)
+    dev_cat = p.device_category * _standardised(rng.standard_normal((len(DEVICES), n_cat)))
+    u, i = _draw_impressions(rng, rows, users, items, p)
+
+    # Row-level features of the ground truth.
+    new = users["is_new"][u]
+    old = ~new
+    dev = users["device"][u]
+    cat = items["category"][i]
+    author = items["author"][i]
+    L = np.log(items["video_len"][i] / p.video_len_median_s)
+    log_minutes = np.log1p(users["watch_minutes"])
+    A = (log_minutes[u] - log_minutes.mean()) / log_minutes.std()
+    fresh = np.exp(-items["item_age"][i] / 7.0)
+    id_scale = np.where(new, p.new_id_scale, 1.0)
+    tolerance = np.exp(-p.activity_length_tolerance * A) * np.where(dev == 2, p.web_length_tolerance, 1.0)
+
+    e_obs = (
+        np.where(
+            new,
+            cat_appeal_new[cat] + np.asarray(p.new_device_bias)[dev],
+            cat_appeal[cat] + np.asarray(p.device_bias)[dev] + dev_cat[dev, cat] + p.fresh_activity * A * fresh,
+        )
+        + p.activity_engagement * A * old
+    )
+    e_id = id_scale * (
+        p.affinity * _dot(users["factor"][u], items["factor"][i])
+        + p.user_bias * users["bias"][u]
+        + p.item_quality * items["quality"][i]
+        + p.author_bias * items["author_bias"][author]
+    )
+    engagement = e_obs + e_id
+    play_logit = p.play_engagement * engagement + np.asarray(p.play_device)[dev]
+    intercepts = {"played": _intercept(play_logit, np.ones(rows), p.play_rate)}
+    p_play = _sigmoid(intercepts["played"] + play_logit)
+
+    # q[task]: P(label = 1 | played) for binary tasks, E[vcr | played] for vcr.
+    q: dict[str, np.ndarray] = {}
+    for name in TASKS:
+        t = p.tasks[name]
+        task_user = rng.standard_normal(n_users)
+        task_item = rng.standard_normal(n_items)
+        task_user_factor = rng.standard_normal((n_users, p.latent_dim))
+        task_item_factor = rng.standard_normal((n_items, p.latent_dim))
+        task_cat = t.category * _standardised(rng.standard_normal(n_cat))
+        length = np.where(new, t.length_new * L, (t.length * L + t.length_sq * L**2) * tolerance)
+        id_k = id_scale * (
+            t.user_bias * task_user[u]
+            + t.item_bias * task_item[i]
+            + t.affinity * _dot(task_user_factor[u], task_item_factor[i])
+        )
+        z = t.engagement * engagement + length + t.activity * A * old + task_cat[cat] + id_k
+        intercepts[name] = _intercept(z, p_play, t.rate)
+        q[name] = _sigmoid(intercepts[name] + z)
+
+    played = rng.random(rows) < p_play
+    e = rng.random(rows)  # one engagement draw per play couples vtr, finish and skip
+    like = played & (rng.random(rows) < q["like"])
+    share = played & (rng.random(rows) < q["share"])
+    m = np.clip(q["vcr"], 1e-4, 1 - 1e-4)
+    k = p.vcr_concentration
+    vcr = np.where(played, rng.beta(m * k, (1.0 - m) * k), np.nan)
+
+    spec = feature_spec(p)
+    raw = {
+        "account_age_days": users["account_age"][u],
+        "watch_minutes_30d": users["watch_minutes"][u],
+        "item_age_days": items["item_age"][i],
+    }
+    frame = pd.DataFrame(
+        {
+            "user_id": _ids("u", n_users)[u],
+            "device": np.asarray(DEVICES, dtype=object)[dev],
+            "account_age_days": raw["account_age_days"],
+            "watch_minutes_30d": raw["watch_minutes_30d"],
+            "user_group": np.asarray(spec.user_groups.values, dtype=object)[spec.user_groups.assign(raw)],
+            "item_id": _ids("v", n_items)[i],
+            "author_id": _ids("a", n_authors)[author],
+            "category": _ids("c", n_cat)[cat],
+            "video_len": items["video_len"][i],
+            "item_age_days": raw["item_age_days"],
+            "item_state": np.asarray(spec.item_facet.values, dtype=object)[spec.item_facet.assign(raw)],
+            "played": played.astype(np.int8),
+            "vtr": (played & (e > 1.0 - q["vtr"])).astype(np.int8),
+            "vcr": vcr,
+            "finish": (played & (e > 1.0 - q["finish"])).astype(np.int8),
+            "skip": (~played | (e < q["skip"])).astype(np.int8),
+            "like": like.astype(np.int8),
+            "share": share.astype(np.int8),
+            "oracle_vtr": p_play * q["vtr"],
+            "oracle_vcr": m,
+            "oracle_finish": p_play * q["finish"],
+            "oracle_skip": 1.0 - p_play + p_play * q["skip"],
+            "oracle_like": p_play * q["like"],
+            "oracle_share": p_play * q["share"],
+        }
+    )
+    return frame, {k: round(v, 6) for k, v in intercepts.items()}
+
+
+ROW_GROUP_ROWS = 65_536
+"""Rows per Parquet row group: the unit a reader loads, shuffles and hands to one worker."""
+
+
+def generate(out_dir: Path, rows: int, seed: int, progress: bool = True, shards: int = 0) -> FeatureSpec:
+    """Write ``train/valid/test.parquet`` (80/10/10 of shuffled rows) and ``spec.yaml`` to ``out_dir``.
+
+    ``shards`` K ≥ 1: each split is a directory ``<split>/`` of K files ``part-00000.parquet`` …
+    (consecutive slices of equal size). Row groups hold :data:`ROW_GROUP_ROWS` rows.
+    Deterministic: the same ``rows``, ``seed`` and ``shards`` give the same bytes.
+    """
+    if rows < 10:
+        raise ValueError(f"rows must be at least 10, got {rows}")
+    if shards < 0:
+        raise ValueError(f"shards must be >= 0, got {shards}")
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = SynthParams()
+    frame, intercepts = _simulate(rows, seed, params)
+    order = np.random.default_rng([seed, 1]).permutation(rows)
+    bounds = np.cumsum([0] + [round(rows * share) for _, share in SPLITS[:-1]] + [rows])
+    bounds[-1] = rows
+    for (split, _), a, b in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
+        part = frame.iloc[order[a:b]].reset_index(drop=True)
+        if shards == 0:
+            part.to_parquet(out_dir / f"{split}.parquet", index=False, row_group_size=ROW_GROUP_ROWS)
+            continue
+        split_dir = out_dir / split
+        split_dir.mkdir(exist_ok=True)
+        cuts = np.linspace(0, len(part), shards + 1).round().astype(int)
+        for k, (c0, c1) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+            part.iloc[c0:c1].to_parquet(split_dir / f"part-{k:05d}.parquet", index=False,
+                                        row_group_size=ROW_GROUP_ROWS)
+    spec = feature_spec(params, rows=rows, seed=seed, intercepts=intercepts)
+    spec.save(out_dir / "spec.yaml")
+    if progress:
+        print(f"synth: {rows} rows -> {out_dir} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return spec
+
+
+def oracle_report(frame: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per task: oracle AUC (binary) or oracle MSE on played rows (vcr), and the label's mean."""
+    report: dict[str, dict[str, float]] = {}
+    for name in BINARY_TASKS:
+        y = frame[name].to_numpy(dtype=np.float64)
+        report[name] = {
+            "oracle_auc": auc(y, frame[f"oracle_{name}"].to_numpy()),
+            "positive_rate": float(y.mean()),
+        }
+    played = frame["played"].to_numpy() == 1
+    vcr = frame["vcr"].to_numpy(dtype=np.float64)[played]
+    oracle = frame["oracle_vcr"].to_numpy(dtype=np.float64)[played]
+    report["vcr"] = {
+        "oracle_mse": mse(vcr, oracle),
+        "variance": float(vcr.var()),
+        "mean": float(vcr.mean()),
+    }
+    report["played"] = {"rate": float(played.mean())}
+    return report

@@ -1,0 +1,620 @@
+"""Training: streamed minibatches, masked multi-task loss, early stopping on validation loss,
+data-parallel workers (torch.distributed), checkpoints and resume.
+
+:func:`train` is ``mtrank train``: it reads the splits as datasets (mtrank.training.dataset), fits the
+preprocessing in one streaming pass, trains (one process, or one of the workers ``torchrun`` /
+``--nproc`` starts), evaluates exactly on the whole test split, and has rank 0 publish the run
+directory when everything is written. :func:`resume` continues a killed run from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from mtrank.spec import STRICT, FeatureSpec, SpecError, load_yaml, validate
+from mtrank.training import distributed
+from mtrank.training.checkpoint import (
+    config_hash,
+    load_optimizer,
+    load_train_state,
+    optimizer_tensors,
+    partial_dir,
+    publish_run,
+    save_run,
+    save_train_state,
+    write_json_atomic,
+)
+from mtrank.training.dataset import SplitSource, Tensors, TrainStream, facet_index, fit_preprocessing, to_tensors
+from mtrank.training.distributed import Context
+from mtrank.training.features import Preprocessor
+from mtrank.training.losses import LossWeighting, masked_task_losses
+from mtrank.training.models.base import MultiTaskModel
+from mtrank.training.models.registry import create_model, make_config
+from mtrank.training.outputs import OutputLayer, TaskOutput, default_outputs, fit_outputs
+
+__all__ = ["TrainConfig", "Tensors", "Trainer", "evaluate", "facet_index", "predict", "resume", "to_tensors", "train"]
+
+
+@dataclass
+class TrainConfig:
+    """The ``train:`` section of a config file, validated strictly (see mtrank.spec)."""
+
+    __pydantic_config__ = STRICT
+
+    epochs: int = 4
+    """Upper bound on passes over the training split."""
+    batch_size: int = 1024
+    """Rows per optimiser step over all workers: each of N data-parallel workers takes
+    ``batch_size // N``, so N workers take the same steps as one process."""
+    lr: float = 2e-3
+    """Adam learning rate."""
+    weight_decay: float = 0.0
+    patience: int = 1
+    """Epochs without validation-loss improvement before stopping; the best epoch is kept."""
+    seed: int = 0
+    loss_weighting: Literal["static", "dynamic", "uncertainty"] = "static"
+    """static | dynamic (ω_k0·γ_k^t) | uncertainty."""
+    task_weights: dict[str, float] = field(default_factory=dict)
+    """ω_k0 per task (default 1)."""
+    task_gammas: dict[str, float] = field(default_factory=dict)
+    """γ_k per task for dynamic weighting (default 1)."""
+    threads: int = 1
+    """torch intra-op threads per worker; fixed so two runs with one seed give identical results. One
+    is fastest for these small MLPs on a shared 2-core machine (two threads spin-wait for a core)."""
+    eval_train_rows: int = 50_000
+    """Train rows re-scored after training, for the train−test gap."""
+    shuffle_rows: int = 65_536
+    """Rows shuffled together (rounded down to whole batches, at least one): the bounded shuffle
+    buffer, so memory does not grow with the split (see mtrank.training.dataset)."""
+    checkpoint_every: int = 1000
+    """Optimiser steps between checkpoints; 0: only at the end of each epoch."""
+    max_vocab: int = 2_000_000
+    """Most keys per sparse field, the most frequent ones; also bounds the key counters
+    (docs/training.md: ids beyond it share the out-of-vocabulary row)."""
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "threads", "eval_train_rows", "shuffle_rows", "max_vocab"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not self.lr > 0 or self.weight_decay < 0 or self.patience < 0 or self.checkpoint_every < 0:
+            raise ValueError("lr must be > 0, weight_decay, patience and checkpoint_every >= 0")
+
+    def check_tasks(self, spec: FeatureSpec, source: str) -> None:
+        """Task weights and gammas must name the spec's tasks."""
+        for key in ("task_weights", "task_gammas"):
+            unknown = sorted(set(getattr(self, key)) - set(spec.task_names))
+            if unknown:
+                raise SpecError(f"{source}: train.{key}.{unknown[0]}: not a task; tasks are {spec.task_names}")
+
+
+class Objective(nn.Module):
+    """The model and its loss weighting: a batch → the weighted multi-task loss. This is what
+    DistributedDataParallel wraps, so learnable task weights (uncertainty) are averaged too."""
+
+    def __init__(self, model: MultiTaskModel, weighting: LossWeighting, outputs: list[TaskOutput]):
+        super().__init__()
+        self.model = model
+        self.weighting = weighting
+        spec = model.spec
+        task_index = {t.name: k for k, t in enumerate(spec.tasks)}
+        self.register_buffer("head_task", torch.tensor([task_index[h.task] for h in model.heads]), persistent=False)
+        self.register_buffer(
+            "is_binary", torch.tensor([spec.task(h.task).type == "binary" for h in model.heads]), persistent=False
+        )
+        self.head_outputs = OutputLayer([outputs[task_index[h.task]] for h in model.heads])
+
+    def head_losses(self, dense, sparse, labels, space, group, item) -> torch.Tensor:
+        """Per-head masked loss ``[H]`` (see mtrank.training.losses)."""
+        logits = self.model(dense, sparse)
+        masks = space[:, self.head_task] * self.model.head_row_mask(group, item)
+        out = self.head_outputs
+        return masked_task_losses(out.loss_inputs(logits), out.normalise(labels[:, self.head_task]), masks,
+                                  self.is_binary)
+
+    def forward(self, dense, sparse, labels, space, group, item, epoch: int) -> torch.Tensor:
+        return self.weighting(self.head_losses(dense, sparse, labels, space, group, item), epoch)
+
+
+class _InMemory:
+    """Batches of a :class:`Tensors` held in memory, reshuffled each epoch (a seeded permutation)."""
+
+    def __init__(self, t: Tensors, batch_size: int, seed: int):
+        self.t, self.batch_size, self.seed = t, batch_size, seed
+        self.steps = math.ceil(len(t) / batch_size)
+        self.rows_per_epoch = len(t)
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[Tensors]:
+        order = torch.randperm(len(self.t), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        for idx in order.split(self.batch_size)[start_step:]:
+            yield self.t.rows(idx)
+
+
+Checkpointer = Callable[[dict[str, dict[str, torch.Tensor]], dict[str, Any]], None]
+
+
+class Trainer:
+    """Minibatch training of ``model``; ``outputs`` (one per task, default :func:`default_outputs`)
+    say how each head's logit is compared with its label (see mtrank.training.outputs); ``ctx`` places it
+    in a data-parallel job (default: one process)."""
+
+    def __init__(self, model: MultiTaskModel, cfg: TrainConfig, outputs: list[TaskOutput] | None = None,
+                 ctx: Context | None = None):
+        self.model = model
+        self.cfg = cfg
+        self.ctx = ctx or Context()
+        spec = model.spec
+        weighting = LossWeighting(
+            cfg.loss_weighting,
+            [cfg.task_weights.get(h.task, 1.0) for h in model.heads],
+            [cfg.task_gammas.get(h.task, 1.0) for h in model.heads],
+        )
+        self.objective = Objective(model, weighting, outputs or default_outputs(spec)).to(self.ctx.device)
+        self.weighting = weighting
+        self.net: nn.Module = self.objective
+        if self.ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.ctx.device] if self.ctx.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.objective, device_ids=ids)
+        self.optimizer = torch.optim.Adam(self.objective.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def head_losses(self, batch: Tensors) -> torch.Tensor:
+        b = batch.to(self.ctx.device)
+        return self.objective.head_losses(b.dense, b.sparse, b.labels, b.space, b.group, b.item)
+
+    def fit(
+        self,
+        train: Tensors | TrainStream,
+        valid: Tensors | Callable[[], Iterable[Tensors]],
+        progress: bool = True,
+        resume_from: tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]] | None = None,
+        checkpoint: Checkpointer | None = None,
+    ) -> dict[str, Any]:
+        """Train for up to ``cfg.epochs`` epochs with early stopping; the best epoch's weights are kept.
+
+        ``train``: tensors in memory or this worker's :class:`TrainStream`; ``valid``: tensors or a
+        callable giving this worker's validation batches (losses are summed over workers).
+        ``resume_from``: a checkpoint (see :meth:`state`) to continue from; ``checkpoint``: called
+        with the state every ``cfg.checkpoint_every`` steps and at the end of each epoch.
+        Returns history, best validation loss, rows trained on (this worker) and seconds.
+        """
+        cfg, ctx = self.cfg, self.ctx
+        batches = _InMemory(train, cfg.batch_size, cfg.seed) if isinstance(train, Tensors) else train
+        st: dict[str, Any] = {"epoch": 0, "step": 0, "global_step": 0, "best": math.inf, "since_best": 0,
+                              "history": [], "stopped": False, "rows": 0, "seconds": 0.0, "loop_seconds": 0.0}
+        best_state = None
+        if resume_from is not None:
+            best_state = self._restore(*resume_from, st)
+        began = time.perf_counter()
+        base_seconds = st["seconds"]
+
+        def save() -> None:
+            if checkpoint is not None:
+                st["seconds"] = base_seconds + time.perf_counter() - began
+                checkpoint(*self.state(st, best_state))
+
+        for epoch in range(st["epoch"], cfg.epochs):
+            if st["stopped"]:
+                break
+            self.net.train()
+            bar = tqdm(total=batches.rows_per_epoch, initial=st["step"] * batches.batch_size * ctx.world, unit="rows",
+                       unit_scale=True,
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, file=sys.stderr)
+            loop_began = time.perf_counter()
+            for batch in batches.batches(epoch, st["step"]):
+                b = batch.to(ctx.device)
+                loss = self.net(b.dense, b.sparse, b.labels, b.space, b.group, b.item, epoch)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                st["step"] += 1
+                st["global_step"] += 1
+                st["rows"] += len(batch)
+                bar.update(len(batch) * ctx.world)
+                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                due = cfg.checkpoint_every and st["global_step"] % cfg.checkpoint_every == 0
+                if due and st["step"] < batches.steps:
+                    st["loop_seconds"] += time.perf_counter() - loop_began
+                    save()
+                    loop_began = time.perf_counter()
+            st["loop_seconds"] += time.perf_counter() - loop_began
+            bar.close()
+            val = self.validation_loss(valid)
+            st["history"].append({"epoch": epoch + 1, "valid_loss": val})
+            if progress:
+                print(f"epoch {epoch + 1}: valid loss {val:.5f}", file=sys.stderr)
+            if val < st["best"] - 1e-6:
+                st["best"], st["since_best"] = val, 0
+                best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            else:
+                st["since_best"] += 1
+                st["stopped"] = st["since_best"] > cfg.patience
+            st["epoch"], st["step"] = epoch + 1, 0
+            save()
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        self.model.eval()
+        st["seconds"] = base_seconds + time.perf_counter() - began
+        return {"history": st["history"], "best_valid_loss": st["best"], "rows": st["rows"],
+                "seconds": st["seconds"], "loop_seconds": st["loop_seconds"]}
+
+    def state(self, st: dict[str, Any], best_state: dict[str, torch.Tensor] | None
+              ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        """A checkpoint: tensors (model with loss weighting, optimiser, best weights, RNG) and JSON
+        (data position, early stopping, rows, seconds, optimiser groups)."""
+        flat, groups = optimizer_tensors(self.optimizer)
+        tensors = {"objective": self.objective.state_dict(), "optimizer": flat, "rng": {"torch": torch.get_rng_state()}}
+        if best_state is not None:
+            tensors["best"] = best_state
+        return tensors, {**st, "history": list(st["history"]), "optimizer_groups": groups, "world": self.ctx.world}
+
+    def _restore(self, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any],
+                 st: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        self.objective.load_state_dict({k: v.to(self.ctx.device) for k, v in tensors["objective"].items()})
+        load_optimizer(self.optimizer, {k: v.to(self.ctx.device) for k, v in tensors["optimizer"].items()},
+                       state["optimizer_groups"])
+        torch.set_rng_state(tensors["rng"]["torch"])
+        st.update({k: state[k] for k in st})
+        best = tensors.get("best")
+        return None if best is None else {k: v.to(self.ctx.device) for k, v in best.items()}
+
+    @torch.no_grad()
+    def validation_loss(self, valid: Tensors | Callable[[], Iterable[Tensors]], batch_size: int = 8192) -> float:
+        """Unweighted sum of per-head losses, averaged over rows inside each head's space (all workers)."""
+        self.objective.eval()
+        chunks = (valid.rows(idx) for idx in torch.arange(len(valid)).split(batch_size)) if isinstance(
+            valid, Tensors) else (c for part in valid() for c in _chunks(part, batch_size))
+        total = torch.zeros(len(self.model.heads) + 1, dtype=torch.float64)
+        for batch in chunks:
+            total[:-1] += self.head_losses(batch).double().cpu() * len(batch)
+            total[-1] += len(batch)
+        total = self.ctx.all_sum(total)
+        return float(total[:-1].sum() / total[-1])
+
+
+def _chunks(t: Tensors, size: int) -> Iterator[Tensors]:
+    for a in range(0, len(t), size):
+        yield t.rows(slice(a, a + size))
+
+
+class _Scorer:
+    """Predictions in label units from each row's own group's heads, and gate utilisation sums."""
+
+    def __init__(self, model: MultiTaskModel, outputs: list[TaskOutput] | None):
+        model.eval()
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.to_labels = OutputLayer(outputs or default_outputs(model.spec)).to(self.device)
+        self.gate_sum: dict[str, torch.Tensor] = {}
+        self.gate_sq: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    @torch.no_grad()
+    def __call__(self, t: Tensors, batch_size: int = 8192) -> np.ndarray:
+        outs = []
+        for part in _chunks(t, batch_size):
+            b = part.to(self.device)
+            gates: dict[str, torch.Tensor] = {}
+            logits = self.model(b.dense, b.sparse, gates=gates)
+            outs.append(self.to_labels(self.model.own_task_logits(logits, b.group, b.item)).cpu())
+            for name, w in gates.items():
+                self.gate_sum[name] = self.gate_sum.get(name, 0) + w.sum(0).cpu()
+                self.gate_sq[name] = self.gate_sq.get(name, 0) + (w**2).sum(0).cpu()
+            self.n += len(part)
+        if not outs:
+            return np.zeros((0, len(self.model.spec.tasks)), dtype=np.float32)
+        return torch.cat(outs).numpy()
+
+    def gates(self) -> dict[str, Any]:
+        """Per gate, the mean and std over rows of each expert's weight."""
+        report = {}
+        for name, s in self.gate_sum.items():
+            mean = s / self.n
+            std = (self.gate_sq[name] / self.n - mean**2).clamp(min=0).sqrt()
+            report[name] = {"mean": [round(float(x), 4) for x in mean], "std": [round(float(x), 4) for x in std]}
+        return report
+
+
+def predict(
+    model: MultiTaskModel, t: Tensors, outputs: list[TaskOutput] | None = None, batch_size: int = 8192
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Predictions ``[N, n_tasks]`` in label units (binary: probabilities) from each row's own
+    group's (and item value's) heads, plus gate utilisation: per gate, the mean and std over rows
+    of each expert's weight. ``outputs``: the run's task outputs (default :func:`default_outputs`)."""
+    scorer = _Scorer(model, outputs)
+    return scorer(t, batch_size), scorer.gates()
+
+
+def _metric_columns(frame: pd.DataFrame, spec: FeatureSpec) -> dict[str, np.ndarray]:
+    """The columns :func:`mtrank.training.metrics.evaluate_predictions` reads, compactly: binary labels and
+    spaces as int8 (checked 0/1), facet values as int8 codes; regression labels and oracles as they are."""
+    out = {}
+    for t in spec.tasks:
+        y = frame[t.label_column].to_numpy()
+        out[t.label_column] = y.astype(np.int8) if t.type == "binary" else y
+        if t.space is not None:
+            out[t.space] = frame[t.space].to_numpy().astype(np.int8)
+        if f"oracle_{t.name}" in frame.columns:
+            out[f"oracle_{t.name}"] = frame[f"oracle_{t.name}"].to_numpy()
+    for facet in (spec.user_groups, spec.item_facet):
+        if facet is not None:
+            out[facet.column] = pd.Categorical(frame[facet.column], categories=list(facet.values)).codes
+    return out
+
+
+def evaluate_frames(
+    model: MultiTaskModel, frames: Iterable[pd.DataFrame], pre: Preprocessor, outputs: list[TaskOutput] | None = None,
+    rows: int | None = None,
+) -> dict[str, Any]:
+    """Exact metrics over conformed frames read one at a time: the features are dropped after each
+    frame; the predictions and the few columns metrics need are kept (about 90 bytes per row on the
+    synthetic data, oracles included), joined column by column at the end. ``rows``: the frames'
+    total when known, so the predictions are written in place."""
+    from mtrank.training import metrics as metrics_lib
+
+    spec = model.spec
+    scorer = _Scorer(model, outputs)
+    probs: list[np.ndarray] = []
+    p = None if rows is None else np.empty((rows, len(spec.tasks)), dtype=np.float32)
+    done = 0
+    parts: dict[str, list[np.ndarray]] = {}
+    for frame in frames:
+        scores = scorer(to_tensors(frame, spec, pre))
+        if p is None:
+            probs.append(scores)
+        else:
+            p[done : done + len(scores)] = scores
+        done += len(scores)
+        for name, values in _metric_columns(frame, spec).items():
+            parts.setdefault(name, []).append(values)
+    if p is None:
+        p = np.concatenate(probs)
+    elif done != rows:
+        raise ValueError(f"evaluate_frames: {done} rows read, {rows} expected")
+    columns = {name: np.concatenate(parts.pop(name)) for name in list(parts)}
+    for facet in (spec.user_groups, spec.item_facet):
+        if facet is not None:
+            columns[facet.column] = pd.Categorical.from_codes(columns[facet.column], categories=list(facet.values))
+    table = pd.DataFrame(columns, copy=False)
+    report = metrics_lib.evaluate_predictions(table, {t.name: p[:, k] for k, t in enumerate(spec.tasks)}, spec)
+    report["gates"] = scorer.gates()
+    return report
+
+
+def evaluate(
+    model: MultiTaskModel, frame: pd.DataFrame, pre: Preprocessor, outputs: list[TaskOutput] | None = None
+) -> dict[str, Any]:
+    """Metrics of ``model`` on a conformed frame (see :func:`evaluate_frames`)."""
+    return evaluate_frames(model, [frame], pre, outputs)
+
+
+CONFIG_SECTIONS = ("name", "model", "train")
+TRAIN_OVERRIDES = ("lr", "batch_size", "patience", "threads", "loss_weighting", "epochs", "seed")
+"""``train:`` keys the command line may override."""
+
+
+def load_config_file(path: Path | None) -> dict[str, Any]:
+    """A config file's sections (``name``, ``model``, ``train``); a bad file is a one-line SpecError."""
+    if path is None:
+        return {}
+    doc = load_yaml(path)
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise SpecError(f"{path}: expected a mapping with sections {list(CONFIG_SECTIONS)}")
+    unknown = sorted(set(doc) - set(CONFIG_SECTIONS))
+    if unknown:
+        raise SpecError(f"{path}: {unknown[0]}: unknown section (expected {', '.join(CONFIG_SECTIONS)})")
+    for key in ("model", "train"):
+        if doc.get(key) is not None and not isinstance(doc[key], dict):
+            raise SpecError(f"{path}: {key}: expected a mapping, got {type(doc[key]).__name__}")
+    return doc
+
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class Job:
+    """What a run trains: everything ``--resume`` needs, saved in ``RUN.partial/job.json``."""
+
+    model_name: str
+    model_cfg: Any
+    cfg: TrainConfig
+    spec: FeatureSpec
+    data_dir: Path
+    baseline: Path | None = None
+
+    def to_dict(self, world: int, outputs: list[TaskOutput]) -> dict[str, Any]:
+        return {"model": self.model_name, "model_config": dataclasses.asdict(self.model_cfg),
+                "train_config": dataclasses.asdict(self.cfg), "spec": self.spec.to_dict(),
+                "data": str(self.data_dir), "baseline": None if self.baseline is None else str(self.baseline),
+                "world": world, "outputs": [o.to_dict() for o in outputs]}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], source: str) -> Job:
+        spec = FeatureSpec.from_dict(doc["spec"], source)
+        return cls(doc["model"], make_config(doc["model"], doc["model_config"], source),
+                   validate(TrainConfig, doc["train_config"], source, prefix="train."), spec, Path(doc["data"]),
+                   None if doc["baseline"] is None else Path(doc["baseline"]))
+
+
+def train(
+    model_name: str,
+    data_dir: Path,
+    out_dir: Path,
+    config_path: Path | None = None,
+    epochs: int | None = None,
+    seed: int | None = None,
+    baseline: Path | None = None,
+    spec_path: Path | None = None,
+    progress: bool = True,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """Train ``model_name`` on ``data_dir``, write the run directory, return metrics.json's content
+    (None on workers other than rank 0).
+
+    ``overrides``: ``train:`` values (keys of :data:`TRAIN_OVERRIDES`) that win over the config
+    file's, as the command line's ``--lr`` etc. give them. Configs, the spec, every file's columns and
+    every row's values are checked before anything is written: a bad one is one SpecError line naming
+    the file (and the key or row). Run under ``torchrun`` (or ``--nproc``), this is one worker.
+    """
+    from mtrank.training import data as data_io
+
+    source = str(config_path) if config_path is not None else "train config"
+    doc = load_config_file(config_path)
+    if doc.get("name", model_name) != model_name:
+        raise SpecError(f"{source}: name: this is a config for {doc['name']!r}, not {model_name!r}")
+    model_cfg = make_config(model_name, doc.get("model"), source)
+    train_values = dict(doc.get("train") or {})
+    extra = {"epochs": epochs, "seed": seed, **(overrides or {})}
+    train_values.update({k: v for k, v in extra.items() if v is not None})
+    cfg = validate(TrainConfig, train_values, source, prefix="train.")
+    spec = data_io.load_spec(data_dir, spec_path)
+    cfg.check_tasks(spec, source)
+    job = Job(model_name, model_cfg, cfg, spec, Path(data_dir), None if baseline is None else Path(baseline))
+    return _run(job, Path(out_dir), progress, resuming=False)
+
+
+def resume(out_dir: Path, progress: bool = True) -> dict[str, Any] | None:
+    """Continue the run that was training into ``out_dir`` from its last checkpoint (its job,
+    preprocessing and outputs come from ``out_dir.partial``); the same number of workers is needed."""
+    partial = partial_dir(Path(out_dir))
+    path = partial / "job.json"
+    if not path.is_file():
+        raise SpecError(f"{out_dir}: no run in progress to resume (no {path})")
+    return _run(Job.from_dict(json.loads(path.read_text()), str(path)), Path(out_dir), progress, resuming=True)
+
+
+def resume_world(out_dir: Path) -> int:
+    """Workers of the run in progress at ``out_dir`` (1 when it has none)."""
+    path = partial_dir(Path(out_dir)) / "job.json"
+    return int(json.loads(path.read_text()).get("world", 1)) if path.is_file() else 1
+
+
+def _run(job: Job, out_dir: Path, progress: bool, resuming: bool) -> dict[str, Any] | None:
+    ctx = distributed.from_environment()
+    try:
+        return _train_job(job, out_dir, progress, resuming, ctx)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _train_job(job: Job, out_dir: Path, progress: bool, resuming: bool, ctx: Context) -> dict[str, Any] | None:
+    cfg, spec = job.cfg, job.spec
+    partial = partial_dir(out_dir)
+    torch.set_num_threads(cfg.threads)
+    sources = {split: SplitSource.open(job.data_dir, split, spec) for split in SPLITS}
+    if resuming:
+        doc = json.loads((partial / "job.json").read_text())
+        if doc["world"] != ctx.world:
+            raise SpecError(f"{partial}: the run was trained by {doc['world']} workers; resume it with as many, "
+                            f"not {ctx.world}")
+        pre = Preprocessor.load(spec, partial)
+        outputs = [TaskOutput.from_dict(o) for o in doc["outputs"]]
+    else:
+        for split in ("valid", "test"):
+            sources[split].check()
+        pre, labels, space = fit_preprocessing(sources["train"], spec, cfg.max_vocab, cfg.seed)
+        outputs = fit_outputs(spec, labels, space, say=ctx.is_main)
+        if ctx.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            pre.save(partial)
+            write_json_atomic(partial / "job.json", job.to_dict(ctx.world, outputs))
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(job.model_name, spec, pre.shape, job.model_cfg)
+    trainer = Trainer(model, cfg, outputs, ctx)
+    stream = TrainStream(sources["train"], pre, max(1, cfg.batch_size // ctx.world), cfg.shuffle_rows, cfg.seed,
+                         ctx.rank, ctx.world)
+    valid_source = sources["valid"]
+
+    def valid() -> Iterator[Tensors]:
+        for frame in valid_source.frames(units=valid_source.shard(ctx.rank, ctx.world)):
+            yield to_tensors(frame, spec, pre)
+
+    def checkpoint(tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> None:
+        save_train_state(partial, f"epoch{state['epoch']}-step{state['global_step']}", tensors, state)
+
+    state = load_train_state(partial) if resuming else None
+    fit = trainer.fit(stream, valid, progress and ctx.is_main, resume_from=state,
+                      checkpoint=checkpoint if ctx.is_main else None)
+    rows_seen = int(ctx.all_sum(torch.tensor([float(fit["rows"])], dtype=torch.float64))[0])
+    if not ctx.is_main:
+        return None
+
+    # Evaluation needs only the model: the optimiser's state and the gradients go first (at 6M
+    # synthetic rows they are ~50 MB of the peak).
+    del trainer, stream
+    model.zero_grad(set_to_none=True)
+    model.cpu()
+    report = evaluate_frames(model, sources["test"].frames(), pre, outputs, rows=sources["test"].rows)
+    sample = _train_sample(sources["train"], cfg.eval_train_rows, cfg.seed)
+    report["train"] = {k: v for k, v in evaluate(model, sample, pre, outputs).items() if k != "gates"}
+    loop = max(fit["loop_seconds"], 1e-9)
+    report.update(
+        model=job.model_name,
+        params=sum(p.numel() for p in model.parameters()),
+        train_seconds=round(fit["seconds"], 2),
+        epochs_run=len(fit["history"]),
+        history=fit["history"],
+        workers=ctx.world,
+        train_rows=sources["train"].rows,
+        rows_seen=rows_seen,
+        samples_per_second=round(rows_seen / loop, 1),
+        samples_per_second_per_worker=round(rows_seen / loop / ctx.world, 1),
+    )
+    if job.baseline is not None:
+        from mtrank.training import metrics as metrics_lib
+
+        base = json.loads((job.baseline / "metrics.json").read_text())
+        report["mtl_gain"] = metrics_lib.mtl_gain(report, base)
+
+    meta = {
+        "model_config": dataclasses.asdict(job.model_cfg),
+        "train_config": dataclasses.asdict(cfg),
+        "outputs": [o.to_dict() for o in outputs],
+        "config_hash": config_hash(job.model_name, job.model_cfg, cfg, spec),
+        "data": str(job.data_dir),
+    }
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    try:
+        save_run(tmp, model, pre, meta)
+        (tmp / "metrics.json").write_text(json.dumps(report, indent=2, allow_nan=False))
+        publish_run(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(partial, ignore_errors=True)
+    return report
+
+
+def _train_sample(source: SplitSource, rows: int, seed: int) -> pd.DataFrame:
+    """About ``rows`` train rows for the train−test gap: whole units in a seeded order until enough
+    are read (one unit on small data), then a uniform sample of their rows."""
+    order = np.random.default_rng([seed, 29]).permutation(len(source.units))
+    picked, total = [], 0
+    for i in order:
+        picked.append(source.units[i])
+        total += source.units[i].rows
+        if total >= rows:
+            break
+    picked.sort(key=lambda u: (u.file, u.index))
+    frame = pd.concat(list(source.frames(units=picked)), ignore_index=True)
+    return frame.sample(n=min(rows, len(frame)), random_state=seed)
