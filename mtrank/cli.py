@@ -87,10 +87,18 @@ def _load_embeddings(a: argparse.Namespace) -> None:
     load_embeddings(a.repo, a.model, a.redis, version=a.version, prune=a.prune, shards=a.shards)
 
 
+def _store_flag(a: argparse.Namespace, command: str) -> str | None:
+    """``--store``, or the deprecated ``--redis`` with one warning."""
+    if a.redis is not None:
+        print(f"mtrank {command}: warning: --redis is deprecated; use --store (it still works in this version)",
+              file=sys.stderr)
+    return a.store if a.store is not None else a.redis
+
+
 def _serve(a: argparse.Namespace) -> None:
     from mtrank.service.main import serve
 
-    serve(repo=a.repo, host=a.host, port=a.port, redis_url=a.redis)
+    serve(repo=a.repo, host=a.host, port=a.port, store_url=_store_flag(a, "serve"))
 
 
 def _bench(a: argparse.Namespace) -> None:
@@ -168,10 +176,7 @@ def _print_summary(report: dict) -> None:
     print(" ".join(line))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mtrank", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_synth(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("synth", help="generate a synthetic short-video data set")
     s.add_argument("--out", type=Path, required=True, help="directory for train/valid/test Parquet files and spec.yaml")
     s.add_argument("--rows", type=int, default=200_000, help="rows in all splits together (default 200000)")
@@ -180,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write each split as a directory of this many Parquet files (default 0: one file per split)")
     s.set_defaults(func=_synth)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("train", help="train a model on a data directory")
     s.add_argument("--model", help="registered model name (single, ple, mfh, stem, ...)")
     s.add_argument("--data", type=Path,
@@ -205,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the killed run whose --out was RUN from its last checkpoint (RUN.partial)")
     s.set_defaults(func=_train)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("evaluate", help="recompute a run's metrics.json")
     s.add_argument("--run", type=Path, required=True, help="trained run directory")
     s.add_argument("--data", type=Path, required=True, help="data directory holding the split to score")
@@ -214,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stem-pair", help="TASK_A,TASK_B: report the STEM paper's subsets for two tasks")
     s.set_defaults(func=_evaluate)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("export", help="export a run to the model repository")
     s.add_argument("--run", type=Path, required=True, help="trained run directory")
     s.add_argument("--repo", type=Path, required=True, help="model repository root; writes REPO/NAME/<next version>/")
@@ -221,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fp16", action="store_true", help="also write fp16 graphs (parity within 1e-2)")
     s.set_defaults(func=_export)
 
+
+def _add_load_embeddings(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("load-embeddings", help="load a version's store-held tables into Redis")
     s.add_argument("--repo", type=Path, required=True, help="model repository root")
     s.add_argument("--model", required=True, help="model name in the repository")
@@ -233,13 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "1 on a single Redis)")
     s.set_defaults(func=_load_embeddings)
 
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="serve the model repository over HTTP")
     s.add_argument("--repo", type=Path, help="model repository root (default MTRANK_MODEL_REPO)")
     s.add_argument("--host", help="address to listen on (default MTRANK_HOST or 127.0.0.1)")
     s.add_argument("--port", type=int, help="port to listen on (default MTRANK_PORT or 8000)")
-    s.add_argument("--redis", help="Redis URL of the embedding store (default MTRANK_REDIS_URL; unset: in-process)")
+    s.add_argument("--store", help="embedding store URL (redis://, rediss://, unix://, redis+cluster://, "
+                                   "rediss+cluster://, inprocess://; default MTRANK_STORE_URL; unset: in-process)")
+    s.add_argument("--redis", help="deprecated: --store")
     s.set_defaults(func=_serve)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("bench", help="benchmark engine, service, naive server, overload and lookups")
     s.add_argument("--repo", type=Path, required=True, help="model repository root")
     s.add_argument("--model", required=True, help="model name in the repository")
@@ -259,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MTRANK_WORKERS of the servers under test (default 0, the service's default: one per core)")
     s.set_defaults(func=_bench)
 
+
+def _add_tune_fusion(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("tune-fusion", help="search the fusion weights offline and write A/B buckets")
     s.add_argument("--run", type=Path, required=True, help="trained run directory (scores the logged rows)")
     s.add_argument("--data", type=Path, required=True,
@@ -289,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_tune_fusion)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("demo", help="synth → train → export → serve on 127.0.0.1:8000")
     s.add_argument("--workdir", type=Path, default=Path("mtrank-demo"),
                    help="directory for the data, run and repository (default mtrank-demo)")
@@ -297,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rows", type=int, default=100_000, help="synthetic rows to generate (default 100000)")
     s.add_argument("--model", default="mfh", help="model to train (default mfh)")
     s.set_defaults(func=_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtrank", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_synth, _add_train, _add_evaluate, _add_export, _add_load_embeddings, _add_serve, _add_bench,
+                _add_tune_fusion, _add_demo):
+        add(sub)
     return p
 
 
