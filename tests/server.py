@@ -134,9 +134,10 @@ def _toy_graph(path: Path, seed: int, tasks: Sequence[str], busy_rounds: int = 0
     onnx.save(model, path)
 
 
-def time_one_call(graph: Path, rows: int = 50, runs: int = 3) -> float:
-    """Median wall seconds of one ONNX Runtime call of a toy graph on ``rows`` rows, with one intra-op
-    thread (as :class:`mtrank.bench.server.RemoteServer` runs the service)."""
+def time_one_call(graph: Path, rows: int = 50, runs: int = 5) -> float:
+    """Fewest wall seconds of ``runs`` ONNX Runtime calls of a toy graph on ``rows`` rows, with one
+    intra-op thread (as :class:`mtrank.bench.server.RemoteServer` runs the service). The minimum:
+    other work on the host only ever adds time, so it is the call's own cost."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -150,23 +151,29 @@ def time_one_call(graph: Path, rows: int = 50, runs: int = 3) -> float:
         started = time.perf_counter()
         session.run(None, feed)
         times.append(time.perf_counter() - started)
-    return float(np.median(times))
+    return min(times)
 
 
 def build_slow_version(repo: Path, call_s: float, name: str = "toy", version: int = 1) -> float:
     """Write a toy version whose every inference call takes about ``call_s`` seconds on this host,
-    whatever its rows: the busy rounds are chosen from a timed probe graph, so a test can set its
-    deadlines against a delay it measured instead of assuming how fast the host is. Returns the
-    measured seconds of one call of the written graph."""
-    probe_rounds = 40
+    whatever its rows, so that a test can set its deadlines against a delay it measured instead of
+    assuming how fast the host is. The work per call is scaled until a timed call lands within
+    0.8-1.5 × ``call_s`` (a few tries: a busy host can slow one measurement). Returns the measured
+    seconds of one call of the written graph."""
     probe = Path(repo) / ".probe"
     probe.mkdir(parents=True)
-    _toy_graph(probe / "probe.onnx", 0, [t for t, _ in TOY_TASKS], probe_rounds)
-    per_round_s = time_one_call(probe / "probe.onnx") / probe_rounds
+    rounds, tasks = 100, [t for t, _ in TOY_TASKS]
+    for _ in range(4):
+        graph = probe / f"busy-{rounds}.onnx"
+        _toy_graph(graph, 0, tasks, rounds)
+        took = time_one_call(graph)
+        if 0.8 * call_s <= took <= 1.5 * call_s:
+            break
+        rounds = max(1, math.ceil(rounds * call_s / took))
     for f in probe.iterdir():
         f.unlink()
     probe.rmdir()
-    vdir = build_toy_version(repo, name, version, busy_rounds=max(1, math.ceil(call_s / per_round_s)))
+    vdir = build_toy_version(repo, name, version, busy_rounds=rounds)
     return time_one_call(vdir / "graphs" / "all.onnx")
 
 
@@ -232,3 +239,42 @@ def rank_body(user_id: str = "u1", n: int = 20, offset: int = 0, **user_features
         ],
         "return_task_scores": True,
     }
+
+
+# -- raw HTTP, for what httpx refuses to send ----------------------------------------------
+
+def raw_request(method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]] = (), body: bytes = b"") -> bytes:
+    """One HTTP/1.1 request as bytes, exactly as given (no validation), with Host,
+    Content-Length and ``Connection: close`` added."""
+    lines = [method + b" " + target + b" HTTP/1.1", b"Host: 127.0.0.1", b"Connection: close",
+             b"Content-Length: " + str(len(body)).encode()]
+    lines += [name + b": " + value for name, value in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def send_raw(port: int, request: bytes, timeout_s: float = 10.0) -> tuple[int | None, dict[bytes, bytes], bytes]:
+    """Send ``request`` on a new connection and read until the server closes it: (status, or None
+    when no status line came back; headers by lower-case name; body)."""
+    import socket
+
+    chunks = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(request)
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status_line, *header_lines = head.split(b"\r\n")
+    parts = status_line.split(b" ")
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        return None, {}, b""
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    return int(parts[1]), headers, body
