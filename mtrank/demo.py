@@ -92,4 +92,4 @@ def run_demo(workdir: Path, host: str = "127.0.0.1", port: int = 8000, rows: int
         os.environ["MTRANK_BUCKETS"] = json.dumps(DEMO_BUCKETS)
         _step("A/B buckets: control and treatment (see mtrank/demo.py; MTRANK_BUCKETS overrides)")
     _step(f"serving {repo} on http://{host}:{port} (in-process embedding store; Ctrl-C stops)")
-    serve(repo=repo, host=host, port=port, redis_url=None)
+    serve(repo=repo, host=host, port=port, store_url=None)

@@ -145,6 +145,44 @@ def is_cluster_url(url: str) -> bool:
     return url.split("://", 1)[0] in ("redis+cluster", "rediss+cluster")
 
 
+def redacted_url(url: str) -> str:
+    """``url`` without its secrets, for messages: the password (in the user info or a
+    ``password=`` query option) becomes ``***``; a URL that does not parse becomes its scheme."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            user = parts.username or ""
+            host = netloc.rpartition("@")[2]
+            netloc = f"{user}:***@{host}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, "***" if k.lower() in SECRET_OPTIONS else v) for k, v in pairs], safe="*/")
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return url.split("://", 1)[0] + "://***"
+
+
+SECRET_OPTIONS = ("password", "ssl_password")
+"""URL query options whose values :func:`redacted_url` hides."""
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secret strings in ``url`` (its password, secret query options), to scrub from error texts."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        found = [unquote(parts.password)] if parts.password else []
+        found += [v for k, v in parse_qsl(parts.query) if k.lower() in SECRET_OPTIONS and v]
+    except ValueError:
+        return []
+    return [s for s in found if s]
+
+
 def plain_url(url: str) -> str:
     """The URL redis-py understands (``redis+cluster://h:p`` → ``redis://h:p``)."""
     scheme, rest = url.split("://", 1)

@@ -56,6 +56,7 @@ CONTRACT_SETTINGS = frozenset(
     {
         "MTRANK_MODEL_REPO",
         "MTRANK_REDIS_URL",
+        "MTRANK_STORE_URL",
         "MTRANK_DEVICE",
         "MTRANK_MAX_BATCH_ROWS",
         "MTRANK_MAX_QUEUE_DELAY_MS",
@@ -106,11 +107,12 @@ def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
 
 
 def _known_settings() -> frozenset[str]:
-    """The environment variables the service reads: its Settings fields with their prefix."""
-    from mtrank.service.settings import Settings
+    """The environment variables the service reads: its Settings fields with their prefix, and the
+    deprecated names that still set some of them."""
+    from mtrank.service.settings import DEPRECATED_VARIABLES, Settings
 
     prefix = Settings.model_config["env_prefix"]
-    return frozenset(prefix + name.upper() for name in Settings.model_fields)
+    return frozenset(prefix + name.upper() for name in Settings.model_fields) | frozenset(DEPRECATED_VARIABLES)
 
 
 def _parse_cli(tokens: list[str]) -> None:

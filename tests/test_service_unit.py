@@ -160,7 +160,8 @@ def test_bucket_assignment_is_stable_across_processes_and_depends_on_the_salt():
         ({"MTRANK_DEVICE": "tpu"}, "MTRANK_DEVICE", "cuda"),
         ({"MTRANK_PORT": "eighty"}, "MTRANK_PORT", "integer"),
         ({"MTRANK_MAX_BATCH_ROWS": "-1"}, "MTRANK_MAX_BATCH_ROWS", "greater"),
-        ({"MTRANK_REDIS_URL": "http://localhost"}, "MTRANK_REDIS_URL", "Redis URL"),
+        ({"MTRANK_STORE_URL": "http://localhost"}, "MTRANK_STORE_URL", "store URL"),
+        ({"MTRANK_REDIS_URL": "http://localhost"}, "MTRANK_REDIS_URL", "store URL"),
         ({"MTRANK_MAX_QUEUE_ROWS": "100"}, "MTRANK_MAX_QUEUE_ROWS", "max_candidates"),
         ({"MTRANK_BATCHING": "perhaps"}, "MTRANK_BATCHING", "boolean"),
     ],
@@ -177,8 +178,9 @@ def test_bad_setting_names_the_variable(monkeypatch, env, variable, words):
 def test_settings_defaults_and_overrides(monkeypatch):
     monkeypatch.setenv("MTRANK_PORT", "9001")
     monkeypatch.delenv("MTRANK_REDIS_URL", raising=False)
+    monkeypatch.delenv("MTRANK_STORE_URL", raising=False)
     s = load_settings(host="0.0.0.0")
-    assert (s.port, s.host, s.redis_url, s.max_batch_rows, s.max_queue_delay_ms) == (9001, "0.0.0.0", None, 0, 2.0)
+    assert (s.port, s.host, s.store_url, s.max_batch_rows, s.max_queue_delay_ms) == (9001, "0.0.0.0", None, 0, 2.0)
     assert load_settings(port=9100).port == 9100
 
 

@@ -43,7 +43,7 @@ from mtrank.service.ranking import Ranker, RequestContext, new_request_id
 from mtrank.service.repository import Repository
 from mtrank.service.schemas import RESPONSE_ENCODER, decode_request, openapi_schemas
 from mtrank.service.settings import Settings, load_settings
-from mtrank.service.stores import EmbeddingStore, InProcessStore, RedisStore
+from mtrank.service.stores import EmbeddingStore, open_store
 from mtrank.service.workers import worker_index
 
 log = logging.getLogger("mtrank.app")
@@ -72,14 +72,7 @@ class Engine:
     @classmethod
     async def start(cls, settings: Settings) -> Engine:
         """Load the repository. Raises StartupError / DeviceError for configuration problems."""
-        if settings.redis_url:
-            store: EmbeddingStore = RedisStore(
-                settings.redis_url, prefix=settings.redis_prefix, timeout_s=settings.redis_timeout_ms / 1000.0,
-                retry_s=settings.redis_retry_s, cache_size=settings.embedding_cache_size,
-                cache_ttl_s=settings.embedding_cache_ttl_s,
-            )
-        else:
-            store = InProcessStore()
+        store = open_store(settings)
         repository = Repository(settings, store)
         try:
             await repository.start()

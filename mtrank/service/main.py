@@ -25,7 +25,7 @@ from mtrank.service.app import Engine, create_app, served_app
 from mtrank.service.logs import configure_logging, flush_logs
 from mtrank.service.repository import StartupError
 from mtrank.service.runner import DeviceError
-from mtrank.service.settings import ConfigError, Settings, load_settings, unknown_variables
+from mtrank.service.settings import ConfigError, Settings, deprecated_variables, load_settings, unknown_variables
 from mtrank.service.workers import follow_supervisor, supervise, worker_index
 
 log = logging.getLogger("mtrank.main")
@@ -50,10 +50,10 @@ class _DrainingServer(uvicorn.Server):
 
 
 def serve(repo: str | Path | None = None, host: str | None = None, port: int | None = None,
-          redis_url: str | None = None) -> None:
+          store_url: str | None = None) -> None:
     """Serve the model repository; arguments given here override the environment."""
     try:
-        settings = load_settings(model_repo=repo, host=host, port=port, redis_url=redis_url)
+        settings = load_settings(model_repo=repo, host=host, port=port, store_url=store_url)
     except ConfigError as e:
         _die(str(e))
     worker = worker_index()
@@ -62,6 +62,8 @@ def serve(repo: str | Path | None = None, host: str | None = None, port: int | N
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         follow_supervisor()
     configure_logging(settings.log_level, settings.log_format, settings.log_flush_ms / 1000.0)
+    for message in deprecated_variables():  # once: the workers get the new names
+        log.warning(message)
     count = settings.worker_count() if worker is None else 1
     if count > 1 and not hasattr(socket, "SO_REUSEPORT"):
         if settings.workers:

@@ -49,6 +49,10 @@ CACHE_MISSES = Counter("mtrank_embedding_cache_misses", "Ids fetched from Redis 
 MISSING = Counter(
     "mtrank_embedding_missing", "Ids not in their table, served the default vector", ["table"]
 )
+INVALID_VECTORS = Counter(
+    "mtrank_embedding_invalid", "Store values with NaN or infinities, served the default vector (also counted "
+    "in mtrank_embedding_missing_total)", ["table"],
+)
 REJECTED = Counter("mtrank_rejected", "Ranking requests refused or dropped, by reason", ["reason"])
 REFUSALS_PACED = Counter(
     "mtrank_refusals_paced", "503s held until their turn because refusals outran answers (clients that resend at "

@@ -14,14 +14,32 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from mtrank.fusion import BucketConfig, check_buckets
+from mtrank.store_keys import redacted_url
 
 ENV_PREFIX = "MTRANK_"
 # MTRANK_* variables that the project's test and load tools read, not the service.
 TOOL_VARIABLES = ("MTRANK_LOCUST_", "MTRANK_TEST_", "MTRANK_SHARED_DATA")
+
+
+DEPRECATED_VARIABLES = {
+    "MTRANK_REDIS_URL": "MTRANK_STORE_URL",
+    "MTRANK_REDIS_PREFIX": "MTRANK_STORE_PREFIX",
+    "MTRANK_REDIS_TIMEOUT_MS": "MTRANK_STORE_TIMEOUT_MS",
+    "MTRANK_REDIS_RETRY_S": "MTRANK_STORE_RETRY_S",
+}
+"""Old name → new name: the old names still work in this version, with a warning at start-up."""
+STORE_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "inprocess")
+
+
+def _env(name: str) -> AliasChoices:
+    """A setting read from ``MTRANK_<NAME>`` or, when that is unset, its deprecated old name."""
+    new = f"{ENV_PREFIX}{name.upper()}"
+    old = [o for o, n in DEPRECATED_VARIABLES.items() if n == new]
+    return AliasChoices(new, *old)
 
 
 AUTO_WORKERS_MAX = 8
@@ -35,18 +53,20 @@ class ConfigError(ValueError):
 class Settings(BaseSettings):
     """All service settings; read from ``MTRANK_*`` environment variables."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True, populate_by_name=True)
 
     model_repo: Path | None = None
     """Model repository root (``REPO/<model>/<version>/``)."""
-    redis_url: str | None = None
-    """Redis (``redis://``, ``redis+cluster://``) holding the embedding tables; None = in-process store."""
-    redis_prefix: str = Field("mtrank", min_length=1, max_length=128)
-    """Key prefix of the embedding tables in Redis."""
-    redis_timeout_ms: float = Field(100.0, gt=0.0, le=10_000.0)
-    """Socket connect/read timeout of Redis calls, milliseconds."""
-    redis_retry_s: float = Field(1.0, gt=0.0, le=300.0)
-    """After a Redis failure, seconds before the next attempt (answers are degraded meanwhile)."""
+    store_url: SecretStr | None = Field(None, validation_alias=_env("store_url"))
+    """Embedding store holding the tables (``redis://``, ``rediss://``, ``unix://``,
+    ``redis+cluster://``, ``rediss+cluster://``); None or ``inprocess://`` = the in-process store.
+    A secret: messages show it without its password (:func:`mtrank.store_keys.redacted_url`)."""
+    store_prefix: str = Field("mtrank", min_length=1, max_length=128, validation_alias=_env("store_prefix"))
+    """Key prefix of the embedding tables in the store."""
+    store_timeout_ms: float = Field(100.0, gt=0.0, le=10_000.0, validation_alias=_env("store_timeout_ms"))
+    """Connect/read timeout of store calls, milliseconds."""
+    store_retry_s: float = Field(1.0, gt=0.0, le=300.0, validation_alias=_env("store_retry_s"))
+    """After a store failure, seconds before the next attempt (answers are degraded meanwhile)."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """ONNX Runtime device: auto = CUDA when usable, else CPU; cuda without a GPU is a start-up error."""
     max_batch_rows: int = Field(0, ge=0, le=1_000_000)
@@ -130,19 +150,24 @@ class Settings(BaseSettings):
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
 
-    @field_validator("redis_url", "admin_token", "model_repo", "otel_endpoint", mode="before")
+    @field_validator("store_url", "admin_token", "model_repo", "otel_endpoint", mode="before")
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
 
-    @field_validator("redis_url")
+    @field_validator("store_url")
     @classmethod
-    def _redis_scheme(cls, v: str | None) -> str | None:
-        if v is not None and v.split("://", 1)[0] not in (
-            "redis", "rediss", "unix", "redis+cluster", "rediss+cluster"
-        ):
-            raise ValueError(f"not a Redis URL: {v!r} (redis://host:port/db or redis+cluster://host:port)")
+    def _store_scheme(cls, v: SecretStr | None) -> SecretStr | None:
+        url = v.get_secret_value() if v is not None else None
+        if url is not None and url.split("://", 1)[0] not in STORE_SCHEMES:
+            # The message reaches the operator's terminal: the URL without its password.
+            raise ValueError(f"not an embedding store URL: {redacted_url(url)!r} (schemes: "
+                             f"{', '.join(s + '://' for s in STORE_SCHEMES)})")
         return v
+
+    def store_url_text(self) -> str | None:
+        """The store URL, password included (for the store client only, never for a message)."""
+        return self.store_url.get_secret_value() if self.store_url is not None else None
 
     @field_validator("buckets")
     @classmethod
@@ -212,7 +237,10 @@ def _one_line(e: ValidationError) -> str:
         name = next((f for f in Settings.model_fields if msg.startswith(f)), None)
         var = f"{ENV_PREFIX}{name.upper()}" if name else "MTRANK_*"
         return f"{var}: {msg}"
-    var = f"{ENV_PREFIX}{loc[0].upper()}"
+    # A setting with aliases is located by the variable it came from (MTRANK_REDIS_URL, say).
+    var = loc[0].upper() if loc[0].upper().startswith(ENV_PREFIX) else f"{ENV_PREFIX}{loc[0].upper()}"
+    var = next((o for o, n in DEPRECATED_VARIABLES.items() if n == var and var not in os.environ and o in os.environ),
+               var)
     where = ".".join(loc[1:])
     if err.get("type") == "list_type" and isinstance(err.get("input"), str):
         msg = "not a JSON list"  # pydantic-settings hands non-JSON text through as a string
@@ -234,9 +262,24 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
             continue
         # Compared without the prefix, which every name shares and would make anything look close.
         field = upper.removeprefix(ENV_PREFIX)
-        if field in fields:
+        if field in fields or upper in DEPRECATED_VARIABLES:
             continue
-        closest = difflib.get_close_matches(field, fields, n=1, cutoff=0.6)
-        hint = f"; did you mean {ENV_PREFIX}{closest[0]}?" if closest else "; README.md lists the settings"
+        # A misspelt old name gets the new one.
+        old_names = {o.removeprefix(ENV_PREFIX): n for o, n in DEPRECATED_VARIABLES.items()}
+        closest = difflib.get_close_matches(field, [*fields, *old_names], n=1, cutoff=0.6)
+        guess = old_names.get(closest[0], f"{ENV_PREFIX}{closest[0]}") if closest else None
+        hint = f"; did you mean {guess}?" if guess else "; README.md lists the settings"
         messages.append(f"{name} is not a setting and is ignored{hint}")
+    return messages
+
+
+def deprecated_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One message per deprecated ``MTRANK_*`` variable set in ``environ`` (default: the process
+    environment), naming its new name; the old name still works in this version."""
+    environ = os.environ if environ is None else environ
+    messages = []
+    for old, new in DEPRECATED_VARIABLES.items():
+        if old in environ:
+            state = f"{new} is set too and wins" if new in environ else "it still works in this version"
+            messages.append(f"{old} is deprecated; use {new} ({state})")
     return messages

@@ -238,20 +238,24 @@ class TTLCache:
         return len(self._young) + len(self._old.keys() - self._young.keys())
 
 
-def _hiredis_packing_connection() -> type:
-    """redis.asyncio's Connection with hiredis packing the commands.
+def fast_connection_class(url: str) -> type:
+    """The connection class ``url`` asks for (TCP, TLS for ``rediss://``, a unix socket for
+    ``unix://``), with hiredis packing the commands.
 
     redis-py's asyncio client packs commands in Python (its sync client uses hiredis): for a
-    500-key MGET that is ~0.45 ms of the ~0.8 ms call. Packing in C leaves the round trip.
+    500-key MGET that is ~0.45 ms of the ~0.8 ms call. Packing in C leaves the round trip. The
+    class must be the URL's own: a plain ``Connection`` in its place would send a ``rediss://``
+    password in clear text and refuse the URL's ``ssl_*`` options.
     """
-    from redis.asyncio.connection import Connection
+    from redis.asyncio.connection import parse_url
 
+    base = parse_url(url).get("connection_class") or _tcp_connection()
     try:
         import hiredis
     except ImportError:
-        return Connection
+        return base
 
-    class HiredisPackingConnection(Connection):
+    class HiredisPacking(base):
         def pack_command(self, *args):  # noqa: ANN002, ANN202 - redis-py's signature
             if isinstance(args[0], str) and " " in args[0]:
                 args = (*args[0].split(), *args[1:])  # "CLIENT SETNAME" → two arguments, as redis-py does
@@ -260,9 +264,14 @@ def _hiredis_packing_connection() -> type:
             except TypeError:  # an argument type hiredis does not take: redis-py's own packing
                 return super().pack_command(*args)
 
-    return HiredisPackingConnection
+    HiredisPacking.__name__ = HiredisPacking.__qualname__ = f"HiredisPacking{base.__name__}"
+    return HiredisPacking
 
 
+def _tcp_connection() -> type:
+    from redis.asyncio.connection import Connection
+
+    return Connection
 
 
 @dataclass
@@ -347,7 +356,9 @@ class RedisStore:
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
-        self.url = url
+        self.display_url = store_keys.redacted_url(url)
+        """The URL without its password: the only form of it any message may carry."""
+        self._secrets = store_keys.url_secrets(url)
         self.prefix = prefix
         self.timeout_s = timeout_s
         self.retry_s = retry_s
@@ -357,7 +368,7 @@ class RedisStore:
         self.cluster = store_keys.is_cluster_url(url)
         # No client-side retries: a failure is answered at once from the cache and defaults,
         # and the breaker decides when Redis is tried again.
-        extra = {} if self.cluster else {"connection_class": _hiredis_packing_connection()}
+        extra = {} if self.cluster else {"connection_class": fast_connection_class(url)}
         self.client = store_keys.connect_async(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0), **extra
         )
@@ -385,13 +396,19 @@ class RedisStore:
     def _fail(self, e: BaseException) -> None:
         metrics.REDIS_ERRORS.inc()
         if not self._degraded:
-            log.warning("Redis unreachable (%s: %s); serving default vectors, retrying every %.1f s",
-                        type(e).__name__, e, self.retry_s)
+            log.warning("Redis at %s unreachable (%s); serving default vectors, retrying every %.1f s",
+                        self.display_url, self._scrub(f"{type(e).__name__}: {e}"), self.retry_s)
         self._degraded = True
         self._connections_stale = True
-        self._last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        self._last_error = self._scrub(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
         self._retry_at = time.monotonic() + self.retry_s
         metrics.STORE_DEGRADED.set(1)
+
+    def _scrub(self, text: str) -> str:
+        """``text`` without the URL's secrets (an error may quote what it was given)."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     def _recovered(self) -> None:
         if not self._degraded:
@@ -658,7 +675,8 @@ class RedisStore:
         if None not in values and _NOT_CACHED not in values and sum(map(len, values)) == row_bytes * len(values):
             # Every id found, every value the right size: no per-value Python work.
             distinct = np.frombuffer(b"".join(values), dtype="<f4").reshape(len(values), table.width)
-            return Lookup(distinct if inverse is None else distinct[inverse], 0, 0, incomplete)
+            if np.isfinite(distinct).all():
+                return Lookup(distinct if inverse is None else distinct[inverse], 0, 0, incomplete)
         default = table.default_bytes
         # Not in Redis (None) and not asked (outage) both get the default vector; only the
         # former is "missing" from the table.
@@ -680,13 +698,23 @@ class RedisStore:
             else:
                 parts.append(v)
         distinct = np.frombuffer(b"".join(parts), dtype="<f4").reshape(len(values), table.width)
+        # A vector with NaN or infinities (a corrupt or poisoned value) is no vector: like a missing id.
+        invalid_distinct = ~np.isfinite(distinct).all(axis=1)
+        if invalid_distinct.any():
+            distinct = distinct.copy()
+            distinct[invalid_distinct] = table.default
+            missing_distinct |= invalid_distinct
         if inverse is not None:
+            invalid_distinct = invalid_distinct[inverse]
             distinct, missing_distinct, unserved_distinct = (
                 distinct[inverse], missing_distinct[inverse], unserved_distinct[inverse]
             )
         missing = int(np.count_nonzero(missing_distinct))
         if missing:
             metrics.MISSING.labels(table.field).inc(missing)
+        invalid = int(np.count_nonzero(invalid_distinct))
+        if invalid:
+            metrics.INVALID_VECTORS.labels(table.field).inc(invalid)
         return Lookup(
             np.ascontiguousarray(distinct, dtype=np.float32), missing, int(np.count_nonzero(unserved_distinct)),
             incomplete,
@@ -705,7 +733,7 @@ class RedisStore:
                 metas = await asyncio.gather(*(self.client.get(k) for k in keys))
         except (RedisError, OSError, TimeoutError) as e:
             self._fail(e)
-            return f"cannot check its tables in Redis at {self.url}: {self._last_error}"
+            return f"cannot check its tables in Redis at {self.display_url}: {self._last_error}"
         self._recovered()
         layouts: dict[tuple[str, int], tuple[str, store_keys.VersionLayout]] = {}
         for t, key, raw in zip(tables, keys, metas, strict=True):
@@ -781,3 +809,15 @@ class RedisStore:
         if self._verify_task is not None:
             self._verify_task.cancel()
         await self.client.aclose()
+
+
+def open_store(settings) -> EmbeddingStore:  # noqa: ANN001 - Settings (imported lazily by its users)
+    """The store ``settings.store_url`` names (None or ``inprocess://``: the in-process store)."""
+    url = settings.store_url_text()
+    if url is None or url.startswith("inprocess://"):
+        return InProcessStore()
+    return RedisStore(
+        url, prefix=settings.store_prefix, timeout_s=settings.store_timeout_ms / 1000.0,
+        retry_s=settings.store_retry_s, cache_size=settings.embedding_cache_size,
+        cache_ttl_s=settings.embedding_cache_ttl_s,
+    )

@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 
 from mtrank.service.logs import flush_logs
-from mtrank.service.settings import Settings
+from mtrank.service.settings import DEPRECATED_VARIABLES, Settings
 
 WORKER_VARIABLE = "_MTRANK_WORKER"
 """Set in a worker's environment to ``INDEX/COUNT``: it binds with SO_REUSEPORT and reports reloads here."""
@@ -92,8 +92,13 @@ def supervise(settings: Settings, count: int) -> int:
     }
     if settings.model_repo is not None:
         env["MTRANK_MODEL_REPO"] = str(settings.model_repo)
-    if settings.redis_url is not None:
-        env["MTRANK_REDIS_URL"] = settings.redis_url
+    # The store settings under their new names only: each deprecated name is warned about once, here.
+    for old in DEPRECATED_VARIABLES:
+        env.pop(old, None)
+    env |= {"MTRANK_STORE_PREFIX": settings.store_prefix, "MTRANK_STORE_TIMEOUT_MS": str(settings.store_timeout_ms),
+            "MTRANK_STORE_RETRY_S": str(settings.store_retry_s)}
+    if settings.store_url is not None:
+        env["MTRANK_STORE_URL"] = settings.store_url_text()
     children: list[subprocess.Popen] = []
     stopping = threading.Event()
 
