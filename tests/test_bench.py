@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from mtrank.bench.harness import compute_ratios, target_names
+from mtrank.bench.config import target_names
 from mtrank.bench.loadgen import PointSpec, run_point, write_bodies
+from mtrank.bench.report import EnginePoint, EngineRun, Report, from_json, read_report, to_json
+from mtrank.bench.scoring import compute_ratios
 from tests.conftest import IN_CI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,23 +147,27 @@ def test_bench_quick_writes_every_section_with_finite_figures(exported_repo, red
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((out / "bench.json").read_text())
     check_bench_json(report)
+    # The typed report reads bench.json back to the same keys, in the same order, with the same values.
+    typed = read_report(out / "bench.json")
+    assert json.loads(json.dumps(to_json(typed))) == report
+    assert json.dumps(to_json(typed)) == json.dumps(report)
     # A tail point that did not keep up with its offered rate never meets its target, whatever p99 ÷ p50 says.
-    tail = report["tail"][0]
-    tail["throughput_rps"] = 0.8 * tail["rate"]
-    tail["p99_ms"] = tail["p50_ms"]
-    ratio = compute_ratios(report)[f"p99_over_p50_at_70pct_{tail['size']}"]
-    assert ratio["value"] == 1.0 and ratio["kept_up"] == 0.8 and ratio["met"] is False
-    assert "did not keep up" in ratio["not_at_load"]
+    tail = typed.tail[0]
+    name = f"p99_over_p50_at_70pct_{tail.size}"
+    tail.throughput_rps = 0.8 * tail.rate
+    tail.p99_ms = tail.p50_ms
+    ratio = compute_ratios(typed)[name]
+    assert ratio.value == 1.0 and ratio.parts["kept_up"] == 0.8 and ratio.met is False
+    assert "did not keep up" in ratio.parts["not_at_load"]
     # Nor one that kept up behind a standing queue: more requests in flight than the best closed-loop point ran.
-    best_c = max((p for p in report["service"] if p["size"] == tail["size"]), key=lambda p: p["throughput_rps"])[
-        "concurrency"]
-    tail["throughput_rps"] = tail["rate"]
-    tail["mean_ms"] = 1000.0 * (best_c + 1) / tail["rate"]
-    ratio = compute_ratios(report)[f"p99_over_p50_at_70pct_{tail['size']}"]
-    assert ratio["value"] == 1.0 and ratio["in_flight"] == round(best_c + 1, 1) and ratio["met"] is False
-    assert "standing queue" in ratio["not_at_load"]
-    tail["mean_ms"] = 1000.0 * (best_c - 1) / tail["rate"]
-    assert compute_ratios(report)[f"p99_over_p50_at_70pct_{tail['size']}"]["met"] is True
+    best_c = max((p for p in typed.service if p.size == tail.size), key=lambda p: p.throughput_rps).concurrency
+    tail.throughput_rps = tail.rate
+    tail.mean_ms = 1000.0 * (best_c + 1) / tail.rate
+    ratio = compute_ratios(typed)[name]
+    assert ratio.value == 1.0 and ratio.parts["in_flight"] == round(best_c + 1, 1) and ratio.met is False
+    assert "standing queue" in ratio.parts["not_at_load"]
+    tail.mean_ms = 1000.0 * (best_c - 1) / tail.rate
+    assert compute_ratios(typed)[name].met is True
     markdown = (out / "bench.md").read_text()
     for heading in ("## Targets", "## Sections and the machine's load", "## Naive server", "## Overload"):
         assert heading in markdown
@@ -202,8 +208,6 @@ def _hand_point(size: int, concurrency: int, rps: float, p50: float, p99: float,
 
 def test_target_ratios_from_hand_made_figures():
     """Each target is the quotient the issue names, compared the way it names; missing points are None."""
-    from mtrank.bench.harness import compute_ratios, target_names
-
     curve = [{"batch": b, "rows_per_s": r, "rows_per_cpu_s": r} for b, r in ((1, 1000.0), (512, 100_000.0))]
     report = {
         "config": {"sizes": [500, 1000]},
@@ -220,7 +224,7 @@ def test_target_ratios_from_hand_made_figures():
                      "error_lines": 2},
         "servers": {"overload": {"error_lines": 2, "error_examples": ["x ERROR y"]}, "service": {"error_lines": 0}},
     }
-    ratios = compute_ratios(report)
+    ratios = compute_ratios(from_json(Report, report))
     assert list(ratios) == target_names([500, 1000])
     expected = {  # name: (value, met)
         "batching_vs_naive_p50_20_c1": (None, False),
@@ -236,16 +240,14 @@ def test_target_ratios_from_hand_made_figures():
         "batching_vs_naive_1000": (1.0, True),
         "p99_over_p50_at_70pct_1000": (1.5, True),
     }
-    assert {name: (r["value"], r["met"]) for name, r in ratios.items()} == expected
-    assert ratios["overload_accepted_p99_ms"]["target"] == 500.0
-    assert ratios["batching_vs_naive_p50_20_c1"]["missing"] == "no 20-candidate point at concurrency 1"
+    assert {name: (r.value, r.met) for name, r in ratios.items()} == expected
+    assert ratios["overload_accepted_p99_ms"].target == 500.0
+    assert ratios["batching_vs_naive_p50_20_c1"].parts["missing"] == "no 20-candidate point at concurrency 1"
 
 
 def test_the_concurrency_1_ratio_is_the_median_of_its_pairs():
     """Each pair's p50s were measured back to back; the target is the middle pair's ratio, not a ratio of
     medians taken minutes apart."""
-    from mtrank.bench.harness import compute_ratios
-
     curve = [{"batch": 1, "rows_per_s": 1000.0, "rows_per_cpu_s": 1000.0}]
     report = {
         "config": {"sizes": [20]},
@@ -261,27 +263,48 @@ def test_the_concurrency_1_ratio_is_the_median_of_its_pairs():
                      "rss_kib": {"start": 1, "after_first_second": 1, "end": 1, "max": 1}, "error_lines": 0},
         "servers": {"overload": {"error_lines": 0, "error_examples": []}},
     }
-    c1 = compute_ratios(report)["batching_vs_naive_p50_20_c1"]
-    assert (c1["value"], c1["met"], c1["pairs"]) == (1.0, True, [1.2, 0.929, 1.0])
-    assert (c1["batching_p50_ms"], c1["naive_p50_ms"]) == (2.0, 2.0)
+    c1 = compute_ratios(from_json(Report, report))["batching_vs_naive_p50_20_c1"]
+    assert (c1.value, c1.met, c1.parts["pairs"]) == (1.0, True, [1.2, 0.929, 1.0])
+    assert (c1.parts["batching_p50_ms"], c1.parts["naive_p50_ms"]) == (2.0, 2.0)
     del report["c1_pairs"]  # a report without pairs (older runs): the sweep's own pair
-    c1 = compute_ratios(report)["batching_vs_naive_p50_20_c1"]
-    assert (c1["value"], c1["met"], c1["pairs"]) == (1.2, False, [1.2])
+    c1 = compute_ratios(from_json(Report, report))["batching_vs_naive_p50_20_c1"]
+    assert (c1.value, c1.met, c1.parts["pairs"]) == (1.2, False, [1.2])
 
 
 def test_the_engine_reference_is_the_best_of_its_measurements():
-    from mtrank.bench.harness import _engine_again
+    from mtrank.bench.harness import record_engine_again
 
-    def engine(peak: float) -> dict:
-        return {"peak": {"rows_per_s": peak, "batch": 1024}, "curve": []}
+    def engine(peak: float) -> EngineRun:
+        return EngineRun(peak=EnginePoint(batch=1024, rows_per_s=peak))
 
-    report = {"engine": engine(63_000.0)}
-    _engine_again(report, engine(110_000.0))  # the first was measured while the host was busy
-    assert report["engine"]["peak"]["rows_per_s"] == 110_000.0
-    assert [p["rows_per_s"] for p in report["engine_peaks"]] == [63_000.0, 110_000.0]
-    _engine_again(report, engine(90_000.0))
-    assert report["engine"]["peak"]["rows_per_s"] == 110_000.0
-    assert [p["rows_per_s"] for p in report["engine_peaks"]] == [63_000.0, 110_000.0, 90_000.0]
+    report = Report(engine=engine(63_000.0))
+    record_engine_again(report, engine(110_000.0))  # the first was measured while the host was busy
+    assert report.engine.peak.rows_per_s == 110_000.0
+    assert [p.rows_per_s for p in report.engine_peaks] == [63_000.0, 110_000.0]
+    record_engine_again(report, engine(90_000.0))
+    assert report.engine.peak.rows_per_s == 110_000.0
+    assert [p.rows_per_s for p in report.engine_peaks] == [63_000.0, 110_000.0, 90_000.0]
+
+
+def test_the_run_of_record_reads_back_as_it_was_written():
+    """docs/bench/bench.json through the typed report and back: the same keys in the same order and the same
+    values, except the configuration fields added since it ran (at their defaults)."""
+    recorded = json.loads((ROOT / "docs" / "bench" / "bench.json").read_text())
+    written = json.loads(json.dumps(to_json(from_json(Report, recorded))))
+    added = [k for k in written["config"] if k not in recorded["config"]]
+    assert added == ["floor_points", "c1_pairs"]
+    assert {k: v for k, v in written["config"].items() if k not in added} == recorded["config"]
+    assert {**written, "config": recorded["config"]} == recorded
+    assert list(written) == list(recorded)
+
+
+def test_scoring_the_run_of_record_again_gives_its_recorded_targets():
+    """Every target's value and verdict, recomputed from the recorded figures, is what the run wrote."""
+    recorded = json.loads((ROOT / "docs" / "bench" / "bench.json").read_text())
+    ratios = compute_ratios(from_json(Report, recorded))
+    assert {n: (r.value, r.target, r.met) for n, r in ratios.items()} == {
+        n: (r["value"], r["target"], r["met"]) for n, r in recorded["ratios"].items()}
+    assert sum(r.met for r in ratios.values()) == 12
 
 
 # -- the load generator ------------------------------------------------------------------------

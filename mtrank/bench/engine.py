@@ -107,10 +107,10 @@ def bench_engine(vdir: Path, manifest: Manifest, graph: str, threads: int | None
             "curve": curve, "peak": peak}
 
 
-def rows_per_s_at(curve: list[dict], batch: float, key: str = "rows_per_s") -> float:
-    """The engine's rows/s at ``batch`` rows, interpolated linearly in log(batch) between measured sizes."""
-    xs = [p["batch"] for p in curve]
-    ys = [p[key] for p in curve]
+def rows_per_s_at(batches: list[int], rows_per_s: list[float], batch: float) -> float:
+    """The engine's rows/s at ``batch`` rows, interpolated linearly in log(batch) between the measured
+    ``batches`` (ascending) and their ``rows_per_s``."""
+    xs, ys = batches, rows_per_s
     if batch <= xs[0]:
         return ys[0]
     if batch >= xs[-1]:

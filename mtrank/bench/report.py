@@ -1,284 +1,439 @@
-"""``bench.md`` and the PNG plots of a bench run, from its report dict (the content of bench.json)."""
+"""The typed report of a bench run and its file, ``bench.json``.
+
+:class:`Report` holds every figure of a run; :func:`to_json` turns it into the dict written to
+``bench.json`` (each dataclass field under its own name, in field order, so the file keeps the keys
+the docs and earlier runs use) and :func:`from_json` reads such a dict back. Every field has a default
+so that a report read from an earlier, smaller ``bench.json`` or a partial one built in a test loads;
+fields marked :func:`optional` are left out of the file while they are None (sections a run did not
+measure). Latencies are in milliseconds, throughputs per second, memory in KiB.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from mtrank.bench.config import BenchConfig
+
+Load = list[float]
+"""The load average over 1, 5 and 15 minutes."""
 
 
-def _fmt(v: Any, digits: int = 1) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:,.{digits}f}"
-    return str(v)
+def optional() -> Any:
+    """A field left out of ``bench.json`` while it is None (a section or figure the run did not measure)."""
+    return field(default=None, metadata={"omit_none": True})
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+@dataclass
+class Section:
+    """One timed section of the run."""
+
+    load_before: Load = field(default_factory=list)
+    load_after: Load = field(default_factory=list)
+    seconds: float = 0.0
 
 
-def _points_table(points: list[dict[str, Any]]) -> str:
-    rows = [
-        [p["size"], p["concurrency"] or f"rate {p['rate']:.0f}/s", p["throughput_rps"], p["rows_per_s"],
-         f"{p['p50_ms']:.2f}", f"{p['p90_ms']:.2f}", f"{p['p99_ms']:.2f}", p["mean_batch_rows"],
-         f"{p['server_cpu_cores']:.2f}", p.get("rows_per_server_cpu_s", 0.0), f"{p['client_cpu_cores']:.2f}",
-         ("yes" if p["stable"] else "no") + f" ({p['windows']})", p["errors"]]
-        for p in points
-    ]
-    return _table(["cands", "conc.", "req/s", "rows/s", "p50 ms", "p90 ms", "p99 ms", "rows/batch",
-                   "server CPU (cores)", "rows per server CPU-s", "client CPU (cores)", "stable (windows)",
-                   "errors"], rows)
+@dataclass
+class ServerRecord:
+    """A server under test: its environment, its provider and, once stopped, what its log says."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    pid: int = 0
+    provider: str | None = optional()
+    device: str | None = optional()
+    exit_status: int | None = optional()
+    log_lines: int = 0
+    error_lines: int = 0
+    """Lines with ERROR, CRITICAL or Traceback."""
+    error_examples: list[str] = field(default_factory=list)
 
 
-def _short(v: float | None) -> str:
-    return "–" if v is None else f"{v:.3f}".rstrip("0").rstrip(".")
+@dataclass
+class EnginePoint:
+    """ONNX Runtime alone at one batch size."""
+
+    batch: int = 0
+    rows_per_s: float = 0.0
+    rows_per_cpu_s: float = 0.0
+    ms_per_batch: float = 0.0
 
 
-def _ratio_rows(ratios: dict[str, dict[str, Any]]) -> list[list[Any]]:
-    return [[name, _short(r["value"]), f"{r['op']} {r['target']}",
-             "yes" if r["met"] else "**no**",
-             r["what"] + "".join(f" ({r[k]})" for k in ("missing", "not_at_load") if r.get(k))]
-            for name, r in ratios.items()]
+@dataclass
+class EngineRun:
+    """One measurement of the engine curve (:func:`mtrank.bench.engine.bench_engine`)."""
+
+    graph: str = ""
+    threads: int | None = None
+    """None: ONNX Runtime's default session options (the reference)."""
+    device: str = "cpu"
+    provider: str = ""
+    session_options: str = "default"
+    curve: list[EnginePoint] = field(default_factory=list)
+    peak: EnginePoint = field(default_factory=EnginePoint)
 
 
-def _workers_line(workers: dict[str, int] | int | None) -> str:
-    if not isinstance(workers, dict):  # reports from before MTRANK_WORKERS=0
-        return f"Serving processes per server: {workers or 1}."
-    asked = "the default, one per available core" if not workers["asked"] else f"MTRANK_WORKERS={workers['asked']}"
-    return f"Serving processes per server: {workers['count']} ({asked})."
+@dataclass
+class StatusLatency:
+    """The answers of one non-200 status in a load point."""
+
+    count: int = 0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
 
 
-def _peaks(report: dict[str, Any]) -> str:
-    peaks = report.get("engine_peaks")
-    if not peaks:
-        return ""
-    values = ", ".join(f"{p['rows_per_s']:,.0f}" for p in peaks)
-    when = "at the start and at the end" if len(peaks) == 2 else \
-        "at the start, after the batching server's sections and at the end"
-    return f"; the best of {len(peaks)} measurements, {when} of the run ({values})"
+@dataclass(kw_only=True)
+class LoadPoint:
+    """One load point: the load generator's figures, then what the server's metrics and CPU time say."""
+
+    mode: str = "closed"
+    concurrency: int = 0
+    """Closed loop: connections (0: open loop at ``rate``)."""
+    rate: float = 0.0
+    """Open loop: requests offered per second."""
+    requests: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    throughput_rps: float = 0.0
+    p50_ms: float = 0.0
+    p90_ms: float = 0.0
+    p99_ms: float = 0.0
+    mean_ms: float = 0.0
+    windows: int = 0
+    stable: bool = False
+    client_cpu_s: float = 0.0
+    window_rps: list[float] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+    non_200: dict[str, StatusLatency] = field(default_factory=dict)
+    """Status ("0": no answer) → its answers' latency."""
+    size: int = 0
+    """Candidates per request."""
+    rows_per_s: float = 0.0
+    mean_batch_rows: float = 0.0
+    mean_batch_requests: float = 0.0
+    inference_busy: float = 0.0
+    """Seconds of inference per second of the point."""
+    server_cpu_cores: float = 0.0
+    rows_per_server_cpu_s: float = 0.0
+    client_cpu_cores: float = 0.0
+    load: Load = field(default_factory=list)
+    mean_lookup_ms: float | None = optional()
+    mean_queue_wait_ms: float | None = optional()
 
 
-def _engine_label(e: dict[str, Any]) -> str:
-    options = "default session options" if e["session_options"] == "default" else e["session_options"]
-    return f"{options}, {e['provider']}"
+@dataclass
+class TailRepeat:
+    """One open-loop repeat of a tail point."""
+
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    p99_over_p50: float = 0.0
+    throughput_rps: float = 0.0
+    errors: int = 0
+    load: Load = field(default_factory=list)
 
 
-def write_markdown(report: dict[str, Any], path: Path) -> None:
-    m = report["machine"]
-    parts = [
-        f"# mtrank bench ({report['mode']} run, {report['started_at']})",
-        "",
-        f"Model `{report['model']['name']}` v{report['model']['version']} ({report['model']['kind']}, graphs "
-        f"{', '.join(report['model']['graphs'])}). Machine: {m.get('model_name', '?')}, {m.get('cpus')} CPUs, "
-        f"{m.get('ram_gib', '?')} GiB RAM, {m.get('hypervisor_vendor', 'bare metal?')}; ONNX Runtime "
-        f"{m['onnxruntime']}, Python {m['python']}. Device `{report['device']}`, {report['store']} embedding "
-        f"store. Load average (1/5/15 min) at start {report['load_at_start']}, at end {report['load_at_end']}; "
-        f"the run took {report['seconds']} s. Server, load generator and Redis share the machine's cores.",
-        "",
-        "## Targets",
-        "",
-        _table(["ratio", "value", "target", "met", "what"], _ratio_rows(report["ratios"])),
-        "",
-        "Informational:",
-        "",
-        _table(["ratio", "value", "reference", "met", "what"], _ratio_rows(report["informational"])),
-        "",
-        "## Sections and the machine's load",
-        "",
-        _table(["section", "seconds", "load before (1/5/15 min)", "load after"],
-               [[name, s["seconds"], str(s["load_before"]), str(s["load_after"])]
-                for name, s in report["sections"].items()]),
-        "",
-        "## Servers",
-        "",
-        "Service settings at their defaults (the bench sets only device, store, deadline and batching): "
-        + ", ".join(f"`{k}={v}`" for k, v in report["service_defaults"].items()) + ". "
-        + _workers_line(report.get("workers")),
-        "",
-        _table(["server", "provider", "MTRANK_BATCHING", "MTRANK_REQUEST_TIMEOUT_MS", "log lines", "ERROR lines"],
-               [[name, s.get("provider", "?"), s["env"].get("MTRANK_BATCHING", "–"),
-                 s["env"].get("MTRANK_REQUEST_TIMEOUT_MS", "–"), s.get("log_lines", 0), s.get("error_lines", 0)]
-                for name, s in report["servers"].items()]),
-        "",
-    ]
-    examples = [line for s in report["servers"].values() for line in s.get("error_examples", [])]
-    if examples:
-        parts += ["First ERROR lines:", "", "```", *examples[:10], "```", ""]
-    engines = [report["engine"]] + ([report["engine_1_thread"]] if report.get("engine_1_thread") else [])
-    parts += [f"## Engine: ONNX Runtime alone (graph `{report['engine']['graph']}`)", "",
-              f"Peak (the targets' reference): {report['engine']['peak']['rows_per_s']:,.0f} rows/s at batch "
-              f"{report['engine']['peak']['batch']}, {_engine_label(report['engine'])}{_peaks(report)}.", ""]
-    header = (["batch"] + [f"rows/s ({_engine_label(e)})" for e in engines]
-              + [f"rows per CPU-s ({_engine_label(e)})" for e in engines] + ["ms/batch"])
-    rows = [[p["batch"]] + [e["curve"][i]["rows_per_s"] for e in engines]
-            + [e["curve"][i].get("rows_per_cpu_s", 0.0) for e in engines] + [f"{p['ms_per_batch']:.3f}"]
-            for i, p in enumerate(report["engine"]["curve"])]
-    parts += [_table(header, rows), ""]
-    parts += ["## Service (dynamic batching)", "", _points_table(report["service"]), ""]
-    if report.get("floor"):
-        service = {(q["size"], q["concurrency"]): q for q in report["service"]}
-        parts += ["### The serving floor: HTTP, batching and ONNX Runtime alone", "",
-                  "The service's HTTP stack and batcher on a fixed feed, no ranking path (`mtrank/bench/floor.py`): "
-                  "what any ranking path is below on this machine.", "",
-                  _table(["cands", "conc", "floor req/s", "floor rows/s", "p50 ms", "server CPU cores",
-                          "rows per server CPU-s", "service rows/s", "service ÷ floor"],
-                         [[q["size"], q["concurrency"], q["throughput_rps"], q["rows_per_s"], q["p50_ms"],
-                           q["server_cpu_cores"], q["rows_per_server_cpu_s"],
-                           service.get((q["size"], q["concurrency"]), {}).get("rows_per_s", "–"),
-                           _short(service[(q["size"], q["concurrency"])]["rows_per_s"] / q["rows_per_s"])
-                           if (q["size"], q["concurrency"]) in service and q["rows_per_s"] else "–"]
-                          for q in report["floor"]]), ""]
-    if report.get("c1_pairs"):
-        parts += ["### 20 candidates at concurrency 1: pairs of points", "",
-                  "Batching and naive back to back, which first alternating, the sweep's pair first; the target "
-                  "reads the median ratio.", "",
-                  _table(["pair", "batching p50 ms", "naive p50 ms", "ratio"],
-                         [[i, q["batching_p50_ms"], q["naive_p50_ms"], q["ratio"]]
-                          for i, q in enumerate(report["c1_pairs"], start=1)]), ""]
-    if report.get("tail"):
-        parts += ["### Open loop at 70 % of the best throughput", "",
-                  "Each size's point is the one with the median p99 ÷ p50 of its repeats (all repeats below).", "",
-                  _points_table(report["tail"]), ""]
-        repeats = [[p["size"], len(p.get("repeats", [])),
-                    ", ".join(f"{q['p50_ms']:.2f} / {q['p99_ms']:.2f}" for q in p.get("repeats", [])),
-                    ", ".join(f"{q['p99_over_p50']:.2f}" for q in p.get("repeats", []))]
-                   for p in report["tail"]]
-        parts += [_table(["cands", "repeats", "p50 / p99 ms of each", "p99 ÷ p50 of each"], repeats), ""]
-    parts += ["## Naive server (MTRANK_BATCHING=false)", "", _points_table(report["naive"]), ""]
-    ov = report.get("overload")
-    if ov:
-        rss = ov["rss_kib"]
-        parts += [
-            f"## Overload: open loop at {ov['factor']:g} × the best closed-loop throughput, {ov['size']} candidates",
-            "",
-            f"{ov['rate_rps']:.0f} req/s for {ov['seconds']:.1f} s, {ov.get('repeats_n', 1)} × on one server with "
-            f"`MTRANK_REQUEST_TIMEOUT_MS={ov['request_timeout_ms']}` (client timeout {ov['client_timeout_s']:g} s); "
-            f"best closed loop {ov['best_closed_loop']['throughput_rps']:.1f} req/s at concurrency "
-            f"{ov['best_closed_loop']['concurrency']}.",
-            "",
-            "The first table gives each figure's median over the repeats (what the targets read) and the "
-            "statuses of all of them; the second each repeat; the third the answers of the repeat with the "
-            "median goodput.",
-            "",
-            _table(["goodput (200/s)", "accepted p50 ms", "accepted p99 ms", "503 p99 ms", "statuses",
-                    "RSS KiB start → after 1 s → end (max)", "ERROR lines"],
-                   [[ov["goodput_rps"], f"{ov['accepted_p50_ms']:.2f}", f"{ov['accepted_p99_ms']:.2f}",
-                     _fmt(ov["rejected_503_p99_ms"], 2), str(ov["statuses"]),
-                     f"{rss['start']:,} → {rss['after_first_second']:,} → {rss['end']:,} ({rss['max']:,})",
-                     ov["error_lines"]]]),
-            "",
-            _table(["repeat", "goodput (200/s)", "accepted p99 ms", "503 p50 ms", "503 p99 ms", "statuses", "load"],
-                   [[i, f"{r['goodput_rps']:.1f}", f"{r['accepted_p99_ms']:.2f}", _fmt(r["rejected_503_p50_ms"], 2),
-                     _fmt(r["rejected_503_p99_ms"], 2), str(r["statuses"]), str(r["load"])]
-                    for i, r in enumerate(ov.get("repeats", []), start=1)]),
-            "",
-            _table(["status", "answers", "p50 ms", "p99 ms", "max ms"],
-                   [["no answer (client timeout or closed)" if s == "0" else s, v["count"], f"{v['p50_ms']:.2f}",
-                     f"{v['p99_ms']:.2f}", f"{v['max_ms']:.2f}"]
-                    for s, v in ov["non_200"].items()]),
-            "",
-        ]
-        storm = ov.get("retry_storm")
-        if storm:
-            from mtrank.service.admission import LATENCY_SHARE
+@dataclass(kw_only=True)
+class TailPoint(LoadPoint):
+    """The tail point of one size: the repeat with the median p99 ÷ p50, every repeat beside it."""
 
-            parts += [
-                f"### Retry storm: {storm['clients']} clients that resend at once on a 503", "",
-                f"A closed loop of {storm['clients']} connections on the same server, {storm['seconds']:.1f} s, each "
-                "sending its next request the moment it has an answer, 503s included (no back-off, Retry-After "
-                f"ignored): {ov['factor']:g} × the requests that {LATENCY_SHARE:.0%} of the deadline holds at the best "
-                "throughput, so that some are always refused.", "",
-                _table(["goodput (200/s)", "÷ best closed loop", "refusals/s", "503 p50 / p99 ms", "accepted p99 ms",
-                        "server / client cores", "load"],
-                       [[storm["goodput_rps"], _fmt(storm["goodput_rps"] / ov["best_closed_loop"]["throughput_rps"], 2),
-                         storm["refused_per_s"],
-                         f"{_fmt(storm['rejected_503_p50_ms'], 2)} / {_fmt(storm['rejected_503_p99_ms'], 2)}",
-                         f"{storm['accepted_p99_ms']:.2f}",
-                         f"{storm['server_cpu_cores']:.2f} / {storm['client_cpu_cores']:.2f}", str(storm["load"])]]),
-                "",
-            ]
-    lk = report.get("lookups")
-    if lk:
-        rows = [[name, r["p50_ms"], r["mean_ms"], r["p99_ms"]] for name, r in lk.items()
-                if isinstance(r, dict) and "p50_ms" in r]
-        parts += [f"## Embedding lookups: {lk['ids']} ids of {lk['value_bytes']} bytes", "",
-                  _table(["how", "p50 ms", "mean ms", "p99 ms"], [[n, f"{a:.3f}", f"{b:.3f}", f"{c:.3f}"]
-                                                                 for n, a, b, c in rows]), ""]
-        if lk.get("redis_benchmark_missing"):
-            parts += ["redis-benchmark is not installed: its reference is missing.", ""]
-    for plot in report.get("plots", []):
-        parts += [f"![{plot}]({plot})", ""]
-    path.write_text("\n".join(parts))
+    p99_over_p50: float = 0.0
+    target_fraction: float = 0.0
+    """Offered rate ÷ ``max_throughput_rps``."""
+    max_throughput_rps: float = 0.0
+    """The size's best closed-loop throughput."""
+    repeats: list[TailRepeat] = field(default_factory=list)
 
 
-def write_plots(report: dict[str, Any], out: Path) -> list[str]:
-    """Latency against throughput per request size (service and naive), and the engine curve."""
-    try:
-        import matplotlib
+@dataclass
+class C1Pair:
+    """20 candidates at concurrency 1 on both servers, back to back."""
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    written = []
-    sizes = sorted({p["size"] for p in report["service"]})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 3.8), squeeze=False)
-    for ax, size in zip(axes[0], sizes, strict=True):
-        for name, points, color in (("batching", report["service"], "tab:blue"), ("naive", report["naive"], "tab:red")):
-            pts = sorted((p for p in points if p["size"] == size), key=lambda p: p["concurrency"])
-            if not pts:
-                continue
-            x = [p["rows_per_s"] for p in pts]
-            ax.plot(x, [p["p99_ms"] for p in pts], "o-", color=color, label=f"{name} p99")
-            ax.plot(x, [p["p50_ms"] for p in pts], "s--", color=color, alpha=0.6, label=f"{name} p50")
-            for p in pts:
-                ax.annotate(str(p["concurrency"]), (p["rows_per_s"], p["p99_ms"]), fontsize=7,
-                            textcoords="offset points", xytext=(3, 3))
-        for p in report.get("tail", []):
-            if p["size"] == size:
-                ax.plot([p["rows_per_s"]], [p["p99_ms"]], "k*", markersize=10, label="p99 at 70 % (open loop)")
-        ax.set_yscale("log")
-        ax.set_title(f"{size} candidates / request")
-        ax.set_xlabel("rows/s (candidates scored per second)")
-        ax.set_ylabel("latency, ms")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("Latency against throughput (labels: concurrency)")
-    fig.tight_layout()
-    fig.savefig(out / "latency_throughput.png", dpi=110)
-    plt.close(fig)
-    written.append("latency_throughput.png")
+    batching_p50_ms: float = 0.0
+    naive_p50_ms: float = 0.0
+    ratio: float | None = optional()
 
-    fig, (ax, ax_cpu) = plt.subplots(1, 2, figsize=(12, 4.2))
-    engines = [report["engine"]] + ([report["engine_1_thread"]] if report.get("engine_1_thread") else [])
-    for e in engines:
-        x = [p["batch"] for p in e["curve"]]
-        ax.plot(x, [p["rows_per_s"] for p in e["curve"]], "o-", label=f"engine, {_engine_label(e)}")
-        ax_cpu.plot(x, [p.get("rows_per_cpu_s", 0) for p in e["curve"]], "o-", label=f"engine, {_engine_label(e)}")
-    for name, points, marker in (("service", report["service"], "D"), ("naive", report["naive"], "x")):
-        best: dict[int, dict] = {}
-        for p in points:
-            if p["rows_per_s"] > best.get(p["size"], {"rows_per_s": 0})["rows_per_s"]:
-                best[p["size"]] = p
-        for size, p in sorted(best.items()):
-            x = [max(p["mean_batch_rows"], 1)]
-            label = f"{name} best, {size} cands (c={p['concurrency']})"
-            ax.plot(x, [p["rows_per_s"]], marker, label=label)
-            ax_cpu.plot(x, [p.get("rows_per_server_cpu_s", 0)], marker, label=label)
-    for a, ylabel, title in ((ax, "rows/s (wall clock)", "Engine limit and the servers at their batch size"),
-                             (ax_cpu, "rows per CPU-second of the server process",
-                              "The same per CPU-second (robust to the machine's load)")):
-        a.set_xscale("log", base=2)
-        a.set_xlabel("rows per inference call")
-        a.set_ylabel(ylabel)
-        a.set_title(title, fontsize=10)
-        a.grid(True, which="both", alpha=0.3)
-        a.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "engine.png", dpi=110)
-    plt.close(fig)
-    written.append("engine.png")
-    return written
+
+@dataclass
+class FloorPoint:
+    """The serving floor (:mod:`mtrank.bench.floor`) at one closed-loop point."""
+
+    size: int = 0
+    concurrency: int = 0
+    throughput_rps: float = 0.0
+    rows_per_s: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    errors: int = 0
+    server_cpu_cores: float = 0.0
+    rows_per_server_cpu_s: float = 0.0
+    load: Load = field(default_factory=list)
+
+
+@dataclass
+class BestClosedLoop:
+    """The closed-loop point of the best throughput at the overload size."""
+
+    concurrency: int = 0
+    throughput_rps: float = 0.0
+    rows_per_s: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+
+
+@dataclass
+class RssFigures:
+    """The overload server's RSS in KiB."""
+
+    start: int = 0
+    after_first_second: int = 0
+    """After the load generator's start-up and warm-up."""
+    end: int = 0
+    max: int = 0
+    samples: int = 0
+
+
+@dataclass
+class OverloadFigures:
+    """The figures of one overload repeat that the targets read."""
+
+    goodput_rps: float = 0.0
+    accepted_p50_ms: float = 0.0
+    accepted_p99_ms: float = 0.0
+    rejected_503_p50_ms: float | None = None
+    rejected_503_p99_ms: float | None = None
+    statuses: dict[str, int] = field(default_factory=dict)
+    load: Load = field(default_factory=list)
+
+
+@dataclass
+class RetryStorm:
+    """Closed-loop clients that resend the moment they are refused."""
+
+    clients: int = 0
+    seconds: float = 0.0
+    goodput_rps: float = 0.0
+    refused_per_s: float = 0.0
+    accepted_p99_ms: float = 0.0
+    rejected_503_p50_ms: float | None = None
+    rejected_503_p99_ms: float | None = None
+    statuses: dict[str, int] = field(default_factory=dict)
+    load: Load = field(default_factory=list)
+    server_cpu_cores: float = 0.0
+    client_cpu_cores: float = 0.0
+
+
+@dataclass
+class Overload:
+    """Open loop at ``factor`` × the best closed-loop throughput; the top-level figures are medians over
+    the repeats, ``statuses`` their sum."""
+
+    size: int = 0
+    factor: float = 0.0
+    rate_rps: float = 0.0
+    seconds: float = 0.0
+    repeats_n: int = 1
+    best_closed_loop: BestClosedLoop = field(default_factory=BestClosedLoop)
+    request_timeout_ms: int = 0
+    client_timeout_s: float = 0.0
+    goodput_rps: float = 0.0
+    accepted_p50_ms: float = 0.0
+    accepted_p99_ms: float = 0.0
+    statuses: dict[str, int] = field(default_factory=dict)
+    non_200: dict[str, StatusLatency] = field(default_factory=dict)
+    """Of the repeat with the median goodput."""
+    rejected_503_p99_ms: float | None = None
+    rejected_503_p50_ms: float | None = None
+    rss_kib: RssFigures = field(default_factory=RssFigures)
+    rss_samples: list[tuple[float, int]] = field(default_factory=list)
+    """(seconds since the first repeat started, KiB)."""
+    error_lines: int = 0
+    repeats: list[OverloadFigures] = field(default_factory=list)
+    warm_point: LoadPoint | None = optional()
+    point: LoadPoint | None = optional()
+    """The repeat with the median goodput."""
+    retry_storm: RetryStorm | None = optional()
+
+
+@dataclass
+class LookupTiming:
+    """Per-call times of one way to fetch the lookup ids (the median round)."""
+
+    mean_ms: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    calls: int = 0
+    missing: int | None = optional()
+    rps: float | None = optional()
+    avg_latency_ms: float | None = optional()
+    rounds_mean_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Lookups:
+    """Embedding lookups of ``ids`` ids (:func:`mtrank.bench.lookups.bench_lookups`); None: not measured."""
+
+    ids: int = 0
+    value_bytes: int = 0
+    keys_example: str = ""
+    service: LookupTiming | None = None
+    redis_benchmark: LookupTiming | None = None
+    bare_async: LookupTiming | None = None
+    raw_protocol: LookupTiming | None = None
+    bare_sync: LookupTiming | None = None
+    service_cached: LookupTiming | None = None
+    redis_benchmark_missing: bool = False
+
+
+@dataclass
+class Ratio:
+    """One target (or informational figure): ``value op target`` and the figures it is made of."""
+
+    value: float | None = None
+    op: str = ">="
+    target: float | None = None
+    met: bool = False
+    what: str = ""
+    parts: dict[str, Any] = field(default_factory=dict)
+    """The figures the value is made of; ``missing`` or ``not_at_load`` say why a target is not met."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The ratio's fields, then its parts, at one level (bench.json's ``ratios.<name>``)."""
+        return {"value": self.value, "op": self.op, "target": self.target, "met": self.met, "what": self.what,
+                **self.parts}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Ratio:
+        """The inverse of :meth:`to_json`."""
+        own = {f.name for f in dataclasses.fields(cls)} - {"parts"}
+        return cls(**{k: data[k] for k in own if k in data}, parts={k: v for k, v in data.items() if k not in own})
+
+
+@dataclass
+class ModelInfo:
+    """The model version under test."""
+
+    repo: str = ""
+    name: str = ""
+    version: int = 0
+    kind: str = ""
+    graphs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Workers:
+    """MTRANK_WORKERS of the servers under test (0: the service's default) and the count it means here."""
+
+    asked: int = 0
+    count: int = 1
+
+
+@dataclass
+class Report:
+    """Every figure of one run, in bench.json's order."""
+
+    mode: str = "full"
+    device: str = "cpu"
+    store: str = "redis"
+    model: ModelInfo = field(default_factory=ModelInfo)
+    machine: dict[str, Any] = field(default_factory=dict)
+    config: BenchConfig = field(default_factory=BenchConfig)
+    service_defaults: dict[str, Any] = field(default_factory=dict)
+    workers: Workers = field(default_factory=Workers)
+    target_names: list[str] = field(default_factory=list)
+    load_at_start: Load = field(default_factory=list)
+    started_at: str = ""
+    sections: dict[str, Section] = field(default_factory=dict)
+    servers: dict[str, ServerRecord] = field(default_factory=dict)
+    engine: EngineRun = field(default_factory=EngineRun)
+    """The engine measurement with the highest peak: the reference of the targets."""
+    engine_1_thread: EngineRun | None = optional()
+    redis_load: dict[str, Any] | None = optional()
+    """What :func:`mtrank.export.redis_loader.load_embeddings` returned."""
+    lookups: Lookups | None = optional()
+    service: list[LoadPoint] = field(default_factory=list)
+    naive: list[LoadPoint] = field(default_factory=list)
+    c1_pairs: list[C1Pair] | None = optional()
+    tail: list[TailPoint] = field(default_factory=list)
+    floor: list[FloorPoint] | None = optional()
+    engine_peaks: list[EnginePoint] | None = optional()
+    """Every engine peak, in the order measured."""
+    overload: Overload = field(default_factory=Overload)
+    redis_keys_deleted: int | None = optional()
+    load_at_end: Load = field(default_factory=list)
+    seconds: float = 0.0
+    ratios: dict[str, Ratio] = field(default_factory=dict)
+    informational: dict[str, Ratio] = field(default_factory=dict)
+    plots: list[str] | None = optional()
+
+
+T = TypeVar("T")
+P = TypeVar("P", LoadPoint, FloorPoint)
+
+
+def middle(items: list[T], key: Callable[[T], Any] | None = None) -> T:
+    """The median item of ``items`` by ``key`` (the upper one of an even count)."""
+    return sorted(items, key=key)[len(items) // 2]
+
+
+def point_at(points: list[P], size: int, concurrency: int) -> P | None:
+    """The point of ``size`` candidates at ``concurrency``, if measured."""
+    return next((p for p in points if p.size == size and p.concurrency == concurrency), None)
+
+
+def best_point(points: list[LoadPoint], size: int) -> LoadPoint | None:
+    """The point of highest throughput at ``size``."""
+    at = [p for p in points if p.size == size]
+    return max(at, key=lambda p: p.throughput_rps) if at else None
+
+
+def to_json(value: Any) -> Any:
+    """A dataclass (and everything inside it) as plain JSON values, keys in field order."""
+    if isinstance(value, Ratio):
+        return to_json(value.to_json())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not (f.metadata.get("omit_none") and getattr(value, f.name) is None)}
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    return value
+
+
+def from_json(cls: Any, data: Any) -> Any:
+    """``data`` (plain JSON values) as an instance of the type ``cls``; missing fields take their defaults."""
+    origin, args = typing.get_origin(cls), typing.get_args(cls)
+    if data is None or cls is Any:
+        return data
+    if origin in (typing.Union, types.UnionType):
+        return from_json(next(a for a in args if a is not type(None)), data)
+    if cls is Ratio:
+        return Ratio.from_json(data)
+    if dataclasses.is_dataclass(cls):
+        hints = typing.get_type_hints(cls)
+        return cls(**{f.name: from_json(hints[f.name], data[f.name]) for f in dataclasses.fields(cls)
+                      if f.init and f.name in data})
+    if origin is dict:
+        return {k: from_json(args[1], v) for k, v in data.items()}
+    if origin is list:
+        return [from_json(args[0], v) for v in data]
+    if origin is tuple:
+        return tuple(data)
+    return data
+
+
+def read_report(path: Path) -> Report:
+    """A ``bench.json`` as a :class:`Report`."""
+    return from_json(Report, json.loads(path.read_text()))
+
+
+def write_json(report: Report, path: Path) -> None:
+    """Writes ``report`` to ``path`` (``bench.json``); a NaN or infinite figure is an error."""
+    path.write_text(json.dumps(to_json(report), indent=1, allow_nan=False))
