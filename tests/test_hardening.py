@@ -186,8 +186,8 @@ def test_work_of_a_cancelled_request_never_leaves_an_unretrieved_exception(when)
     """The races behind "Task exception was never retrieved": the ranking work fails (a batcher
     deadline) in the same loop iteration as the request's timeout cancels the handler, or it
     turns its cancellation into an error of its own (as client libraries do when interrupted)."""
-    from mtrank.service.app import _unless_disconnected
     from mtrank.service.errors import DeadlineExceeded
+    from mtrank.service.http.disconnect import unless_disconnected
 
     async def scenario() -> list[dict]:
         loop = asyncio.get_running_loop()
@@ -207,7 +207,7 @@ def test_work_of_a_cancelled_request_never_leaves_an_unretrieved_exception(when)
             except asyncio.CancelledError:
                 raise DeadlineExceeded("interrupted") from None
 
-        handler = asyncio.ensure_future(_unless_disconnected(receive, work()))
+        handler = asyncio.ensure_future(unless_disconnected(receive, work()))
         for _ in range(3):  # the handler, its work and its disconnect watcher are all waiting
             await asyncio.sleep(0)
         if when == "fails as the timeout fires":

@@ -688,7 +688,7 @@ def test_close_waits_for_the_running_batch_and_fails_what_is_queued(tiny_runner)
 
 def test_event_loop_lag_is_what_a_blocked_loop_delays_a_timer():
     from mtrank.service import metrics
-    from mtrank.service.app import watch_event_loop_lag
+    from mtrank.service.serving import watch_event_loop_lag
 
     def lag_sum() -> float:
         return next(s.value for s in metrics.EVENT_LOOP_LAG.collect()[0].samples if s.name.endswith("_sum"))

@@ -6,6 +6,13 @@ Structured fields ride on a record as ``extra={...}``; the JSON formatter writes
 top-level keys (``request_id``, ``status``, ``latency_ms``, ``event``...), the text formatter
 leaves them out (the message already says what a person needs).
 
+A log line is one record: a character that is not printable (CR, LF, ESC, NUL, any other C0 or C1
+control, DEL, a Unicode line separator) is written escaped, whoever put it in the message (a
+client's path, header value or id), so that a client can neither forge a line nor drive a
+terminal. Text lines show it as ``\\n``, ``\\x1b``, ``\\u2028``; JSON lines as ``\\u001b``
+(the encoder escapes C0 itself; DEL, C1 and separators are escaped here). Tracebacks keep their
+lines.
+
 Lines are written in blocks (:class:`BlockHandler`, ``MTRANK_LOG_FLUSH_MS``): one write per line
 was a system call and a wake-up of the reader (a container runtime, a log shipper) per request.
 """
@@ -30,6 +37,32 @@ UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def escape_unprintable(text: str) -> str:
+    """``text`` with each character that is not printable as its Python escape (``\\n``, ``\\x00``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _json_escape(c: str) -> str:
+    code = ord(c)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # beyond the BMP: a UTF-16 surrogate pair, as JSON spells it
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+class TextFormatter(logging.Formatter):
+    """:data:`TEXT_FORMAT`, its message escaped by :func:`escape_unprintable`."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = escape_unprintable(record.message)
+        return super().formatMessage(record)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: ``ts`` (UTC, ISO 8601, ms), ``level``, ``logger``, ``message``,
     ``pid``, the record's ``extra`` fields, and ``exc`` (the traceback text) when there is one."""
@@ -49,7 +82,12 @@ class JsonFormatter(logging.Formatter):
             line["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
-        return orjson.dumps(line, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        text = orjson.dumps(line, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        if text.isprintable():
+            return text
+        # orjson escapes C0 controls but writes DEL, C1 and separators raw; outside strings it
+        # writes only printable ASCII, so escaping them anywhere in the text is exact.
+        return "".join(c if c.isprintable() else _json_escape(c) for c in text)
 
 
 PIPE_BUF = getattr(select, "PIPE_BUF", 4096)
@@ -144,7 +182,7 @@ def configure_logging(level: str, log_format: Literal["text", "json"], flush_s: 
     stream = sys.stderr if stream is None else stream
     blocks = flush_s > 0 and not _is_terminal(stream)
     handler = BlockHandler(stream, flush_s) if blocks else logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

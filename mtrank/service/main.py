@@ -21,10 +21,11 @@ from pathlib import Path
 import uvicorn
 
 from mtrank.service import listener, tracing
-from mtrank.service.app import Engine, create_app, served_app
+from mtrank.service.app import create_app, served_app
 from mtrank.service.logs import configure_logging, flush_logs
 from mtrank.service.repository import StartupError
 from mtrank.service.runner import DeviceError
+from mtrank.service.serving import ServingState
 from mtrank.service.settings import ConfigError, Settings, deprecated_variables, load_settings, unknown_variables
 from mtrank.service.workers import follow_supervisor, supervise, worker_index
 
@@ -35,17 +36,17 @@ GC_YOUNG_THRESHOLD = 20_000
 
 
 class _DrainingServer(uvicorn.Server):
-    """A uvicorn server that marks the engine as draining before it stops accepting."""
+    """A uvicorn server that marks the service as draining before it stops accepting."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine):
+    def __init__(self, config: uvicorn.Config, serving: ServingState):
         super().__init__(config)
-        self.engine = engine
+        self.serving = serving
 
     def handle_exit(self, sig: int, frame) -> None:  # noqa: ANN001 - signal handler signature
-        if not self.engine.draining:
+        if not self.serving.draining:
             log.info("signal %d: draining in-flight requests (up to %.0f s)", sig,
-                     self.engine.settings.drain_timeout_s)
-        self.engine.draining = True
+                     self.serving.settings.drain_timeout_s)
+        self.serving.draining = True
         super().handle_exit(sig, frame)
 
 
@@ -89,10 +90,10 @@ def serve(repo: str | Path | None = None, host: str | None = None, port: int | N
 
 async def _serve(settings: Settings) -> None:
     try:
-        engine = await Engine.start(settings)
+        serving = await ServingState.start(settings)
     except (StartupError, DeviceError, ConfigError) as e:
         _die(str(e))
-    app = create_app(settings, engine=engine)
+    app = create_app(settings, serving=serving)
     config = uvicorn.Config(
         served_app(app), host=settings.host, port=settings.port, workers=1, lifespan="on", access_log=False,
         log_config=None, log_level=settings.log_level, timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
@@ -108,27 +109,27 @@ async def _serve(settings: Settings) -> None:
     # young-generation threshold (700) the collector runs two or three times inside each request
     # and walks, then promotes, that request's live objects; at 20 000 most are gone by then.
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-    reason = await engine.not_ready_reason()
-    notices = engine.repository.refusal_notice()
+    reason = await serving.not_ready_reason()
+    notices = serving.repository.refusal_notice()
     log.info("serving %s on http://%s:%d (%s)%s", settings.model_repo, settings.host, settings.port,
              "ready" if reason is None else f"not ready: {reason}", f"; {notices}" if notices else "",
-             extra={"event": "startup", "ready": reason is None, "served": engine.repository.served()})
+             extra={"event": "startup", "ready": reason is None, "served": serving.repository.served()})
     worker = worker_index() is not None
     try:
         # Our own socket (the workers share it by SO_REUSEPORT); the loop accepts on it in bursts.
         sock = listener.listening_socket(settings.host, settings.port, reuse_port=worker)
     except OSError as e:
-        await engine.close()
+        await serving.close()
         _die(f"cannot listen on {settings.host}:{settings.port} (MTRANK_HOST, MTRANK_PORT): {e.strerror or e}")
     if worker:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(engine)))
-    await _DrainingServer(config, engine).serve(sockets=[sock])
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(serving)))
+    await _DrainingServer(config, serving).serve(sockets=[sock])
 
 
-async def _reload(engine: Engine) -> None:
+async def _reload(serving: ServingState) -> None:
     """SIGHUP in a worker: reload the repository, as POST /admin/reload does."""
-    report = await engine.repository.reload()
+    report = await serving.repository.reload()
     log.info("reloaded on SIGHUP: %s", report.to_dict(), extra={"event": "reload"})
 
 

@@ -81,6 +81,12 @@ for _reason in REJECT_REASONS:
     REJECTED.labels(_reason)
 
 
+def record_request(route: str, status: int, bucket: str, elapsed_s: float) -> None:
+    """One answered HTTP request: ``mtrank_requests_total`` and ``mtrank_request_duration_seconds``."""
+    REQUESTS.labels(route, str(status), bucket).inc()
+    REQUEST_DURATION.labels(route, bucket).observe(elapsed_s)
+
+
 def unset(gauge: Gauge, *labels: str) -> None:
     """Drop one labelled series of ``gauge``; with several workers, whose series live in shared
     files that cannot drop one, set it to 0 instead."""

@@ -28,6 +28,11 @@ MAX_FEATURE_CHARS = 256
 MAX_FEATURES = 64
 MAX_FEATURE_NAME_CHARS = 64
 MAX_VIDEO_LEN_S = 86400.0
+MAX_REQUEST_ID_CHARS = 128
+REQUEST_ID_RULE = f"1 to {MAX_REQUEST_ID_CHARS} visible ASCII characters (0x21-0x7E)"
+VALID_REQUEST_ID = re.compile(f"[!-~]{{1,{MAX_REQUEST_ID_CHARS}}}")
+"""The one rule for request ids, from the body and from ``X-Request-ID`` (``fullmatch``): an id is
+echoed in a response header and written to logs, so no space, control or non-ASCII character."""
 
 Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS)]
 FeatureValue = Annotated[str, Meta(max_length=MAX_FEATURE_CHARS)] | int | float | bool
@@ -53,7 +58,12 @@ class Candidate(Struct, forbid_unknown_fields=True):
 class RankRequest(Struct, forbid_unknown_fields=True):
     user: User
     candidates: Annotated[list[Candidate], Meta(min_length=1)]
-    request_id: Annotated[str, Meta(max_length=128)] | None = None
+    request_id: Annotated[str, Meta(
+        description=f"{REQUEST_ID_RULE}; echoed in the answer (else X-Request-ID's, else a generated one).",
+        extra_json_schema={"minLength": 1, "maxLength": MAX_REQUEST_ID_CHARS, "pattern": "^[!-~]+$"},
+    )] | None = None
+    """Checked by :func:`decode_request` against :data:`VALID_REQUEST_ID` (msgspec's ``pattern`` uses
+    ``re.search``, whose ``$`` also matches before a final newline)."""
     top_k: Annotated[int, Meta(ge=1, description="Return the best top_k items; absent = all.")] | None = None
     return_task_scores: bool = False
 
@@ -148,6 +158,8 @@ def decode_request(body: bytes, max_candidates: int) -> RankQuery:
         raise RequestError(_explain(e, body)) from None
     except msgspec.DecodeError as e:
         raise MalformedBody(f"malformed JSON: {e}") from None
+    if req.request_id is not None and VALID_REQUEST_ID.fullmatch(req.request_id) is None:
+        raise RequestError(f"invalid request: request_id: must be {REQUEST_ID_RULE}")
     cands = req.candidates
     if len(cands) > max_candidates:
         raise TooManyCandidates(

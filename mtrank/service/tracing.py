@@ -94,6 +94,16 @@ def _request_span(method: str, route: str, headers: list[tuple[bytes, bytes]]) -
         yield root
 
 
+def request_attributes(request_id: str, status: int, ctx: Any) -> dict[str, Any]:
+    """The root span's attributes at the end of a request; ``ctx`` is its
+    :class:`mtrank.service.ranking.RequestContext` (None outside ``/v1/rank``)."""
+    attributes: dict[str, Any] = {"http.response.status_code": status, "mtrank.request_id": request_id}
+    if ctx is not None and ctx.model is not None:
+        attributes.update({"mtrank.bucket": ctx.bucket, "mtrank.model": ctx.model, "mtrank.version": ctx.version,
+                           "mtrank.user_group": ctx.user_group or "", "mtrank.candidates": ctx.candidates})
+    return attributes
+
+
 def _server_kind() -> Any:
     from opentelemetry.trace import SpanKind
 
