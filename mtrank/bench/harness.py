@@ -229,25 +229,32 @@ def _new_report(args: argparse.Namespace, run: _Run) -> Report:
         load_at_start=load_average(), started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
-def _measure_engine(report: Report, run: _Run, section: str) -> None:
-    """The engine section: ONNX Runtime alone (and, first time on CPU, the service's 1-thread session)."""
+def _engine_run(run: _Run, threads: int | None = None) -> EngineRun:
+    """The engine curve: ONNX Runtime's default session options (``threads`` None) or the service's session."""
     from mtrank.service.runner import DeviceError
 
-    with _section(report, section):
-        try:
-            engine = from_json(EngineRun, bench_engine(run.vdir, run.manifest, run.graph, None,
-                                                       run.cfg.engine_min_time_s, device=run.device))
-        except DeviceError as e:
-            raise BenchError(f"--device cuda: {e}") from None
-        if section != "engine":
-            record_engine_again(report, engine)
-            return
-        report.engine = engine
+    try:
+        return from_json(EngineRun, bench_engine(run.vdir, run.manifest, run.graph, threads,
+                                                 run.cfg.engine_min_time_s, device=run.device))
+    except DeviceError as e:
+        raise BenchError(f"--device cuda: {e}") from None
+
+
+def _measure_engine(report: Report, run: _Run) -> None:
+    """The first engine section: the reference and, on CPU, the service's 1-thread session beside it."""
+    with _section(report, "engine"):
+        report.engine = _engine_run(run)
         if run.cfg.engine_service_threads and run.device == "cpu":
-            report.engine_1_thread = from_json(EngineRun, bench_engine(run.vdir, run.manifest, run.graph, 1,
-                                                                       run.cfg.engine_min_time_s))
-        say(f"engine peak (default session options, {engine.provider}): "
-            f"{engine.peak.rows_per_s:.0f} rows/s at batch {engine.peak.batch}")
+            report.engine_1_thread = _engine_run(run, threads=1)
+        say(f"engine peak (default session options, {report.engine.provider}): "
+            f"{report.engine.peak.rows_per_s:.0f} rows/s at batch {report.engine.peak.batch}")
+
+
+def _measure_engine_again(report: Report, run: _Run, section: str) -> None:
+    """The engine once more, when the run measures it more than once (``cfg.engine_twice``)."""
+    if run.cfg.engine_twice:
+        with _section(report, section):
+            record_engine_again(report, _engine_run(run))
 
 
 def _measure_lookups(report: Report, run: _Run) -> None:
@@ -284,12 +291,10 @@ def _measure_servers(report: Report, run: _Run) -> None:
     if run.device == "cpu":
         with _section(report, "floor"):
             report.floor = floor_points(run.vdir, run.graph, run.bodies, report.workers.count, cfg)
-    if cfg.engine_twice:
-        _measure_engine(report, run, "engine_middle")
+    _measure_engine_again(report, run, "engine_middle")
     with _section(report, "overload"):
         report.overload = overload(report, run.repo, env | {"MTRANK_BATCHING": "true"}, run.bodies, cfg, run.device)
-    if cfg.engine_twice:
-        _measure_engine(report, run, "engine_again")
+    _measure_engine_again(report, run, "engine_again")
 
 
 def _write_outputs(report: Report, out: Path) -> None:
@@ -327,7 +332,7 @@ def run_bench(args: argparse.Namespace) -> Report:
         report = _new_report(args, run)
         say(f"{report.mode} run on {model} v{manifest.version} ({vdir}), device {device}; "
             f"load {report.load_at_start}")
-        _measure_engine(report, run, "engine")
+        _measure_engine(report, run)
         try:
             if redis_url:
                 _measure_lookups(report, run)
