@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
 
 import numpy as np
 
-from mtrank.spec import Facet, FeatureSpec
+from mtrank.spec import STRICT, Facet, FeatureSpec, Side, SpecError, validate
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -54,15 +56,24 @@ ITEM_FACET_INPUT = "item_facet"
 def emb_input(field: str) -> str:
     """The graph input carrying store field ``field``'s vectors."""
     return EMB_PREFIX + field
+
+
 _VERSION_RE = re.compile(r"^[1-9][0-9]*$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ManifestError(ValueError):
     """A version directory is missing, incomplete, tampered with or of an unknown format."""
 
 
+# Every dataclass below is validated strictly when read (``mtrank.spec.validate``): types exact
+# (``"dim": 8.5`` or ``"8"`` is an error), unknown keys refused. Model files are untrusted input.
+
+
 @dataclass(frozen=True)
 class TensorInfo:
+    __pydantic_config__ = STRICT
+
     name: str
     dtype: str
     """numpy dtype name: float32, float16, int64."""
@@ -72,6 +83,8 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class GraphInfo:
+    __pydantic_config__ = STRICT
+
     file: str
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
@@ -85,6 +98,8 @@ class TableInfo:
     """An embedding table held by the store: row ``i + 1`` is the vector of ``ids[i]``; row 0 is
     the default vector for ids not in the table."""
 
+    __pydantic_config__ = STRICT
+
     field: str
     ids_file: str
     """UTF-8 text, one id per line."""
@@ -96,7 +111,7 @@ class TableInfo:
     """Width of one view."""
     views: list[str]
     """View names in row order: ``["shared"]`` or ``["shared", "<task>", ...]`` (STEM)."""
-    dtype: str = "float32"
+    dtype: Literal["float32"] = "float32"
 
     @property
     def width(self) -> int:
@@ -105,13 +120,14 @@ class TableInfo:
 
 @dataclass(frozen=True)
 class DenseInfo:
+    __pydantic_config__ = STRICT
+
     """A dense field and its train statistics: model input = clip((t(x) − mean) / std)
     (:mod:`mtrank.transform`)."""
 
     name: str
-    side: str
-    transform: str
-    """``none`` or ``log1p``."""
+    side: Side
+    transform: Literal["none", "log1p"]
     mean: float
     std: float
     default: float
@@ -124,9 +140,11 @@ class DenseInfo:
 
 @dataclass(frozen=True)
 class SparseInfo:
+    __pydantic_config__ = STRICT
+
     name: str
-    side: str
-    location: str
+    side: Side
+    location: Literal["graph", "store"]
     """``graph``: indices from ``vocab`` feed the ``ids`` input; ``store``: vectors from ``tables``."""
     vocab: list[str] | None = None
     """Graph fields only: value of index ``i + 1``."""
@@ -134,6 +152,8 @@ class SparseInfo:
 
 @dataclass
 class Manifest:
+    __pydantic_config__ = STRICT
+
     name: str
     kind: str
     version: int
@@ -176,47 +196,82 @@ class Manifest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Manifest:
-        if d.get("format_version") != FORMAT_VERSION:
-            raise ManifestError(f"unsupported manifest format_version {d.get('format_version')!r}")
+    def from_dict(cls, d: Any, source: str = MANIFEST) -> Manifest:
+        """A manifest from untrusted JSON values: every type checked before use, every file name a
+        relative path inside the version directory; a :class:`ManifestError` of one line otherwise."""
+        if not isinstance(d, dict):
+            raise ManifestError(f"{source}: expected a JSON object, got {_json_type(d)}")
+        if d.get("format_version") != FORMAT_VERSION or isinstance(d.get("format_version"), bool):
+            raise ManifestError(f"{source}: unsupported manifest format_version {d.get('format_version')!r}")
         try:
-            return cls(
-                name=d["name"],
-                kind=d["kind"],
-                version=int(d["version"]),
-                tasks=d["tasks"],
-                dense=[DenseInfo(**x) for x in d["dense"]],
-                sparse=[SparseInfo(**x) for x in d["sparse"]],
-                graphs={
-                    g: GraphInfo(
-                        file=x["file"],
-                        inputs=[TensorInfo(**t) for t in x["inputs"]],
-                        outputs=[TensorInfo(**t) for t in x["outputs"]],
-                        tasks=x["tasks"],
-                        fp16_file=x.get("fp16_file"),
-                    )
-                    for g, x in d["graphs"].items()
-                },
-                tables={k: TableInfo(**x) for k, x in d["tables"].items()},
-                user_groups=d.get("user_groups"),
-                item_facet=d.get("item_facet"),
-                parity=d.get("parity", {}),
-                source=d.get("source", {}),
-                created_at=d.get("created_at", ""),
-                files=d.get("files", {}),
-            )
-        except (KeyError, TypeError) as e:
-            raise ManifestError(f"malformed manifest: {e}") from e
+            manifest = validate(cls, d, source)
+            _facet(manifest.user_groups, f"{source}: user_groups")
+            _facet(manifest.item_facet, f"{source}: item_facet")
+        except SpecError as e:
+            message = str(e)  # its "(got ...)" may quote a whole section of the file
+            raise ManifestError(message if len(message) <= 300 else message[:297] + "...") from None
+        manifest._check_contents(source)
+        return manifest
+
+    def _check_contents(self, source: str) -> None:
+        """What types cannot say: positive sizes, task entries, confined file names, checksums."""
+
+        def refuse(where: str, problem: str) -> None:
+            raise ManifestError(f"{source}: {where}: {problem}")
+
+        if self.version < 1:
+            refuse("version", f"must be a positive integer (got {self.version})")
+        for i, task in enumerate(self.tasks):
+            if not isinstance(task.get("name"), str) or not isinstance(task.get("type"), str):
+                refuse(f"tasks[{i}]", "needs a string name and type")
+            bounds = task.get("fusion_range")
+            if bounds is not None and not (
+                isinstance(bounds, list) and len(bounds) == 2
+                and all(isinstance(x, int | float) and not isinstance(x, bool) and np.isfinite(x) for x in bounds)
+                and bounds[0] < bounds[1]
+            ):
+                refuse(f"tasks[{i}].fusion_range", f"expected [lo, hi] with lo < hi (got {bounds!r})")
+        for key, graph in self.graphs.items():
+            if len(graph.tasks) != len(graph.outputs):
+                refuse(f"graphs.{key}", f"{len(graph.outputs)} outputs but {len(graph.tasks)} tasks")
+            _check_file_name(graph.file, f"{source}: graphs.{key}.file")
+            if graph.fp16_file is not None:
+                _check_file_name(graph.fp16_file, f"{source}: graphs.{key}.fp16_file")
+        for key, table in self.tables.items():
+            if key != table.field:
+                refuse(f"tables.{key}", f"holds the table of field {table.field!r}")
+            if table.rows < 1 or table.dim < 1 or not table.views:
+                refuse(f"tables.{key}", "rows and dim must be positive and views not empty")
+            _check_file_name(table.ids_file, f"{source}: tables.{key}.ids_file")
+            _check_file_name(table.vectors_file, f"{source}: tables.{key}.vectors_file")
+        for name, digest in self.files.items():
+            _check_file_name(name, f"{source}: files")
+            if not _SHA256_RE.match(digest):
+                refuse(f"files[{name!r}]", "not a lowercase hex SHA-256")
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _check_file_name(name: str, where: str) -> None:
+    """A file name in a manifest is a relative POSIX path below the version directory: no absolute
+    path, no ``..`` or ``.`` component, no empty component, no backslash or NUL."""
+    parts = name.split("/")
+    if (not name or PurePosixPath(name).is_absolute() or "\\" in name or "\0" in name
+            or any(part in ("", ".", "..") for part in parts)):
+        raise ManifestError(f"{where}: file name {name[:80]!r} is not a relative path inside the version directory")
 
 
 def facet_dict(facet: Facet | None) -> dict[str, Any] | None:
     return None if facet is None else asdict(facet)
 
 
-def _facet(d: dict[str, Any] | None) -> Facet | None:
+def _facet(d: dict[str, Any] | None, source: str = "facet") -> Facet | None:
     if not d:
         return None
-    return FeatureSpec.from_dict({"tasks": [{"name": "_"}], "user_groups": d}).user_groups
+    return FeatureSpec.from_dict({"tasks": [{"name": "_"}], "user_groups": d}, source).user_groups
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -230,42 +285,82 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def write_manifest(version_dir: Path, manifest: Manifest) -> None:
     """Checksum every file under ``version_dir`` (but the manifest) and write the manifest."""
     manifest.files = {
-        str(p.relative_to(version_dir)): sha256_file(p)
+        p.relative_to(version_dir).as_posix(): sha256_file(p)
         for p in sorted(version_dir.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p != version_dir / MANIFEST
     }
     (version_dir / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
 
 
-def load_manifest(version_dir: str | Path, verify: bool = True) -> Manifest:
-    """Read a version's manifest; with ``verify``, refuse missing, extra-truncated or changed files."""
+def load_manifest(version_dir: str | Path, verify: bool = True, located: bool = False) -> Manifest:
+    """Read a version's manifest. With ``verify``, refuse symlinks, files the manifest does not list
+    and missing or changed files; with ``located``, also a name or version that differs from the
+    directory's ``<model>/<version>``."""
     version_dir = Path(version_dir)
     path = version_dir / MANIFEST
+    if version_dir.is_symlink() or path.is_symlink():
+        raise ManifestError(f"{version_dir}: symbolic links are not allowed in a model version")
     if not path.is_file():
         raise ManifestError(f"{version_dir}: no {MANIFEST} (not an exported model version)")
     try:
-        manifest = Manifest.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
+        raw = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: not valid JSON ({e})") from e
+    try:
+        manifest = Manifest.from_dict(raw)
+    except ManifestError as e:
+        raise ManifestError(f"{version_dir}: {e}") from None
+    if located and (manifest.name != version_dir.parent.name or str(manifest.version) != version_dir.name):
+        raise ManifestError(f"{version_dir}: manifest names model {manifest.name[:80]!r} version "
+                            f"{manifest.version}, the directory is {version_dir.parent.name}/{version_dir.name}")
     if verify:
         verify_files(version_dir, manifest)
     return manifest
 
 
+def version_files(version_dir: Path) -> set[str]:
+    """Relative POSIX names of the regular files under ``version_dir``, the manifest excepted.
+    A symbolic link or a special file (FIFO, socket, device) anywhere below it is refused."""
+    found: set[str] = set()
+    for top, dirs, files in os.walk(version_dir, onerror=_raise):
+        for name in dirs + files:
+            p = Path(top, name)
+            rel = p.relative_to(version_dir).as_posix()
+            mode = p.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise ManifestError(f"{version_dir}: {rel} is a symbolic link (not allowed in a model version)")
+            if name in files and not stat.S_ISREG(mode):
+                raise ManifestError(f"{version_dir}: {rel} is not a regular file")
+            if name in files:
+                found.add(rel)
+    found.discard(MANIFEST)
+    return found
+
+
+def _raise(e: OSError) -> None:
+    raise e
+
+
 def verify_files(version_dir: Path, manifest: Manifest) -> None:
+    """Every file the manifest uses has a checksum, every file present is listed, and every
+    listed file is present with its checksum."""
     if not manifest.files:
         raise ManifestError(f"{version_dir}: manifest lists no files")
     referenced = {g.file for g in manifest.graphs.values()} | {
-        f for t in manifest.tables.values() for f in (t.ids_file, t.vectors_file)
-    }
+        g.fp16_file for g in manifest.graphs.values() if g.fp16_file is not None
+    } | {f for t in manifest.tables.values() for f in (t.ids_file, t.vectors_file)}
     unlisted = sorted(referenced - set(manifest.files))
     if unlisted:
         raise ManifestError(f"{version_dir}: files without a checksum in the manifest: {unlisted}")
+    present = version_files(version_dir)
+    extra = sorted(present - set(manifest.files))
+    if extra:
+        raise ManifestError(f"{version_dir}: files the manifest does not list: {extra[:5]}"
+                            + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))
     for rel, digest in manifest.files.items():
-        p = version_dir / rel
-        if not p.is_file():
+        if rel not in present:
             raise ManifestError(f"{version_dir}: missing file {rel}")
-        if sha256_file(p) != digest:
+        if sha256_file(version_dir / rel) != digest:
             raise ManifestError(f"{version_dir}: checksum mismatch for {rel} (file changed or truncated)")
 
 

@@ -11,12 +11,18 @@ When the newest version of a model fails its checks and no version of it is serv
 start-up), the newest older version that passes is served instead; every refused version is kept
 in :attr:`Repository.refused` with its reason (shown by ``/v1/models``, ``/readyz`` and the
 ``mtrank_model_versions_refused`` gauge).
+
+Model files are untrusted input: any exception while opening a version (a malformed manifest, a
+file outside the version directory, a graph ONNX Runtime rejects) refuses that version, never the
+reload or the start-up. Reasons are public (``/readyz`` and ``/v1/models`` answer without
+authentication), so they name files relative to the repository root; the log has the full paths.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,12 +56,22 @@ class BucketMismatch(LoadError):
 
 @dataclass
 class ReloadReport:
+    """What one (re)load did. ``POST /admin/reload`` answers 200 when ``errors`` is empty, even with
+    refused versions (the rest of the repository was loaded), and 409 otherwise."""
+
     served: dict[str, list[int]] = field(default_factory=dict)
+    """The versions served per model after the reload."""
     loaded: list[str] = field(default_factory=list)
+    """``"<model> v<version>"`` of each version loaded by this reload."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """``"<model> v<version>"`` → why that version failed its checks (it is not served)."""
     errors: dict[str, str] = field(default_factory=dict)
+    """Bucket → why it has no servable model version (configuration, or every version refused)."""
+    details: dict[str, str] = field(default_factory=dict)
+    """The refusals with the files' full paths: for the log only."""
 
     def to_dict(self) -> dict:
-        return {"served": self.served, "loaded": self.loaded, "errors": self.errors}
+        return {"served": self.served, "loaded": self.loaded, "refused": self.refused, "errors": self.errors}
 
 
 class Repository:
@@ -71,6 +87,7 @@ class Repository:
         self._newest: dict[str, int] = {}
         self.buckets: BucketTable | None = None
         self.errors: dict[str, str] = {}
+        """The last (re)load's bucket errors and refused versions, by bucket or ``"<model> v<version>"``."""
         self.refused: dict[str, dict[int, str]] = {}
         """Versions of the last (re)load that failed their checks: ``{model: {version: reason}}``."""
         self._refused_series: set[tuple[str, str]] = set()
@@ -97,7 +114,7 @@ class Repository:
             return "no model repository configured (MTRANK_MODEL_REPO)"
         if not self._models:
             detail = "; ".join(f"{k}: {v}" for k, v in self.errors.items())
-            return f"no model version loaded from {self.root}" + (f" ({detail})" if detail else "")
+            return "no model version loaded from the model repository" + (f" ({detail})" if detail else "")
         if self.buckets is None:
             return "buckets not resolved"
         for b in self.buckets.buckets:
@@ -164,15 +181,24 @@ class Repository:
             return list(configured)
         return [b if b.model is not None else b.model_copy(update={"model": models[0]}) for b in configured]
 
+    def path_free(self, text: str) -> str:
+        """``text`` with the repository's absolute path cut off the paths in it (public reasons)."""
+        if self.root is None:
+            return text
+        for root in sorted({str(self.root.absolute()), str(self.root.resolve())}, key=len, reverse=True):
+            text = text.replace(root + os.sep, "").replace(root, "the model repository")
+        return text
+
     async def _reload(self, startup: bool) -> ReloadReport:
         report = ReloadReport()
         models = list_models(self.root) if self.root is not None else []
         buckets = self._bucket_configs(models)
         for b in buckets:
             if models and b.model not in models:
-                msg = f"MTRANK_BUCKETS: bucket {b.name!r} serves model {b.model!r}, not in {self.root} (has {models})"
+                msg = (f"MTRANK_BUCKETS: bucket {b.name!r} serves model {b.model!r}, "
+                       f"not in the model repository (has {models})")
                 if startup:
-                    raise StartupError(msg)
+                    raise StartupError(f"{msg} ({self.root})")
                 report.errors[b.name] = msg
         new_models: dict[str, dict[int, LoadedVersion]] = {}
         new_newest: dict[str, int] = {}
@@ -204,14 +230,22 @@ class Repository:
             if newest in served:
                 new_models[model] = served
                 new_newest[model] = newest
-        for key, reason in report.errors.items():
+        for b in buckets:
+            if b.name not in report.errors and b.model in models and (
+                (b.version or new_newest.get(b.model)) not in new_models.get(b.model, {})
+            ):
+                pin = f" v{b.version}" if b.version else ""
+                report.errors[b.name] = f"bucket {b.name!r}: no servable version of model {b.model}{pin}"
+        errors = {**report.refused, **report.errors}
+        for key, reason in errors.items():
             if self.errors.get(key) != reason:  # the retry loop would repeat it every 2 s
-                log.error("not serving %s: %s", key, reason, extra={"event": "model_refused", "what": key})
+                log.error("not serving %s: %s", key, report.details.get(key, reason),
+                          extra={"event": "model_refused", "what": key})
         old = self.loaded_versions()
         self._models, self._newest = new_models, new_newest
         if models:
             self.buckets = BucketTable(tuple(buckets), self.settings.bucket_salt)
-        self.errors = report.errors
+        self.errors = errors
         self.refused = refused
         report.served = {m: sorted(vs) for m, vs in new_models.items()}
         kept = {id(lv) for lv in self.loaded_versions()}
@@ -246,10 +280,15 @@ class Repository:
             reason = str(e)
         except LoadError as e:
             reason = str(e)
+        except Exception as e:  # model files are untrusted: whatever they break refuses this version only
+            log.debug("%s: unexpected failure while opening it", key, exc_info=True)
+            reason = f"{self.root / model / str(version)}: {type(e).__name__}: {e}"
         else:
             report.loaded.append(key)
             return lv
-        report.errors[key] = reason
+        report.details[key] = reason
+        reason = self.path_free(" ".join(reason.split()))
+        report.refused[key] = reason
         refused.setdefault(model, {})[version] = reason
         return None
 
@@ -283,7 +322,9 @@ class Repository:
     @staticmethod
     def _open_version(vdir: Path) -> tuple[Manifest, dict[str, LocalTable]]:
         try:
-            manifest = load_manifest(vdir, verify=True)
+            manifest = load_manifest(vdir, verify=True, located=True)
+            if not manifest.graphs:
+                raise ManifestError(f"{vdir}: the manifest lists no graph")
             tables = {f: LocalTable(manifest.name, manifest.version, info, vdir) for f, info in manifest.tables.items()}
             for t in tables.values():
                 t.default  # noqa: B018 - opens the vectors and checks their shape
