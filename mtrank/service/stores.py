@@ -466,7 +466,7 @@ class RedisStore:
                 meta = None
             if not isinstance(meta, dict):
                 problem = f"table {state.label}: meta key {state.meta_key} is not a JSON object"
-            elif int(meta.get("width", -1)) != state.width or int(meta.get("rows", -1)) != state.rows:
+            elif meta.get("width") != state.width or meta.get("rows") != state.rows:  # no coercion: 8.5 is no width
                 problem = (f"table {state.label} in Redis has rows={meta.get('rows')} width={meta.get('width')}, "
                            f"the repository has rows={state.rows} width={state.width}")
         if problem is None:
@@ -745,7 +745,7 @@ class RedisStore:
                 layout = store_keys.VersionLayout.from_meta(meta)
             except (ValueError, TypeError, AttributeError):
                 return f"table {t.field!r}: meta key {key} is not a JSON object with a valid shard layout"
-            if int(meta.get("width", -1)) != t.width or int(meta.get("rows", -1)) != t.info.rows:
+            if meta.get("width") != t.width or meta.get("rows") != t.info.rows:  # no coercion: "8" or 8.5 is no width
                 return (f"table {t.field!r} in Redis has rows={meta.get('rows')} width={meta.get('width')}, "
                         f"the repository has rows={t.info.rows} width={t.width}")
             first_field, first = layouts.setdefault((t.model, t.version), (t.field, layout))
