@@ -84,7 +84,12 @@ def _export(a: argparse.Namespace) -> None:
 def _load_embeddings(a: argparse.Namespace) -> None:
     from mtrank.export.redis_loader import load_embeddings
 
-    load_embeddings(a.repo, a.model, a.redis, version=a.version, prune=a.prune, shards=a.shards)
+    # From the environment (a Kubernetes Secret, say), the URL and its password stay out of the
+    # process's arguments, which every user of the host can read.
+    url = _store_flag(a, "load-embeddings") or os.environ.get("MTRANK_STORE_URL") or os.environ.get("MTRANK_REDIS_URL")
+    if not url:
+        sys.exit("mtrank load-embeddings: no store URL: pass --store or set MTRANK_STORE_URL")
+    load_embeddings(a.repo, a.model, url, version=a.version, prune=a.prune, shards=a.shards)
 
 
 def _store_flag(a: argparse.Namespace, command: str) -> str | None:
@@ -238,7 +243,8 @@ def _add_load_embeddings(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--repo", type=Path, required=True, help="model repository root")
     s.add_argument("--model", required=True, help="model name in the repository")
     s.add_argument("--version", type=int, help="version to load (default: the newest)")
-    s.add_argument("--redis", required=True, help="Redis URL (redis://, redis+cluster://)")
+    s.add_argument("--store", help="Redis URL, as for serve --store (default MTRANK_STORE_URL)")
+    s.add_argument("--redis", help="deprecated: --store")
     s.add_argument("--prune", action="store_true", help="delete the keys of the model's other versions")
     s.add_argument("--shards", type=_positive_int,
                    help="hash tags per version, shared by its tables (default: from the version's size and "

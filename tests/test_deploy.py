@@ -17,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -602,7 +603,7 @@ def test_compose_one_shot_job_runs_valid_cli_commands():
         if "--config" in command:
             config = command[command.index("--config") + 1]
             assert (ROOT / config).is_file(), f"{config} is not in the repository (the trainer image copies configs/)"
-    assert "--redis redis://redis:6379/0" in " ".join(" ".join(c) for c in commands)
+    assert "--store redis://redis:6379/0" in " ".join(" ".join(c) for c in commands)
 
 
 def test_images_and_k8s_run_valid_cli_commands():
@@ -865,7 +866,7 @@ def test_compose_ranker_serves_on_the_service_port_from_the_shared_model_repo():
     env = ranker["environment"]
     assert env["MTRANK_PORT"] == str(SERVICE_PORT)
     assert any(p.split(":")[-1] == str(SERVICE_PORT) for p in ranker["ports"])
-    assert env["MTRANK_REDIS_URL"].startswith("redis://redis:")
+    assert env["MTRANK_STORE_URL"].startswith("redis://redis:")
     assert f"/{SERVICE_PORT}/readyz" not in " ".join(ranker["healthcheck"]["test"])
     assert f":{SERVICE_PORT}/readyz" in " ".join(ranker["healthcheck"]["test"])
     assert "ranker:8000" in " ".join(services["locust"]["command"])
@@ -1029,7 +1030,8 @@ def _configmap() -> dict[str, str]:
 
 def test_k8s_manifests_have_the_needed_kinds():
     kinds = {doc["kind"] for _, doc in _k8s_documents()}
-    assert {"Deployment", "Service", "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Job"} <= kinds
+    assert {"Deployment", "Service", "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Job",
+            "NetworkPolicy"} <= kinds
     for _, doc in _k8s_documents():
         assert doc["apiVersion"] and doc["metadata"].get("name") or doc["metadata"].get("generateName")
 
@@ -1175,9 +1177,26 @@ def test_gpu_overlay_requests_a_gpu_and_the_gpu_image():
     assert {"name": "MTRANK_DEVICE", "value": "cuda"} in container["env"]
 
 
-def _render(overlay: str) -> list[dict]:
+REDIS_SECRET_ENV = "redis-secret.env"
+"""In deploy/k8s/base, not in git: the values of the Secret mtrank-redis (deploy/README.md)."""
+TEST_REDIS_PASSWORD = "0123456789abcdef-test-password"
+
+
+def _render_tree(overlay: str, secret_env: str | None) -> subprocess.CompletedProcess[str]:
+    """``kubectl kustomize`` of a copy of deploy/k8s with ``secret_env`` as its redis-secret.env
+    (None: without one, as in a fresh checkout)."""
     kubectl = _tool("kubectl")
-    result = _run(kubectl, "kustomize", str(K8S / overlay))
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(shutil.copytree(K8S, Path(tmp) / "k8s", ignore=shutil.ignore_patterns(REDIS_SECRET_ENV)))
+        if secret_env is not None:
+            (tree / "base" / REDIS_SECRET_ENV).write_text(secret_env)
+        return _run(kubectl, "kustomize", str(tree / overlay))
+
+
+def _render(overlay: str) -> list[dict]:
+    """The rendered manifests, with the Secret made as deploy/README.md says."""
+    password = TEST_REDIS_PASSWORD
+    result = _render_tree(overlay, f"password={password}\nurl=redis://:{password}@mtrank-redis:6379/0\n")
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
@@ -1258,8 +1277,9 @@ def _mib(quantity: str) -> int:
     return int(quantity[:-2]) * units[quantity[-2:]]
 
 
-def _start_k8s_redis(memory_limit_mib: int, tmp_path: Path):
-    """The Redis container's own command line, run here with the limit the kubelet would pass."""
+def _start_k8s_redis(memory_limit_mib: int, tmp_path: Path, password: str = TEST_REDIS_PASSWORD):
+    """The Redis container's own command line, run here with the limit and the password the
+    kubelet would pass; returns the process and a client that authenticates with ``password``."""
     import redis
 
     container = _redis_container()
@@ -1268,10 +1288,10 @@ def _start_k8s_redis(memory_limit_mib: int, tmp_path: Path):
     port = free_port()
     script = script.replace("exec redis-server", f"exec {_tool('redis-server')} --port {port} --bind 127.0.0.1",
                             1)
-    env = {**os.environ, "MEMORY_LIMIT_MIB": str(memory_limit_mib)}
+    env = {**os.environ, "MEMORY_LIMIT_MIB": str(memory_limit_mib), "REDIS_PASSWORD": password}
     proc = subprocess.Popen(["/bin/sh", "-c", script], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT)
-    client = redis.Redis(port=port, socket_timeout=5)
+    client = redis.Redis(port=port, socket_timeout=5, password=password)
     deadline = time.monotonic() + 10
     while True:
         try:
