@@ -82,7 +82,7 @@ def _export(a: argparse.Namespace) -> None:
 
 
 def _load_embeddings(a: argparse.Namespace) -> None:
-    from mtrank.export.redis_loader import load_embeddings
+    from mtrank.export.store_loader import load_embeddings
 
     # From the environment (a Kubernetes Secret, say), the URL and its password stay out of the
     # process's arguments, which every user of the host can read.

@@ -18,10 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mtrank import store_keys
 from mtrank.bench.server import RemoteServer
-from mtrank.export.redis_loader import load_embeddings
+from mtrank.export.store_loader import load_embeddings
 from mtrank.export.tables import write_table
 from mtrank.manifest import Manifest, load_manifest, open_vectors, read_ids, version_dir, write_manifest
-from mtrank.service.stores import LocalTable, RedisStore
+from mtrank.service.stores import LocalTable, open_url
 from tests.cluster import LocalCluster, redis_binaries
 from tests.server import build_toy_version, rank_body
 
@@ -156,7 +156,7 @@ def test_a_sharded_version_spreads_over_all_primaries_and_a_request_needs_one_mg
     assert max(map(len, ids.values())) == 500 and len(tables) >= 3
 
     async def one_lookup() -> tuple[dict[int, int], bool]:
-        store = RedisStore(cluster.url, timeout_s=1.0)
+        store = open_url(cluster.url, timeout_s=1.0)
         try:
             assert await store.version_problem(tables) is None
             before = {n.port: n.mget_calls() for n in cluster.live()}

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mtrank import store_keys
 from mtrank.bench.server import RemoteServer
-from mtrank.export.redis_loader import load_embeddings
+from mtrank.export.store_loader import load_embeddings
 from mtrank.manifest import MANIFEST, ManifestError, load_manifest, version_dir, write_manifest
 from tests.server import build_toy_version, rank_body
 

@@ -15,9 +15,10 @@ import redis
 
 from mtrank import store_keys
 from mtrank.cli import main as cli_main
-from mtrank.export.redis_loader import load_embeddings, load_table, loaded_version, prune_versions
+from mtrank.export.store_loader import load_embeddings, load_table, loaded_version, prune_versions
 from mtrank.export.tables import write_table
 from mtrank.manifest import Manifest, ManifestError, load_manifest, open_vectors, read_ids, version_dir, write_manifest
+from mtrank.stores import open_backend
 from mtrank.training.models.registry import model_names
 from tests.cluster import free_node_port
 from tests.conftest import _need
@@ -69,8 +70,18 @@ def client(redis_url):
     c.close()
 
 
+@pytest.fixture
+def backend(redis_url):
+    """The loader's side of the store: the back-end its URL names."""
+    b = open_backend(redis_url)
+    yield b
+    b.close_writer()
+
+
 @pytest.mark.parametrize("model", model_names())
-def test_vectors_read_back_equal_the_exported_tables_bit_for_bit(model, exported_repo, redis_url, redis_prefix, client):
+def test_vectors_read_back_equal_the_exported_tables_bit_for_bit(
+    model, exported_repo, redis_url, redis_prefix, client, backend
+):
     repo = exported_repo(model)
     stats = load_embeddings(repo, model, redis_url, prefix=redis_prefix, progress=False)
     vdir = version_dir(repo, model)
@@ -82,7 +93,7 @@ def test_vectors_read_back_equal_the_exported_tables_bit_for_bit(model, exported
         # One value per id holds every view of it (STEM: shared and task vectors together).
         assert b"".join(stored[field]) == vectors[1:].astype("<f4").tobytes()
         assert all(len(v) == 4 * table.width for v in stored[field])
-    assert loaded_version(client, model, prefix=redis_prefix) == manifest.version
+    assert loaded_version(backend, model, prefix=redis_prefix) == manifest.version
 
 
 def test_the_default_row_is_not_stored_and_meta_marks_each_table(tmp_path, redis_url, redis_prefix, client):
@@ -97,7 +108,7 @@ def test_the_default_row_is_not_stored_and_meta_marks_each_table(tmp_path, redis
         assert meta["sha256"] == manifest.files[table.vectors_file]
 
 
-def test_loading_v2_leaves_v1_keys_and_the_pointer_until_the_flip(tmp_path, redis_url, redis_prefix, client):
+def test_loading_v2_leaves_v1_keys_and_the_pointer_until_the_flip(tmp_path, redis_url, redis_prefix, client, backend):
     v1 = write_version(tmp_path, "m", 1, seed=1)
     v2 = write_version(tmp_path, "m", 2, n_ids=60, seed=2)
     load_embeddings(tmp_path, "m", redis_url, version=1, prefix=redis_prefix, progress=False)
@@ -106,14 +117,14 @@ def test_loading_v2_leaves_v1_keys_and_the_pointer_until_the_flip(tmp_path, redi
 
     manifest2 = load_manifest(v2)
     for field in manifest2.tables:  # every table of v2 written, pointer not flipped yet
-        load_table(client, v2, manifest2, field, prefix=redis_prefix, progress=False)
-        assert loaded_version(client, "m", prefix=redis_prefix) == 1
+        load_table(backend, v2, manifest2, field, prefix=redis_prefix, progress=False)
+        assert loaded_version(backend, "m", prefix=redis_prefix) == 1
         assert stored_rows(client, v1, "m", redis_prefix) == before
     assert stored_rows(client, v2, "m", redis_prefix) == table_bytes(v2)
 
     stats = load_embeddings(tmp_path, "m", redis_url, version=2, prefix=redis_prefix, progress=False)
     assert stats["ids"] == 0  # the tables were complete: only the pointer moved
-    assert loaded_version(client, "m", prefix=redis_prefix) == 2
+    assert loaded_version(backend, "m", prefix=redis_prefix) == 2
     assert stored_rows(client, v1, "m", redis_prefix) == before
 
 
@@ -179,15 +190,15 @@ def test_a_truncated_table_is_refused_before_anything_is_written(tmp_path, redis
     assert keys_under(client, redis_prefix) == set()
 
 
-def test_cli_load_embeddings_prints_a_summary(tmp_path, redis_url, client, capsys):
+def test_cli_load_embeddings_prints_a_summary(tmp_path, redis_url, client, backend, capsys):
     model = f"cli{uuid.uuid4().hex[:8]}"  # the CLI writes under the default prefix: a model of its own
     write_version(tmp_path, model, 1)
     try:
         assert cli_main(["load-embeddings", "--repo", str(tmp_path), "--model", model, "--redis", redis_url]) == 0
         assert f"loaded {model} v1: 100 ids in" in capsys.readouterr().out
-        assert loaded_version(client, model) == 1
+        assert loaded_version(backend, model) == 1
     finally:
-        prune_versions(client, model, keep=0)
+        prune_versions(backend, model, keep=0)
         client.delete(store_keys.pointer_key(store_keys.DEFAULT_PREFIX, model))
 
 
@@ -250,7 +261,7 @@ def test_redis_cluster_loads_flips_and_prunes(tmp_path, redis_cluster_url):
     assert stats["ids"] == 100 and stats["pruned_keys"] == 102
     client = store_keys.connect(redis_cluster_url)
     try:
-        assert loaded_version(client, "m") == 2
+        assert loaded_version(open_backend(redis_cluster_url), "m") == 2
         # Small tables: one shard, the version's keys share one hash tag and one MGET per table works.
         assert stored_rows(client, v2, "m", store_keys.DEFAULT_PREFIX) == table_bytes(v2)
         assert all(v is None for rows in stored_rows(client, v1, "m", store_keys.DEFAULT_PREFIX).values() for v in rows)

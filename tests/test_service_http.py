@@ -754,7 +754,7 @@ def own_redis():
 
 @pytest.mark.redis
 def test_redis_outage_degrades_answers_and_recovers_without_restart(ple_repo, server, own_redis):
-    from mtrank.export.redis_loader import load_embeddings
+    from mtrank.export.store_loader import load_embeddings
 
     redis_prefix = "mtrank-outage-test"
 

@@ -25,7 +25,7 @@ from mtrank.service.buckets import BucketTable, user_slot
 from mtrank.service.errors import DeadlineExceeded, Overloaded
 from mtrank.service.runner import GraphRunner, best_batch_rows
 from mtrank.service.settings import ConfigError, load_settings
-from mtrank.service.stores import InProcessStore, LocalTable, RedisStore, _unique, lookup
+from mtrank.service.stores import InProcessStore, LocalTable, lookup, open_url, unique_ids
 from mtrank.spec import Facet, FacetRule
 from mtrank.transform import FeatureTransform, TransformError
 from tests.server import TOY_ITEMS, TOY_USERS, build_toy_version
@@ -505,10 +505,10 @@ def _tables(vdir: Path) -> dict[str, LocalTable]:
 
 def test_the_ids_of_a_lookup_are_asked_once_each_in_first_seen_order():
     ids = ["a7", "a2", "a7", "a9", "a2", "a7"]
-    distinct, inverse = _unique(ids)
+    distinct, inverse = unique_ids(ids)
     assert distinct == ["a7", "a2", "a9"] and inverse.tolist() == [0, 1, 0, 2, 1, 0]
     assert [distinct[j] for j in inverse] == ids
-    assert _unique(["v1", "v2"]) == (["v1", "v2"], None)  # distinct already: no gather
+    assert unique_ids(["v1", "v2"]) == (["v1", "v2"], None)  # distinct already: no gather
 
 
 def test_in_process_store_gives_default_vectors_for_missing_ids(toy_version):
@@ -525,7 +525,7 @@ def test_in_process_store_gives_default_vectors_for_missing_ids(toy_version):
 
 @pytest.mark.redis
 def test_redis_and_in_process_stores_return_identical_vectors(toy_version, redis_url, redis_prefix):
-    from mtrank.export.redis_loader import load_embeddings
+    from mtrank.export.store_loader import load_embeddings
 
     load_embeddings(toy_version.parent.parent, "toy", redis_url, prefix=redis_prefix, progress=False)
     tables = _tables(toy_version)
@@ -536,7 +536,7 @@ def test_redis_and_in_process_stores_return_identical_vectors(toy_version, redis
     ]
 
     async def main():
-        store = RedisStore(redis_url, prefix=redis_prefix, timeout_s=1.0)
+        store = open_url(redis_url, prefix=redis_prefix, timeout_s=1.0)
         try:
             assert await store.version_problem(list(tables.values())) is None
             first, degraded1 = await store.lookup_many(requests)
@@ -557,7 +557,7 @@ def test_redis_and_in_process_stores_return_identical_vectors(toy_version, redis
 @pytest.mark.redis
 def test_redis_store_reports_a_version_whose_tables_are_not_loaded(toy_version, redis_url, redis_prefix):
     async def main():
-        store = RedisStore(redis_url, prefix=redis_prefix, timeout_s=1.0)
+        store = open_url(redis_url, prefix=redis_prefix, timeout_s=1.0)
         try:
             return await store.version_problem(list(_tables(toy_version).values()))
         finally:
@@ -571,7 +571,7 @@ def test_unreachable_redis_degrades_to_default_vectors_and_retries_after_backoff
     table = _tables(toy_version)["item_id"]
 
     async def main():
-        store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2, retry_s=0.3)
+        store = open_url(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2, retry_s=0.3)
         try:
             vectors, missing, degraded = await lookup(store, table, TOY_ITEMS[:4])
             reason_now = await store.health()

@@ -93,7 +93,7 @@ def test_the_deprecated_store_variables_still_set_the_store_settings(monkeypatch
 def test_each_deprecated_name_is_warned_about_once_at_start_up_with_several_workers(
     tmp_path: Path, redis_url, redis_prefix
 ):
-    from mtrank.export.redis_loader import load_embeddings
+    from mtrank.export.store_loader import load_embeddings
 
     build_toy_version(tmp_path, "toy", 1)
     load_embeddings(tmp_path, "toy", redis_url, prefix=redis_prefix, progress=False)

@@ -12,9 +12,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mtrank.bench.server import RemoteServer
-from mtrank.export.redis_loader import load_embeddings
+from mtrank.export.store_loader import load_embeddings
 from mtrank.manifest import load_manifest
-from mtrank.service.stores import LocalTable, RedisStore
+from mtrank.service.stores import LocalTable, open_url
 from tests.cluster import RedisNode, redis_binaries
 from tests.server import TOY_ITEMS, build_toy_version, rank_body
 
@@ -104,7 +104,7 @@ def test_a_table_emptied_behind_the_stores_back_is_not_cached_as_missing(own_red
     ids = TOY_ITEMS[:30]
 
     async def main():
-        store = RedisStore(own_redis.url, prefix=PREFIX, timeout_s=1.0, retry_s=RETRY_S)
+        store = open_url(own_redis.url, prefix=PREFIX, timeout_s=1.0, retry_s=RETRY_S)
         try:
             assert await store.version_problem(list(tables.values())) is None
             (ok,), _ = await store.lookup_many([(item, ids)])
@@ -138,7 +138,7 @@ def test_the_half_open_breaker_lets_one_probe_through(own_redis, toy):
     item = tables["item_id"]
 
     async def main():
-        store = RedisStore(own_redis.url, prefix=PREFIX, timeout_s=0.3, retry_s=RETRY_S, cache_size=0)
+        store = open_url(own_redis.url, prefix=PREFIX, timeout_s=0.3, retry_s=RETRY_S, cache_size=0)
         try:
             assert await store.version_problem(list(tables.values())) is None
             own_redis.kill()
@@ -170,7 +170,7 @@ def test_a_lookup_of_every_table_is_one_mget_on_a_single_redis(own_redis, toy, s
     wanted = {"user_id": ["u7"], "item_id": TOY_ITEMS[:300] + ["nope"], "author_id": [f"a{k % 60}" for k in range(300)]}
 
     async def main():
-        store = RedisStore(own_redis.url, prefix=PREFIX, timeout_s=1.0, cache_size=0)
+        store = open_url(own_redis.url, prefix=PREFIX, timeout_s=1.0, cache_size=0)
         try:
             assert await store.version_problem(list(tables.values())) is None
             before = own_redis.mget_calls()

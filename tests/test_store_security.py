@@ -19,7 +19,7 @@ import redis
 
 from mtrank import store_keys
 from mtrank.bench.server import RemoteServer, free_port
-from mtrank.export.redis_loader import load_embeddings
+from mtrank.export.store_loader import load_embeddings
 from mtrank.manifest import load_manifest
 from mtrank.service import metrics
 from mtrank.service.settings import ConfigError, load_settings

@@ -12,7 +12,7 @@ import numpy as np
 
 from mtrank import store_keys
 from mtrank.bench.server import RemoteServer
-from mtrank.export.redis_loader import load_embeddings
+from mtrank.export.store_loader import load_embeddings
 from mtrank.export.tables import write_table
 from mtrank.manifest import Manifest, write_manifest
 from tests.cluster import LocalCluster

@@ -3,7 +3,7 @@
 ``python -m mtrank.bench.bench_embedding_load [--ids 1000000] [--dim 16] [--redis URL]``
 
 Writes a synthetic version (one store table of ``--ids`` ids × ``--dim`` float32) into a temporary
-repository, times :func:`mtrank.export.redis_loader.load_embeddings`, and as the same-run reference times
+repository, times :func:`mtrank.export.store_loader.load_embeddings`, and as the same-run reference times
 a bare redis-py pipelined ``MSET`` of the same keys and pre-encoded values (same chunking), so the
 ratio shows the loader's own overhead on this machine. Uses a key prefix of its own on Redis db 15
 by default and deletes its keys afterwards.
@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from mtrank import store_keys
-from mtrank.export.redis_loader import CHUNK_IDS, IN_FLIGHT, load_embeddings, prune_versions
+from mtrank.export.store_loader import CHUNK_IDS, load_embeddings, prune_versions
 from mtrank.export.tables import write_table
 from mtrank.manifest import Manifest, write_manifest
+from mtrank.stores.redis import IN_FLIGHT
 
 MODEL = "bench"
 FIELD = "item_id"

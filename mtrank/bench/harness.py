@@ -259,7 +259,7 @@ def _measure_engine_again(report: Report, run: _Run, section: str) -> None:
 
 def _measure_lookups(report: Report, run: _Run) -> None:
     """Loads the model's embeddings under the run's prefix and times the lookups of ``cfg.lookup_ids`` ids."""
-    from mtrank.export.redis_loader import load_embeddings
+    from mtrank.export.store_loader import load_embeddings
     from mtrank.service.stores import LocalTable
 
     with _section(report, "lookups"):

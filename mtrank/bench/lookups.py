@@ -10,7 +10,7 @@ a raw asyncio protocol with hiredis packing and parsing (the floor for a Python 
 a synchronous redis-py ``MGET``, and the service's lookup with its in-process cache on (the
 steady state under load: hot ids come from the cache).
 
-The service's figure is its :class:`~mtrank.service.stores.RedisStore` with the cache off, so every id
+The service's figure is its :func:`~mtrank.service.stores.open_url` store with the cache off, so every id
 goes to Redis (with the cache on, repeating the same 500 ids would measure the cache).
 """
 
@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from mtrank import store_keys
-from mtrank.service.stores import LocalTable, RedisStore
+from mtrank.service.stores import LocalTable, open_url
 
 
 def _per_call_s(times: list[float]) -> dict:
@@ -37,7 +37,7 @@ def _per_call_s(times: list[float]) -> dict:
 
 
 async def _time_service(url: str, prefix: str, table: LocalTable, ids: list[str], calls: int, cache: bool) -> dict:
-    store = RedisStore(url, prefix=prefix, timeout_s=1.0, cache_size=200_000 if cache else 0)
+    store = open_url(url, prefix=prefix, timeout_s=1.0, cache_size=200_000 if cache else 0)
     try:
         for _ in range(20):
             (result,), degraded = await store.lookup_many([(table, ids)])

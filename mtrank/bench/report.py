@@ -355,7 +355,7 @@ class Report:
     """The engine measurement with the highest peak: the reference of the targets."""
     engine_1_thread: EngineRun | None = optional()
     redis_load: dict[str, Any] | None = optional()
-    """What :func:`mtrank.export.redis_loader.load_embeddings` returned."""
+    """What :func:`mtrank.export.store_loader.load_embeddings` returned."""
     lookups: Lookups | None = optional()
     service: list[LoadPoint] = field(default_factory=list)
     naive: list[LoadPoint] = field(default_factory=list)

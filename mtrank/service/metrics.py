@@ -65,6 +65,8 @@ MODEL_INFO = Gauge("mtrank_model_info", "1 for each loaded model version and the
                    ["model", "version", "device"], multiprocess_mode="livemax")
 MODELS_LOADED = Gauge("mtrank_models_loaded", "Model versions loaded and warmed", multiprocess_mode="livemin")
 REDIS_ERRORS = Counter("mtrank_redis_errors", "Failed Redis calls (timeouts, connection errors)")
+STORE_ERRORS = Counter("mtrank_embedding_store_errors",
+                       "Failed embedding store calls (timeouts, connection errors), by back-end", ["store"])
 STORE_DEGRADED = Gauge("mtrank_embedding_store_degraded", "1 while the embedding store is unreachable",
                        multiprocess_mode="livemax")
 EVENT_LOOP_LAG = Histogram(

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from mtrank.fusion import BucketConfig, check_buckets
 from mtrank.store_keys import redacted_url
+from mtrank.stores import registry
 
 ENV_PREFIX = "MTRANK_"
 # MTRANK_* variables that the project's test and load tools read, not the service.
@@ -32,7 +33,6 @@ DEPRECATED_VARIABLES = {
     "MTRANK_REDIS_RETRY_S": "MTRANK_STORE_RETRY_S",
 }
 """Old name → new name: the old names still work in this version, with a warning at start-up."""
-STORE_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "inprocess")
 
 
 def _env(name: str) -> AliasChoices:
@@ -159,10 +159,10 @@ class Settings(BaseSettings):
     @classmethod
     def _store_scheme(cls, v: SecretStr | None) -> SecretStr | None:
         url = v.get_secret_value() if v is not None else None
-        if url is not None and url.split("://", 1)[0] not in STORE_SCHEMES:
+        if url is not None and registry.scheme_of(url) not in registry.schemes():
             # The message reaches the operator's terminal: the URL without its password.
             raise ValueError(f"not an embedding store URL: {redacted_url(url)!r} (schemes: "
-                             f"{', '.join(s + '://' for s in STORE_SCHEMES)})")
+                             f"{', '.join(s + '://' for s in registry.schemes())})")
         return v
 
     def store_url_text(self) -> str | None:

@@ -1,18 +1,18 @@
-"""Load a model version's store-held embedding tables into Redis, then flip the model's pointer.
+"""Load a model version's store-held embedding tables into an embedding store, then flip the
+model's pointer. Any back-end of :mod:`mtrank.stores` (the URL's scheme picks it).
 
 Key layout: :mod:`mtrank.store_keys`. The version's shard layout (``N`` hash tags shared by all
 its tables) is chosen once, then each table is written shard by shard (one tag, one slot): its
-rows go in as ``MSET`` chunks streamed on one connection to the node owning the shard's slot,
-then the table's meta key (with the version layout) marks it complete; after every table the
+rows go in as chunks (Redis: ``MSET`` streamed on one connection to the node owning the shard's
+slot), then the table's meta key (with the version layout) marks it complete; after every table the
 pointer ``{prefix}:ptr:<model>`` is set to the version in one ``SET``. Until then readers
 following the pointer keep using the old version, whose keys are not touched. Row 0 (the default
 vector) is not stored: the service takes defaults from the repository.
 
-On Redis Cluster a version of at least :data:`mtrank.store_keys.SHARD_MIN_BYTES` of values (all
-tables together) is spread over several primaries (``shards``: auto from the version's size and
-the cluster's size, or given). Chunks that meet a slot being moved (``MOVED``, ``ASK``,
-``TRYAGAIN`` while ``redis-cli --cluster reshard`` runs) are written again key by key through
-the cluster client, which follows the redirections.
+On a store with several nodes (Redis Cluster) a version of at least
+:data:`mtrank.store_keys.SHARD_MIN_BYTES` of values (all tables together) is spread over several
+primaries (``shards``: auto from the version's size and the cluster's size, or given). Chunks that
+meet a slot being moved are written again key by key by the back-end.
 
 Re-running is idempotent: a table whose meta key already matches (rows, width, checksums, layout)
 is skipped, and a version partly loaded keeps the layout its complete tables recorded. ``prune``
@@ -26,8 +26,7 @@ import json
 import re
 import sys
 import time
-from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -36,29 +35,29 @@ from tqdm import tqdm
 
 from mtrank import store_keys
 from mtrank.manifest import Manifest, ManifestError, load_manifest, open_vectors, read_ids, version_dir
+from mtrank.stores import StoreBackend, open_backend
 
 CHUNK_IDS = 2000
-"""Ids per ``MSET``."""
-IN_FLIGHT = 8
-"""``MSET`` commands sent ahead of their replies."""
+"""Ids per chunk (one ``MSET`` on Redis)."""
 UNLINK_BATCH = 1000
 
 
 def load_embeddings(
     repo: str | Path,
     model: str,
-    redis_url: str,
+    store_url: str,
     version: int | None = None,
     prune: bool = False,
     prefix: str = store_keys.DEFAULT_PREFIX,
     progress: bool = True,
     shards: int | None = None,
 ) -> dict[str, Any]:
-    """Load ``model``'s version (default: newest) into Redis and point the model at it.
+    """Load ``model``'s version (default: newest) into the store at ``store_url`` and point the
+    model at it.
 
     ``shards``: hash tags of the version, shared by its tables (None: chosen from the version's
     size and the number of Cluster primaries, :func:`mtrank.store_keys.choose_shards`; 1 on a
-    single Redis). Returns ``{"model", "version", "ids", "seconds", "ids_per_s", "tables",
+    single node). Returns ``{"model", "version", "ids", "seconds", "ids_per_s", "tables",
     "shards", "shard_salts", "redirected_ids", "pruned_keys"}``; ``ids`` counts the ids written
     by this call (0 when everything was already loaded), ``redirected_ids`` those written again
     key by key after a slot moved under them.
@@ -68,23 +67,23 @@ def load_embeddings(
     if str(manifest.version) != vdir.name:
         # Keys carry the version: a directory copied under another number would load under the wrong one.
         raise ManifestError(f"{vdir}: manifest says version {manifest.version}, the directory is {vdir.name}")
-    client = store_keys.connect(redis_url)
+    store = open_backend(store_url)
     try:
         started = time.perf_counter()
         report: dict[str, Any] = {"redirected_ids": 0}
-        layout = version_layout(client, manifest, model=model, prefix=prefix, shards=shards)
+        layout = version_layout(store, manifest, model=model, prefix=prefix, shards=shards)
         tables = {
             field: load_table(
-                client, vdir, manifest, field, model=model, prefix=prefix, progress=progress, layout=layout,
+                store, vdir, manifest, field, model=model, prefix=prefix, progress=progress, layout=layout,
                 report=report,
             )
             for field in manifest.tables
         }
-        flip_pointer(client, model, manifest.version, prefix=prefix)
+        flip_pointer(store, model, manifest.version, prefix=prefix)
         seconds = time.perf_counter() - started
-        pruned = prune_versions(client, model, keep=manifest.version, prefix=prefix) if prune else 0
+        pruned = prune_versions(store, model, keep=manifest.version, prefix=prefix) if prune else 0
     finally:
-        client.close()
+        store.close_writer()
     ids = sum(tables.values())
     stats = {
         "model": model,
@@ -124,7 +123,7 @@ def table_meta(manifest: Manifest, field: str) -> dict[str, Any]:
 
 
 def load_table(
-    client,
+    store: StoreBackend,
     vdir: Path,
     manifest: Manifest,
     field: str,
@@ -142,19 +141,19 @@ def load_table(
     version while readers stay on the old one.
     """
     model = model or manifest.name
-    layout = layout or version_layout(client, manifest, model=model, prefix=prefix)
+    layout = layout or version_layout(store, manifest, model=model, prefix=prefix)
     table = manifest.tables[field]
     meta = table_meta(manifest, field)
     meta.update(layout.meta_fields())
     meta_key = store_keys.meta_key(prefix, model, manifest.version, field)
     report = report if report is not None else {"redirected_ids": 0}
-    current = client.get(meta_key)
+    current = store.get_value(meta_key)
     if current is not None and _same_table(json.loads(current), meta) and _layout_of(current) == layout:
         return 0
     if current is not None:
         # A different table (the version directory was replaced) or layout (another --shards)
         # went in under this model and version before: it stops counting as complete first.
-        client.delete(meta_key)
+        store.delete_keys([meta_key])
 
     ids = read_ids(vdir / table.ids_file)
     vectors = open_vectors(vdir / table.vectors_file)
@@ -176,43 +175,38 @@ def load_table(
                 _mset_args(encoded_prefix, [ids[r] for r in chunk], vectors[chunk + 1])
                 for chunk in (rows[start : start + CHUNK_IDS] for start in range(0, len(rows), CHUNK_IDS))
             )
-            redirected = _stream(_shard_node(client, encoded_prefix), commands, on_reply=bar.update)
-            if redirected:
-                report["redirected_ids"] += _write_key_by_key(client, redirected)
-    client.set(meta_key, json.dumps(meta))
+            report["redirected_ids"] += store.write_rows(encoded_prefix, commands, on_written=bar.update)
+    store.set_value(meta_key, json.dumps(meta))
     return len(ids)
 
 
 def version_layout(
-    client, manifest: Manifest, model: str | None = None, prefix: str = store_keys.DEFAULT_PREFIX,
+    store: StoreBackend, manifest: Manifest, model: str | None = None, prefix: str = store_keys.DEFAULT_PREFIX,
     shards: int | None = None,
 ) -> store_keys.VersionLayout:
     """The shard layout of the version's tables: the one its complete tables already recorded
     (when ``shards`` is None or agrees), else ``shards`` tags (None: one per
     :data:`mtrank.store_keys.SHARD_MIN_BYTES` of all tables' values, at most one per Cluster
-    primary; 1 on a single Redis) with salts placing them on distinct primaries."""
-    from redis.cluster import RedisCluster
-
+    primary; 1 on a single node) with salts placing them on distinct primaries."""
     model = model or manifest.name
     fields = list(manifest.tables)
     keys = [store_keys.meta_key(prefix, model, manifest.version, f) for f in fields]
     for field, key in zip(fields, keys, strict=True):
-        raw = client.get(key)
+        raw = store.get_value(key)
         if raw is not None and _same_table(json.loads(raw), table_meta(manifest, field)):
             recorded = _layout_of(raw)
             if shards is None or recorded.shards == shards:
                 return recorded
-    if not isinstance(client, RedisCluster):
+    placement = store.placement()
+    if placement is None:
         n = shards or 1
         return store_keys.VersionLayout(n, (0,) * n if n > 1 else ())
-    slots = client.nodes_manager.slots_cache
-    owner = {slot: nodes[0].name for slot, nodes in slots.items() if nodes}
-    primaries = sorted(set(owner.values()), key=lambda name: min(s for s, n in owner.items() if n == name))
+    owner, primaries = placement
     value_bytes = sum((t.rows - 1) * t.width * 4 for t in manifest.tables.values())
     n = shards or store_keys.choose_shards(value_bytes, len(primaries))
     if n == 1:
         return store_keys.VersionLayout()
-    return store_keys.VersionLayout(n, store_keys.pick_salts(model, manifest.version, n, owner.get, primaries))
+    return store_keys.VersionLayout(n, store_keys.pick_salts(model, manifest.version, n, owner, primaries))
 
 
 def _layout_of(raw_meta: bytes) -> store_keys.VersionLayout:
@@ -236,77 +230,17 @@ def _mset_args(key_prefix: bytes, ids: list[str], rows) -> list[bytes]:
     return args
 
 
-def _shard_node(client, key_prefix: bytes):
-    """The plain client of the node holding a shard: every key of it shares one hash tag, one slot."""
-    from redis.cluster import RedisCluster
-
-    if isinstance(client, RedisCluster):
-        return client.get_node_from_key(key_prefix).redis_connection
-    return client
-
-
-def _stream(node, commands, on_reply) -> list[bytes]:
-    """Send ``MSET`` commands on one connection with up to ``IN_FLIGHT`` replies outstanding;
-    returns the ``key value ...`` arguments of the chunks answered with a Cluster redirection.
-
-    Unlike a pipeline's send-all-then-read-all, the next chunk is encoded and sent while Redis
-    executes the previous ones: 1.4–1.5× the ids/s of a redis-py pipeline doing the same encoding,
-    measured on a 2-core machine. A redirection (the slot moved or is moving) is kept for
-    :func:`_write_key_by_key`; any other error reply raises, and a table is only marked complete
-    after every chunk was written.
-    """
-    from redis.exceptions import AskError, MovedError, TryAgainError
-
-    conn = node.connection_pool.get_connection()
-    pending: deque[list[bytes]] = deque()
-    redirected: list[bytes] = []
-
-    def read_one() -> None:
-        args = pending.popleft()
-        try:
-            conn.read_response()
-        except (MovedError, AskError, TryAgainError):
-            redirected.extend(args)
-        else:
-            on_reply(len(args) // 2)
-
-    try:
-        for args in commands:
-            conn.send_packed_command(conn.pack_command("MSET", *args), check_health=False)
-            pending.append(args)
-            if len(pending) > IN_FLIGHT:
-                read_one()
-        while pending:
-            read_one()
-    except BaseException:
-        conn.disconnect()  # unread replies must not reach the pool's next user
-        raise
-    finally:
-        node.connection_pool.release(conn)
-    return redirected
-
-
-def _write_key_by_key(client, args: list[bytes]) -> int:
-    """Write ``key value ...`` pairs as single-key ``SET``s through the cluster client, which
-    follows ``MOVED`` (and refreshes its slot map) and ``ASK`` per key; returns the pairs written."""
-    pipe = client.pipeline()
-    for key, value in zip(args[0::2], args[1::2], strict=True):
-        pipe.set(key, value)
-    pipe.execute()
-    return len(args) // 2
-
-
-def flip_pointer(client, model: str, version: int, prefix: str = store_keys.DEFAULT_PREFIX) -> None:
+def flip_pointer(store: StoreBackend, model: str, version: int, prefix: str = store_keys.DEFAULT_PREFIX) -> None:
     """Point readers of ``model`` at ``version`` (one ``SET``: atomic)."""
-    client.set(store_keys.pointer_key(prefix, model), str(version))
+    store.set_value(store_keys.pointer_key(prefix, model), str(version))
 
 
-def loaded_version(client, model: str, prefix: str = store_keys.DEFAULT_PREFIX) -> int | None:
-    value = client.get(store_keys.pointer_key(prefix, model))
+def loaded_version(store: StoreBackend, model: str, prefix: str = store_keys.DEFAULT_PREFIX) -> int | None:
+    value = store.get_value(store_keys.pointer_key(prefix, model))
     return None if value is None else int(value)
 
 
-def prune_versions(client, model: str, keep: int, prefix: str = store_keys.DEFAULT_PREFIX) -> int:
+def prune_versions(store: StoreBackend, model: str, keep: int, prefix: str = store_keys.DEFAULT_PREFIX) -> int:
     """Delete the keys of every version of ``model`` but ``keep``; returns the number deleted."""
     deleted = 0
     meta_pattern = f"{_glob_escape(prefix)}:meta:{{{_glob_escape(model)}:*"
@@ -314,29 +248,20 @@ def prune_versions(client, model: str, keep: int, prefix: str = store_keys.DEFAU
     # Meta keys first: an interrupted prune leaves tables that are incomplete, not wrongly complete.
     for pattern in (meta_pattern, row_pattern):
         by_tag: dict[bytes, list[bytes]] = defaultdict(list)
-        for key in _scan(client, pattern):
+        for key in store.scan(pattern):
             tag = _hash_tag(key)
             if tag is None or not _stale(tag, model, keep):
                 continue
             by_tag[tag].append(key)
             if len(by_tag[tag]) >= UNLINK_BATCH:
-                # One tag is one slot: a single UNLINK works on Cluster too.
-                deleted += client.unlink(*by_tag.pop(tag))
+                deleted += store.delete_keys(by_tag.pop(tag))  # one tag: one slot
         for keys in by_tag.values():
-            deleted += client.unlink(*keys)
+            deleted += store.delete_keys(keys)
     return deleted
 
 
 def _same_table(current: dict[str, Any], meta: dict[str, Any]) -> bool:
     return all(current.get(k) == meta[k] for k in ("rows", "width", "sha256", "ids_sha256"))
-
-
-def _scan(client, pattern: str) -> Iterator[bytes]:
-    from redis.cluster import RedisCluster
-
-    if isinstance(client, RedisCluster):
-        return client.scan_iter(match=pattern, count=1000, target_nodes=RedisCluster.PRIMARIES)
-    return client.scan_iter(match=pattern, count=1000)
 
 
 def _hash_tag(key: bytes) -> bytes | None:
