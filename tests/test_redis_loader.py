@@ -190,12 +190,16 @@ def test_a_truncated_table_is_refused_before_anything_is_written(tmp_path, redis
     assert keys_under(client, redis_prefix) == set()
 
 
-def test_cli_load_embeddings_prints_a_summary(tmp_path, redis_url, client, backend, capsys):
+@pytest.mark.parametrize("flag", ["--store", "--redis"])
+def test_cli_load_embeddings_prints_a_summary(tmp_path, redis_url, client, backend, capsys, flag):
     model = f"cli{uuid.uuid4().hex[:8]}"  # the CLI writes under the default prefix: a model of its own
     write_version(tmp_path, model, 1)
     try:
-        assert cli_main(["load-embeddings", "--repo", str(tmp_path), "--model", model, "--redis", redis_url]) == 0
-        assert f"loaded {model} v1: 100 ids in" in capsys.readouterr().out
+        assert cli_main(["load-embeddings", "--repo", str(tmp_path), "--model", model, flag, redis_url]) == 0
+        out, err = capsys.readouterr()
+        assert f"loaded {model} v1: 100 ids in" in out
+        # The old flag still works, with one warning.
+        assert err.count("--redis is deprecated; use --store") == (flag == "--redis")
         assert loaded_version(backend, model) == 1
     finally:
         prune_versions(backend, model, keep=0)
