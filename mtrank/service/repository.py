@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,9 @@ from mtrank.service.workers import warm_up_turn
 from mtrank.transform import FeatureTransform
 
 log = logging.getLogger("mtrank.repository")
+
+_ABSOLUTE_PATH = re.compile(r"""(?:^|(?<=[\s"'(\[=]))/[^\s"',:;)\]]*""")
+"""An absolute POSIX path at the start of a text or after a space, quote, bracket or ``=``."""
 
 
 class StartupError(RuntimeError):
@@ -182,12 +186,12 @@ class Repository:
         return [b if b.model is not None else b.model_copy(update={"model": models[0]}) for b in configured]
 
     def path_free(self, text: str) -> str:
-        """``text`` with the repository's absolute path cut off the paths in it (public reasons)."""
-        if self.root is None:
-            return text
-        for root in sorted({str(self.root.absolute()), str(self.root.resolve())}, key=len, reverse=True):
-            text = text.replace(root + os.sep, "").replace(root, "the model repository")
-        return text
+        """``text`` for public answers: paths inside the repository relative to its root, any other
+        absolute path (a library's message may name one) as ``<path>``."""
+        if self.root is not None:
+            for root in sorted({str(self.root.absolute()), str(self.root.resolve())}, key=len, reverse=True):
+                text = text.replace(root + os.sep, "").replace(root, "the model repository")
+        return _ABSOLUTE_PATH.sub("<path>", text)
 
     async def _reload(self, startup: bool) -> ReloadReport:
         report = ReloadReport()
