@@ -5,6 +5,7 @@ shows where the repository lives on disk."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -179,12 +180,35 @@ def test_malformed_newest_versions_at_start_up_are_refused_and_the_previous_ones
         assert refused == {(name, "2") for name in broken}
 
 
+def _graph_with_outside_weights(path: Path, outside: Path) -> None:
+    """An ONNX graph whose weights are external data at ``outside``, named by a ``../`` path."""
+    from onnx import TensorProto, helper
+
+    outside.write_bytes(bytes(16))
+    weights = helper.make_tensor("w", TensorProto.FLOAT, [4], [0.0] * 4)
+    weights.ClearField("float_data")
+    weights.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", os.path.relpath(outside, path.parent)), ("offset", "0"), ("length", "16")):
+        entry = weights.external_data.add()
+        entry.key, entry.value = key, value
+    node = helper.make_node("Add", ["dense", "w"], ["vtr"])
+    graph = helper.make_graph([node], "outside", [helper.make_tensor_value_info("dense", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("vtr", TensorProto.FLOAT, [4])], [weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+
+
 def _unloadable_versions(toy_repo: Path, repo: Path) -> None:
     """Versions that fail in every way whose reason may carry a path: a graph ONNX Runtime cannot
-    parse (checksums right), a changed file, a missing file, a manifest that is not JSON."""
+    parse (checksums right), a graph whose weights lie outside the repository, a changed file, a
+    missing file, a manifest that is not JSON."""
     garbage = _copy(toy_repo, repo, version=2)
     (garbage / "graphs" / "all.onnx").write_bytes(b"\x08\x07garbage, not a protobuf")
     write_manifest(garbage, load_manifest(garbage, verify=False))
+    escaping = _copy(toy_repo, repo, version=5)
+    _graph_with_outside_weights(escaping / "graphs" / "all.onnx", repo.parent / "outside.bin")
+    write_manifest(escaping, load_manifest(escaping, verify=False))
     changed = _copy(toy_repo, repo, version=3)
     (changed / "tables" / "item_id.npy").write_bytes(b"changed")
     missing = _copy(toy_repo, repo, version=4)
@@ -229,6 +253,7 @@ def test_no_public_answer_shows_the_repository_path_whatever_the_failure(toy_rep
         s.stop()
     reasons = answers["/v1/models"] + answers["/readyz"]
     assert "toy/2: InvalidProtobuf: [ONNXRuntimeError]" in reasons, reasons
+    assert "External data path escapes model directory" in reasons and 'resolved path: \\"<path>\\"' in reasons
     assert "checksum mismatch for tables/item_id.npy" in reasons and "not valid JSON" in reasons, reasons
     if not with_good_version:
         assert "no model version loaded from the model repository" in answers["/v1/rank"], answers["/v1/rank"]
