@@ -309,3 +309,21 @@ def test_a_meta_key_whose_width_turns_into_a_word_marks_the_table_incomplete_wit
     log = s.output()
     assert "table toy v1 item_id in Redis has rows=501 width=eight" in log, log
     assert "Traceback" not in log and "never retrieved" not in log, log
+
+
+def test_a_reload_that_leaves_a_bucket_without_a_servable_version_answers_409_naming_the_bucket(toy_repo, tmp_path):
+    repo = tmp_path / "repo"
+    _edit_manifest(_copy(toy_repo, repo), lambda m: m.update(version=3))
+    s = RemoteServer(repo, env={"MTRANK_ADMIN_TOKEN": ADMIN_TOKEN}, wait_ready=False)
+    try:
+        _wait_up(s)
+        r = s.post("/admin/reload", headers=AUTH)
+        assert r.status_code == 409, r.text
+        assert r.json() == {
+            "served": {}, "loaded": [],
+            "refused": {"toy v1": "toy/1: manifest names model 'toy' version 3, the directory is toy/1"},
+            "errors": {"default": "bucket 'default': no servable version of model toy"},
+        }
+        assert s.get("/readyz").status_code == 503
+    finally:
+        s.stop()
