@@ -61,7 +61,6 @@ class KeyValueStore:
         self.backend = backend
         self.name = backend.name
         self.prefix = prefix
-        self.display_url = backend.display_url
         self.cache = TTLCache(cache_size, cache_ttl_s)
         self.breaker = CircuitBreaker(backend, retry_s)
         self.checks = TableChecks(backend, self.breaker, prefix, verify_s=retry_s)
