@@ -8,12 +8,17 @@ from __future__ import annotations
 import base64
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import redis
+import yaml
 
+from mtrank.bench.server import free_port
 from tests.test_deploy import (
     COMPOSE,
     DEPLOY_README,
@@ -22,13 +27,16 @@ from tests.test_deploy import (
     TEST_REDIS_PASSWORD,
     _configmap,
     _k8s,
+    _kubernetes_validate,
     _load_yaml,
     _parse_cli,
     _ranker,
     _redis_container,
     _render,
     _render_tree,
+    _run,
     _start_k8s_redis,
+    _tool,
 )
 
 SECRET = "mtrank-redis"
@@ -163,3 +171,76 @@ def test_the_release_steps_deploy_images_by_digest():
         assert all(re.search(r"@(sha256:[0-9a-f]{64}|\$\w+)\)?$", ref) for _, ref in images), line
     job_image = [line for line in steps.splitlines() if "load-embeddings-job.yaml" in line and "image:" in line]
     assert job_image and all("@$" in line for line in job_image)
+
+
+# -- components/redis-tls ---------------------------------------------------------------------
+
+TLS_COMPONENT = K8S / "components" / "redis-tls"
+
+
+def _tls_patch(name: str) -> dict:
+    [patch] = [yaml.safe_load(p["patch"]) for p in _load_yaml(TLS_COMPONENT / "kustomization.yaml")["patches"]
+               if p["target"]["name"] == name]
+    [container] = patch["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+@pytest.mark.parametrize("overlay", ["", "gpu"])
+def test_the_redis_tls_component_renders_into_valid_manifests(overlay, tmp_path):
+    tree = Path(shutil.copytree(K8S, tmp_path / "k8s", ignore=shutil.ignore_patterns(REDIS_SECRET_ENV)))
+    (tree / "base" / REDIS_SECRET_ENV).write_text(
+        "password=p\nurl=rediss://:p@mtrank-redis:6379/0?ssl_ca_certs=/etc/mtrank/redis-tls/ca.crt\n")
+    kustomization = tree / overlay / "kustomization.yaml"
+    component = "components/redis-tls" if not overlay else "../components/redis-tls"
+    kustomization.write_text(kustomization.read_text() + f"\ncomponents:\n  - {component}\n")
+    result = _run(_tool("kubectl"), "kustomize", str(tree / overlay))
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    validated = _kubernetes_validate(docs, tmp_path)
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+    by_name = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"}
+    [store] = by_name["mtrank-redis"]["containers"]
+    assert "--tls-port 6379" in {e["name"]: e.get("value") for e in store["env"]}["REDIS_TLS_ARGS"]
+    assert {"name": "tls", "mountPath": "/etc/redis/tls", "readOnly": True} in store["volumeMounts"]
+    [ranker] = [c for c in by_name["mtrank"]["containers"] if c["name"] == "ranker"]
+    assert {"name": "redis-tls", "mountPath": "/etc/mtrank/redis-tls", "readOnly": True} in ranker["volumeMounts"]
+    secrets = {v["secret"]["secretName"] for spec in by_name.values() for v in spec["volumes"] if "secret" in v}
+    assert secrets == {"mtrank-redis-tls"}
+
+
+def test_k8s_redis_with_the_tls_component_speaks_tls_only_and_its_probe_passes(tmp_path):
+    from tests.test_store_security import _make_certificates
+
+    ca = _make_certificates(tmp_path)
+    shutil.copy(tmp_path / "server.crt", tmp_path / "tls.crt")
+    shutil.copy(tmp_path / "server.key", tmp_path / "tls.key")
+    port = free_port()
+    container = _tls_patch("mtrank-redis")
+    [tls_args] = [e["value"] for e in container["env"] if e["name"] == "REDIS_TLS_ARGS"]
+    tls_args = tls_args.replace("/etc/redis/tls/", f"{tmp_path}/").replace("--tls-port 6379", f"--tls-port {port}")
+    [script] = _redis_container()["args"]
+    script = script.replace("exec redis-server", f"exec {_tool('redis-server')} --bind 127.0.0.1", 1)
+    env = {**os.environ, "MEMORY_LIMIT_MIB": "64", "REDIS_PASSWORD": TEST_REDIS_PASSWORD, "REDIS_TLS_ARGS": tls_args}
+    proc = subprocess.Popen(["/bin/sh", "-c", script], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+    try:
+        client = redis.Redis.from_url(f"rediss://:{TEST_REDIS_PASSWORD}@127.0.0.1:{port}/0?ssl_ca_certs={ca}",
+                                      socket_timeout=5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline and proc.poll() is None, "Redis did not come up on its TLS port"
+                time.sleep(0.05)
+        with pytest.raises(redis.ConnectionError):  # plain TCP on the TLS port
+            redis.Redis(port=port, password=TEST_REDIS_PASSWORD, socket_timeout=2).ping()
+        probe = [a.replace("/etc/redis/tls/", f"{tmp_path}/") for a in container["readinessProbe"]["exec"]["command"]]
+        # The probe runs in the container with the variables of base/redis.yaml: REDISCLI_AUTH is the password.
+        answer = subprocess.run([*probe[:-1], "-p", str(port), probe[-1]], capture_output=True, text=True, timeout=10,
+                                env={**os.environ, "REDISCLI_AUTH": TEST_REDIS_PASSWORD})
+        assert answer.stdout.strip() == "PONG", answer.stdout + answer.stderr
+    finally:
+        proc.kill()
+        proc.wait()
