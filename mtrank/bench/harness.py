@@ -136,7 +136,7 @@ def server_env(device: str, redis_url: str | None, prefix: str, request_timeout_
         "MTRANK_REQUEST_TIMEOUT_MS": str(request_timeout_ms),
     }
     if redis_url:
-        env |= {"MTRANK_REDIS_URL": redis_url, "MTRANK_REDIS_PREFIX": prefix}
+        env |= {"MTRANK_STORE_URL": redis_url, "MTRANK_STORE_PREFIX": prefix}
     return env
 
 
