@@ -35,9 +35,11 @@ def create_app(settings: Settings | None = None, serving: ServingState | None = 
     errors in one line) the lifespan takes it over; without, the lifespan starts one."""
     settings = settings or load_settings()
 
+    rank = RankEndpoint(settings)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.serving = serving or await ServingState.start(settings)
+        app.state.serving = rank.serving = serving or await ServingState.start(settings)
         try:
             yield
         finally:
@@ -45,7 +47,6 @@ def create_app(settings: Settings | None = None, serving: ServingState | None = 
 
     app = FastAPI(title="mtrank", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     timeout_s = settings.request_timeout_ms / 1000.0
-    rank = RankEndpoint(lambda: app.state.serving, settings)
     app.add_middleware(RequestMiddleware, request_timeout_s=timeout_s, rank=rank)
     app.state.rank_stack = RequestMiddleware(app, request_timeout_s=timeout_s, rank=rank)
     app.openapi = _openapi(app)

@@ -59,7 +59,8 @@ class TextFormatter(logging.Formatter):
         super().__init__(TEXT_FORMAT)
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        record.message = escape_unprintable(record.message)
+        if not record.message.isprintable():
+            record.message = escape_unprintable(record.message)
         return super().formatMessage(record)
 
 

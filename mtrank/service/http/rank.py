@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -31,11 +30,10 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 class RankEndpoint:
-    """``POST /v1/rank`` over the :class:`ServingState` that ``serving()`` returns (the app's, once
-    its lifespan has started it)."""
+    """``POST /v1/rank`` over :attr:`serving`, which the app's lifespan sets once it has started."""
 
-    def __init__(self, serving: Callable[[], ServingState], settings: Settings):
-        self.serving = serving
+    def __init__(self, settings: Settings):
+        self.serving: ServingState | None = None
         self.timeout_s = settings.request_timeout_ms / 1000.0
         self.max_body_bytes = settings.max_body_bytes
         self.max_candidates = settings.max_candidates
@@ -45,7 +43,7 @@ class RankEndpoint:
             await error(405, "method not allowed: use POST", headers={"Allow": "POST"})(scope, receive, send)
             return
         started = time.monotonic()
-        serving = self.serving()
+        serving = self.serving
         try:
             response = await self._rank(serving, scope, receive, started)
         except Exception as e:
