@@ -56,7 +56,7 @@ def in_process(ple):
 @pytest.fixture(scope="module")
 def on_cluster(ple, cluster):
     # No cache: every request reaches the cluster, so the tests see every node's state.
-    env = {"MTRANK_REDIS_URL": cluster.url, "MTRANK_REDIS_RETRY_S": str(RETRY_S), "MTRANK_EMBEDDING_CACHE_SIZE": "0"}
+    env = {"MTRANK_STORE_URL": cluster.url, "MTRANK_STORE_RETRY_S": str(RETRY_S), "MTRANK_EMBEDDING_CACHE_SIZE": "0"}
     with RemoteServer(ple, env=env) as s:
         yield s
 
@@ -353,8 +353,8 @@ def test_two_replicas_serve_through_a_hot_reload_with_no_failed_request(cluster,
     build_toy_version(repo, "toy", 1, seed=1)
     prefix = "mtrank-replicas"
     load_embeddings(repo, "toy", cluster.url, prefix=prefix, progress=False)
-    env = {"MTRANK_REDIS_URL": cluster.url, "MTRANK_REDIS_PREFIX": prefix, "MTRANK_ADMIN_TOKEN": "t0ken",
-           "MTRANK_REDIS_RETRY_S": str(RETRY_S)}
+    env = {"MTRANK_STORE_URL": cluster.url, "MTRANK_STORE_PREFIX": prefix, "MTRANK_ADMIN_TOKEN": "t0ken",
+           "MTRANK_STORE_RETRY_S": str(RETRY_S)}
     with RemoteServer(repo, env=env) as a, RemoteServer(repo, env=env) as b:
         replicas = [a, b]
         with Load([a.url, b.url], bodies(8)) as load:

@@ -758,7 +758,7 @@ def test_redis_outage_degrades_answers_and_recovers_without_restart(ple_repo, se
 
     redis_prefix = "mtrank-outage-test"
 
-    env = {"MTRANK_REDIS_URL": own_redis.url, "MTRANK_REDIS_PREFIX": redis_prefix, "MTRANK_REDIS_RETRY_S": "0.2"}
+    env = {"MTRANK_STORE_URL": own_redis.url, "MTRANK_STORE_PREFIX": redis_prefix, "MTRANK_STORE_RETRY_S": "0.2"}
     with RemoteServer(ple_repo, env=env, wait_ready=False) as s:
         # Nothing loaded in Redis yet: up, but not ready, and it says why.
         deadline = time.monotonic() + 30

@@ -59,7 +59,7 @@ def test_missing_ids_are_back_to_the_pre_outage_level_within_one_cache_ttl_after
 ):
     repo, _ = toy
     load_embeddings(repo, "toy", own_redis.url, prefix=PREFIX, progress=False)
-    env = {"MTRANK_REDIS_URL": own_redis.url, "MTRANK_REDIS_PREFIX": PREFIX, "MTRANK_REDIS_RETRY_S": str(RETRY_S),
+    env = {"MTRANK_STORE_URL": own_redis.url, "MTRANK_STORE_PREFIX": PREFIX, "MTRANK_STORE_RETRY_S": str(RETRY_S),
            "MTRANK_EMBEDDING_CACHE_TTL_S": str(CACHE_TTL_S)}
     with RemoteServer(repo, env=env) as s:
 
