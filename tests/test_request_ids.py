@@ -4,13 +4,15 @@ One rule for request ids from the body and from the ``X-Request-ID`` header: vis
 (0x21-0x7E), 1 to 128 characters. A body id that breaks it is a 422 naming ``request_id``; a
 header id that breaks it is replaced by a generated one and ``X-Request-ID-Replaced`` says why.
 Whatever a client sends, it gets a status line, never a 5xx, and the server logs no ERROR, no
-traceback and no raw control character. Requests go out on raw sockets: httpx refuses to send
-most of these header values.
+traceback and no raw control character. Fixed cases name each kind of bad input; seeded fuzz
+cases mix characters inside and outside the rule at lengths around the limit. Requests go out on
+raw sockets: httpx refuses to send most of these header values.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
 from pathlib import Path
 
@@ -37,6 +39,22 @@ TARGETS = [
     b"/x%0Ay", b"/x%0D%0Ay", b"/x%00", b"/x%1B[31m", b"/x%7F", b"/x%C2%9B", b"/%ff%fe", b"/a\x1bb", b"/\xff",
     b"/a b", b"/" + b"a" * 20_000, b"/healthz?q=%0A%00%1B", b"/healthz?q=\x1b", b"/v1/rank%00", b"/v1/rank\x00",
 ]
+
+
+RULE = re.compile(r"[!-~]{1,128}")
+FUZZ_CHARS = [chr(c) for c in (*range(0x00, 0x21), 0x7F, *range(0x80, 0xA0), 0xA0, 0xE9, 0x2028, 0xFEFF, 0x1F600)]
+"""Characters outside the rule, mixed by the fuzz tests with characters inside it."""
+
+
+def _fuzz_ids(seed: int, n: int) -> list[str]:
+    rng = random.Random(seed)
+    ids = []
+    for _ in range(n):
+        length = rng.choice([0, 1, 2, 5, 40, 127, 128, 129, 300])
+        bad_share = rng.choice([0.0, 0.01, 0.1, 0.5])
+        ids.append("".join(rng.choice(FUZZ_CHARS) if rng.random() < bad_share else chr(rng.randint(0x21, 0x7E))
+                           for _ in range(length)))
+    return ids
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +180,33 @@ def test_bad_header_values_and_targets_get_a_status_line_and_a_clean_log(server)
             status, _, body = send_raw(server.port, raw_request(method, target))
             assert status is not None and status < 500, (method, target[:40], status, body[:200])
     _assert_clean_log(server, _new_log_lines(server, since, "targets-done"))
+
+
+def test_fuzzed_body_request_ids_are_answered_by_the_rule(server):
+    since = len(server.log_lines())
+    for rid in _fuzz_ids(seed=27, n=150):
+        status, headers, body = _rank(server, body=_anonymous_body(request_id=rid))
+        if RULE.fullmatch(rid):
+            assert status == 200 and headers[b"x-request-id"] == rid.encode(), (rid, status, body[:200])
+        else:
+            assert status == 422 and GENERATED.fullmatch(headers[b"x-request-id"]), (rid[:40], status, body[:200])
+    _assert_clean_log(server, _new_log_lines(server, since, "fuzz-body-done"))
+
+
+def test_fuzzed_header_request_ids_are_echoed_or_replaced_by_the_rule(server):
+    since = len(server.log_lines())
+    rng = random.Random(28)
+    values = [rid.encode("utf-8", "surrogatepass") for rid in _fuzz_ids(seed=28, n=150)]
+    values += [bytes(rng.randrange(256) for _ in range(rng.choice([1, 16, 128, 129]))) for _ in range(50)]
+    for value in values:
+        status, headers, body = _rank(server, headers=[(b"X-Request-ID", value)])
+        assert status in (200, 400), (value[:40], status, body[:200])
+        if status == 400:
+            assert body == PARSER_REFUSAL and re.search(rb"[\x00-\x08\x0a-\x1f\x7f]", value), value[:40]
+            continue
+        given = value.strip(b" \t")  # the parser trims optional whitespace around a header value
+        if RULE.fullmatch(given.decode("latin-1")):
+            assert headers[b"x-request-id"] == given and b"x-request-id-replaced" not in headers
+        else:
+            assert GENERATED.fullmatch(headers[b"x-request-id"]) and headers[b"x-request-id-replaced"], value[:40]
+    _assert_clean_log(server, _new_log_lines(server, since, "fuzz-header-done"))
