@@ -30,10 +30,12 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 class RankEndpoint:
-    """``POST /v1/rank`` over :attr:`serving`, which the app's lifespan sets once it has started."""
+    """``POST /v1/rank`` over :attr:`serving`."""
+
+    serving: ServingState
+    """Set by the app's lifespan once it has started: no request comes before."""
 
     def __init__(self, settings: Settings):
-        self.serving: ServingState | None = None
         self.timeout_s = settings.request_timeout_ms / 1000.0
         self.max_body_bytes = settings.max_body_bytes
         self.max_candidates = settings.max_candidates
