@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_ROOT = REPO_ROOT / "data"
 RUNS_ROOT = REPO_ROOT / "runs"
 CONFIGS = REPO_ROOT / "configs"

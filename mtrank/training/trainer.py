@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -67,6 +68,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     patience: int = 1
     """Epochs without validation-loss improvement before stopping; the best epoch is kept."""
+    valid_loss: Literal["groups", "rows"] = "groups"
+    """Early stopping's validation loss. ``groups``: per user group, the summed task losses of the
+    predictions that group is served (its own heads), then the mean over the groups, so a group of a
+    few percent of the rows counts as much as the largest (docs/training.md, issue 32); ``rows``:
+    every head's loss over all rows, which the largest group decides. Without user groups: ``rows``."""
     seed: int = 0
     loss_weighting: Literal["static", "dynamic", "uncertainty"] = "static"
     """static | dynamic (ω_k0·γ_k^t) | uncertainty."""
@@ -118,6 +124,24 @@ class Objective(nn.Module):
             "is_binary", torch.tensor([spec.task(h.task).type == "binary" for h in model.heads]), persistent=False
         )
         self.head_outputs = OutputLayer([outputs[task_index[h.task]] for h in model.heads])
+        self.task_outputs = OutputLayer(outputs)
+
+    def served_loss_sums(self, dense, sparse, labels, space, group, item) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per user group and task, the loss of the predictions the group is served (its own heads),
+        summed over the rows inside the task's space, and those rows' count: two ``[G, n_tasks]``
+        float64 tensors (G = the spec's user groups, 1 without)."""
+        served = self.model.own_task_logits(self.model(dense, sparse), group, item)
+        out = self.task_outputs
+        preds, targets = out.loss_inputs(served), out.normalise(labels)
+        bce = F.binary_cross_entropy_with_logits(preds, targets, reduction="none")
+        per_row = torch.where(out.is_binary, bce, (preds - targets) ** 2) * space
+        spec = self.model.spec
+        n_groups = 1 if spec.user_groups is None else len(spec.user_groups.values)
+        sums = torch.zeros(n_groups, per_row.shape[1], dtype=torch.float64, device=per_row.device)
+        counts = torch.zeros_like(sums)
+        sums.index_add_(0, group, per_row.double())
+        counts.index_add_(0, group, space.double())
+        return sums, counts
 
     def head_losses(self, dense, sparse, labels, space, group, item) -> torch.Tensor:
         """Per-head masked loss ``[H]`` (see mtrank.training.losses)."""
@@ -276,16 +300,36 @@ class Trainer:
 
     @torch.no_grad()
     def validation_loss(self, valid: Tensors | Callable[[], Iterable[Tensors]], batch_size: int = 8192) -> float:
-        """Unweighted sum of per-head losses, averaged over rows inside each head's space (all workers)."""
+        """Early stopping's criterion over all workers (see ``TrainConfig.valid_loss``): with user
+        groups, the mean over groups of each group's summed task losses (each task's loss averaged
+        over the group's rows inside its space); else (or ``rows``) the unweighted sum of per-head
+        losses, averaged over rows inside each head's space."""
         self.objective.eval()
         chunks = (valid.rows(idx) for idx in torch.arange(len(valid)).split(batch_size)) if isinstance(
             valid, Tensors) else (c for part in valid() for c in _chunks(part, batch_size))
+        if self.cfg.valid_loss == "groups" and self.model.spec.user_groups is not None:
+            return self._group_mean_loss(chunks)
         total = torch.zeros(len(self.model.heads) + 1, dtype=torch.float64)
         for batch in chunks:
             total[:-1] += self.head_losses(batch).double().cpu() * len(batch)
             total[-1] += len(batch)
         total = self.ctx.all_sum(total)
         return float(total[:-1].sum() / total[-1])
+
+    def _group_mean_loss(self, chunks: Iterable[Tensors]) -> float:
+        sums = counts = None
+        for batch in chunks:
+            b = batch.to(self.ctx.device)
+            s, c = self.objective.served_loss_sums(b.dense, b.sparse, b.labels, b.space, b.group, b.item)
+            sums, counts = (s, c) if sums is None else (sums + s, counts + c)
+        n_groups, n_tasks = len(self.model.spec.user_groups.values), len(self.model.spec.tasks)
+        both = torch.zeros(2, n_groups, n_tasks, dtype=torch.float64)
+        if sums is not None:
+            both[0], both[1] = sums.cpu(), counts.cpu()
+        both = self.ctx.all_sum(both)
+        per_group = (both[0] / both[1].clamp(min=1.0)).sum(dim=1)
+        present = both[1].sum(dim=1) > 0
+        return float(per_group[present].mean())
 
 
 def _chunks(t: Tensors, size: int) -> Iterator[Tensors]:
