@@ -27,11 +27,11 @@ def _step(message: str) -> None:
 
 def sample_request(data_dir: Path, n_candidates: int = 5) -> dict:
     """A request built from real test rows: one user and a few of the items shown to users."""
-    from mtrank.training import data as data_io
-    from mtrank.training import dataset
+    from mtrank.training.frames import load_spec
+    from mtrank.training.streaming import load_split
 
-    spec = data_io.load_spec(data_dir)
-    frame = dataset.load_split(data_dir, "test", spec)
+    spec = load_spec(data_dir)
+    frame = load_split(data_dir, "test", spec)
     user = frame.iloc[0]
     items = frame.drop_duplicates("item_id").head(n_candidates)
     user_fields = [f.name for f in (*spec.dense, *spec.sparse) if f.side == "user" and f.name != "user_id"]

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from mtrank.spec import DenseField, Facet, FacetRule, FeatureSpec, SparseField, SpecError, Task
-from mtrank.training.data import conform_frame, find_split, load_spec, read_table, validate_frame
-from mtrank.training.dataset import load_split
+from mtrank.training.frames import conform_frame, find_split, load_spec, read_table, validate_frame
+from mtrank.training.streaming import load_split
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -119,8 +119,8 @@ def test_guardrail_keeps_every_task_within_the_allowed_loss(trained_run, synth_d
 def test_reported_objective_is_the_one_of_the_written_buckets(trained_run, synth_dir, tmp_path, objective, length_fn):
     # Recompute the held-out objective from buckets.json with the service's fusion: same number.
     from mtrank.training.checkpoint import load_run
-    from mtrank.training.dataset import load_split
     from mtrank.training.evaluate import predict_frame
+    from mtrank.training.streaming import load_split
 
     report = _tune(trained_run, synth_dir, tmp_path, seed=2, objective=objective, k=3, length_fn=length_fn)
     treatment = BucketConfig(**json.loads((tmp_path / "buckets.json").read_text())[1])

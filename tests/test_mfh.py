@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from mtrank.spec import FeatureSpec, SpecError
+from mtrank.training.evaluate import evaluate
 from mtrank.training.features import Preprocessor
 from mtrank.training.models.registry import create_model, make_config
 from mtrank.training.profile import forward_cost
-from mtrank.training.trainer import Tensors, TrainConfig, Trainer, evaluate, to_tensors
+from mtrank.training.streaming import Tensors, to_tensors
+from mtrank.training.trainer import TrainConfig, Trainer
 
 PRODUCT_MODELS = ["flat", "h_mtl", "mfh"]
 # Small sizes keep every test well under a second; the structure is the default one.

@@ -15,7 +15,7 @@ from mtrank.spec import FeatureSpec, SpecError
 from mtrank.training.features import Preprocessor
 from mtrank.training.losses import LossWeighting, masked_task_losses
 from mtrank.training.models.registry import create_model, make_config, model_names
-from mtrank.training.trainer import to_tensors
+from mtrank.training.streaming import to_tensors
 
 FOUNDATION = ["single", "shared_bottom", "mmoe", "cgc", "ple"]
 

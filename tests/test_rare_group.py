@@ -17,9 +17,9 @@ import torch
 import yaml
 
 from mtrank.spec import FeatureSpec
-from mtrank.training.dataset import to_tensors
 from mtrank.training.features import Preprocessor
 from mtrank.training.models.registry import create_model, make_config
+from mtrank.training.streaming import to_tensors
 from mtrank.training.trainer import TrainConfig, Trainer, train
 
 SPEC = {

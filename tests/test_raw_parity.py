@@ -131,8 +131,8 @@ def _requests(rows: pd.DataFrame) -> list[dict]:
 
 def _torch_scores(run_dir: Path, rows: pd.DataFrame) -> dict[str, np.ndarray]:
     from mtrank.training.checkpoint import load_run
-    from mtrank.training.data import conform_frame
     from mtrank.training.evaluate import predict_frame
+    from mtrank.training.frames import conform_frame
 
     run = load_run(run_dir)
     preds, _ = predict_frame(run, conform_frame(rows, run.spec))

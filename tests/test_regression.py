@@ -17,9 +17,10 @@ from mtrank.fusion import P_MIN, LengthFn, log_scores
 from mtrank.manifest import ALL_GROUPS, load_manifest
 from mtrank.spec import FeatureSpec, SpecError
 from mtrank.training.checkpoint import load_run
-from mtrank.training.evaluate import evaluate_run
+from mtrank.training.evaluate import evaluate_run, predict
 from mtrank.training.outputs import OutputLayer, TaskOutput, choose_output, fit_output
-from mtrank.training.trainer import predict, to_tensors, train
+from mtrank.training.streaming import to_tensors
+from mtrank.training.trainer import train
 from tests.test_export import serving_feeds
 
 ROWS = {"train": 6000, "valid": 1500, "test": 3000}

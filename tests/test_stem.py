@@ -15,7 +15,7 @@ from mtrank.spec import FeatureSpec
 from mtrank.training.evaluate import evaluate_run, feedback_buckets, parameter_counts, stem_subsets
 from mtrank.training.features import Preprocessor
 from mtrank.training.models.registry import create_model, make_config
-from mtrank.training.trainer import to_tensors
+from mtrank.training.streaming import to_tensors
 
 TASK_A, TASK_B = 0, 1
 

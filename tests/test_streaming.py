@@ -15,11 +15,11 @@ import yaml
 
 from mtrank.cli import main
 from mtrank.spec import DenseField, FeatureSpec, SparseField, SpecError, Task
-from mtrank.training import data as data_io
-from mtrank.training import dataset
+from mtrank.training import streaming as dataset
 from mtrank.training.checkpoint import load_run, partial_dir
-from mtrank.training.dataset import SplitSource, TrainStream, fit_preprocessing, to_tensors
-from mtrank.training.trainer import evaluate, evaluate_frames
+from mtrank.training.evaluate import evaluate, evaluate_frames
+from mtrank.training.frames import load_spec
+from mtrank.training.streaming import SplitSource, TrainStream, fit_preprocessing, to_tensors
 from mtrank.transform import VocabularyCounter
 
 SMALL_SB = {"embedding_dim": 4, "bottom_hidden": [16], "tower_hidden": [8]}
@@ -67,7 +67,7 @@ def test_a_directory_of_parquet_files_reads_like_one_file(sharded, tmp_path):
     from mtrank.training.synth import generate
 
     generate(tmp_path, rows=6000, seed=3, progress=False)
-    spec = data_io.load_spec(sharded)
+    spec = load_spec(sharded)
     source = SplitSource.open(sharded, "train", spec)
     assert len(source.files) == 3 and source.rows == 4800
     one_file = dataset.load_split(tmp_path, "train", spec)
@@ -135,7 +135,7 @@ def _flat(d, prefix: str = "") -> dict:
 
 def test_training_metrics_are_computed_on_every_test_row(trained_run, synth_dir):
     report = json.loads((trained_run("ple") / "metrics.json").read_text())
-    spec = data_io.load_spec(synth_dir)
+    spec = load_spec(synth_dir)
     assert report["rows"] == len(dataset.load_split(synth_dir, "test", spec))
     assert report["rows_seen"] == report["train_rows"] * report["epochs_run"] and report["workers"] == 1
     assert report["samples_per_second"] > 0
@@ -144,7 +144,7 @@ def test_training_metrics_are_computed_on_every_test_row(trained_run, synth_dir)
 def test_the_fitted_preprocessing_of_a_stream_equals_the_whole_frames(sharded):
     from mtrank.training.features import Preprocessor
 
-    spec = data_io.load_spec(sharded)
+    spec = load_spec(sharded)
     streamed, labels, space = fit_preprocessing(SplitSource.open(sharded, "train", spec), spec, None, 0)
     frame = dataset.load_split(sharded, "train", spec)
     whole = Preprocessor.fit(spec, frame)
@@ -265,4 +265,4 @@ def test_check_reports_the_row_in_the_file(sharded, tmp_path):
     data = _copy(sharded, tmp_path / "data")
     _rewrite(data / "test" / "part-00001.parquet", lambda f: f.assign(finish=np.where(np.arange(len(f)) == 77, 5, 0)))
     with pytest.raises(SpecError, match=r"part-00001.parquet: binary label 'finish'.*first row 77: 5"):
-        SplitSource.open(data, "test", data_io.load_spec(data)).check()
+        SplitSource.open(data, "test", load_spec(data)).check()

@@ -10,10 +10,12 @@ import pytest
 import yaml
 
 from mtrank.cli import main as cli_main
-from mtrank.training import data as data_io
-from mtrank.training import dataset
+from mtrank.training import streaming as dataset
 from mtrank.training.checkpoint import load_run
-from mtrank.training.trainer import predict, to_tensors, train
+from mtrank.training.evaluate import predict
+from mtrank.training.frames import load_spec
+from mtrank.training.streaming import to_tensors
+from mtrank.training.trainer import train
 
 
 def _config(tmp_path: Path, **train_values) -> Path:
@@ -26,7 +28,7 @@ def _config(tmp_path: Path, **train_values) -> Path:
 def test_a_short_run_beats_a_constant_predictor_on_every_task(synth_dir, tmp_path):
     config = _config(tmp_path, epochs=3, batch_size=256, patience=3)
     report = train("shared_bottom", synth_dir, tmp_path / "run", config_path=config, progress=False)
-    spec = data_io.load_spec(synth_dir)
+    spec = load_spec(synth_dir)
     test = dataset.load_split(synth_dir, "test", spec)
     for task in spec.tasks:
         m = report["tasks"][task.name]

@@ -128,10 +128,10 @@ def cost_table(data_dir: Path) -> list[str]:
     """Network parameters touched and FLOPs per row: full model vs each group's mode."""
     import torch
 
-    from mtrank.training import dataset
+    from mtrank.training import streaming as dataset
     from mtrank.training.checkpoint import load_run
     from mtrank.training.profile import forward_cost
-    from mtrank.training.trainer import to_tensors
+    from mtrank.training.streaming import to_tensors
 
     lines = [
         "### Cost of one forward (network only, embedding lookups excluded; seed-1 runs, 256 test rows)",

@@ -258,14 +258,13 @@ def _parity_rows(run: Run) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     n_items = len(spec.item_facet.values) if spec.item_facet is not None else 1
     data_dir = Path(run.meta["data"]) if run.meta.get("data") else None
     if data_dir is not None and data_dir.is_dir():
-        from mtrank.training.dataset import load_split
-        from mtrank.training.trainer import facet_index
+        from mtrank.training.streaming import facet_codes, load_split
 
         frame = load_split(data_dir, "test", spec)
         if len(frame):
             rows = frame.iloc[:n]
             dense, sparse = run.preprocessor.transform(rows)
-            item = facet_index(rows, spec.item_facet) if spec.item_facet is not None else np.zeros(len(rows), np.int64)
+            item = facet_codes(rows, spec.item_facet) if spec.item_facet is not None else np.zeros(len(rows), np.int64)
             take = np.arange(n) % len(dense)
             return dense[take], sparse[take], item[take], f"test split of {data_dir}"
     rng = np.random.default_rng(PARITY_SEED)

@@ -17,23 +17,142 @@ our choice, recorded in every report.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
-from mtrank.spec import Task
+from mtrank.spec import FeatureSpec, Task
 from mtrank.training import metrics as metrics_lib
 from mtrank.training.checkpoint import Run, load_run
+from mtrank.training.features import Preprocessor
 from mtrank.training.models.base import MultiTaskModel
-from mtrank.training.trainer import predict, to_tensors
+from mtrank.training.outputs import OutputLayer, TaskOutput, default_outputs
+from mtrank.training.streaming import Tensors, chunks, to_tensors
 
 N_BUCKETS = 10
 OVERWHELMING_GAP = 2
 SUBSETS = ("a_overwhelming", "comparable", "b_overwhelming")
 # Written by training and not recomputable from a checkpoint: kept when metrics.json is rewritten.
 _TRAINING_KEYS = ("train_seconds", "epochs_run", "history", "train")
+
+
+# -- scoring a model -------------------------------------------------------------------------
+
+
+class _Scorer:
+    """Predictions in label units from each row's own group's heads, and gate utilisation sums."""
+
+    def __init__(self, model: MultiTaskModel, outputs: list[TaskOutput] | None):
+        model.eval()
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.to_labels = OutputLayer(outputs or default_outputs(model.spec)).to(self.device)
+        self.gate_sum: dict[str, torch.Tensor] = {}
+        self.gate_sq: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    @torch.no_grad()
+    def __call__(self, t: Tensors, batch_size: int = 8192) -> np.ndarray:
+        outs = []
+        for part in chunks(t, batch_size):
+            b = part.to(self.device)
+            gates: dict[str, torch.Tensor] = {}
+            logits = self.model(b.dense, b.sparse, gates=gates)
+            outs.append(self.to_labels(self.model.own_task_logits(logits, b.group, b.item)).cpu())
+            for name, w in gates.items():
+                self.gate_sum[name] = self.gate_sum.get(name, 0) + w.sum(0).cpu()
+                self.gate_sq[name] = self.gate_sq.get(name, 0) + (w**2).sum(0).cpu()
+            self.n += len(part)
+        if not outs:
+            return np.zeros((0, len(self.model.spec.tasks)), dtype=np.float32)
+        return torch.cat(outs).numpy()
+
+    def gates(self) -> dict[str, Any]:
+        """Per gate, the mean and std over rows of each expert's weight."""
+        report = {}
+        for name, s in self.gate_sum.items():
+            mean = s / self.n
+            std = (self.gate_sq[name] / self.n - mean**2).clamp(min=0).sqrt()
+            report[name] = {"mean": [round(float(x), 4) for x in mean], "std": [round(float(x), 4) for x in std]}
+        return report
+
+
+def predict(
+    model: MultiTaskModel, t: Tensors, outputs: list[TaskOutput] | None = None, batch_size: int = 8192
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Predictions ``[N, n_tasks]`` in label units (binary: probabilities) from each row's own
+    group's (and item value's) heads, plus gate utilisation: per gate, the mean and std over rows
+    of each expert's weight. ``outputs``: the run's task outputs (default :func:`default_outputs`)."""
+    scorer = _Scorer(model, outputs)
+    return scorer(t, batch_size), scorer.gates()
+
+
+def _metric_columns(frame: pd.DataFrame, spec: FeatureSpec) -> dict[str, np.ndarray]:
+    """The columns :func:`mtrank.training.metrics.evaluate_predictions` reads, compactly: binary labels and
+    spaces as int8 (checked 0/1), facet values as int8 codes; regression labels and oracles as they are."""
+    out = {}
+    for t in spec.tasks:
+        y = frame[t.label_column].to_numpy()
+        out[t.label_column] = y.astype(np.int8) if t.type == "binary" else y
+        if t.space is not None:
+            out[t.space] = frame[t.space].to_numpy().astype(np.int8)
+        if f"oracle_{t.name}" in frame.columns:
+            out[f"oracle_{t.name}"] = frame[f"oracle_{t.name}"].to_numpy()
+    for facet in (spec.user_groups, spec.item_facet):
+        if facet is not None:
+            out[facet.column] = pd.Categorical(frame[facet.column], categories=list(facet.values)).codes
+    return out
+
+
+def evaluate_frames(
+    model: MultiTaskModel, frames: Iterable[pd.DataFrame], pre: Preprocessor, outputs: list[TaskOutput] | None = None,
+    rows: int | None = None,
+) -> dict[str, Any]:
+    """Exact metrics over conformed frames read one at a time: the features are dropped after each
+    frame; the predictions and the few columns metrics need are kept (about 90 bytes per row on the
+    synthetic data, oracles included), joined column by column at the end. ``rows``: the frames'
+    total when known, so the predictions are written in place."""
+    spec = model.spec
+    scorer = _Scorer(model, outputs)
+    probs: list[np.ndarray] = []
+    p = None if rows is None else np.empty((rows, len(spec.tasks)), dtype=np.float32)
+    done = 0
+    parts: dict[str, list[np.ndarray]] = {}
+    for frame in frames:
+        scores = scorer(to_tensors(frame, spec, pre))
+        if p is None:
+            probs.append(scores)
+        else:
+            p[done : done + len(scores)] = scores
+        done += len(scores)
+        for name, values in _metric_columns(frame, spec).items():
+            parts.setdefault(name, []).append(values)
+    if p is None:
+        p = np.concatenate(probs)
+    elif done != rows:
+        raise ValueError(f"evaluate_frames: {done} rows read, {rows} expected")
+    columns = {name: np.concatenate(parts.pop(name)) for name in list(parts)}
+    for facet in (spec.user_groups, spec.item_facet):
+        if facet is not None:
+            columns[facet.column] = pd.Categorical.from_codes(columns[facet.column], categories=list(facet.values))
+    table = pd.DataFrame(columns, copy=False)
+    report = metrics_lib.evaluate_predictions(table, {t.name: p[:, k] for k, t in enumerate(spec.tasks)}, spec)
+    report["gates"] = scorer.gates()
+    return report
+
+
+def evaluate(
+    model: MultiTaskModel, frame: pd.DataFrame, pre: Preprocessor, outputs: list[TaskOutput] | None = None
+) -> dict[str, Any]:
+    """Metrics of ``model`` on a conformed frame (see :func:`evaluate_frames`)."""
+    return evaluate_frames(model, [frame], pre, outputs)
+
+
+# -- evaluating a run -----------------------------------------------------------------------
 
 
 def feedback_buckets(expected: np.ndarray, n_buckets: int = N_BUCKETS) -> np.ndarray:
@@ -134,7 +253,7 @@ def evaluate_run(
     """
     if stem_pair is not None and baseline is None:
         raise ValueError("stem_pair needs a baseline: the single-task run whose predictions give the expected feedback")
-    from mtrank.training import dataset
+    from mtrank.training import streaming as dataset
 
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     run = load_run(run_dir)

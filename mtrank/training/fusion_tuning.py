@@ -457,8 +457,8 @@ def tune_fusion(
     """Search fusion weights on the valid split, report on the test split, and write
     ``OUT/buckets.json``, ``OUT/report.json``, ``OUT/report.md`` and its plots. Returns the report."""
     from mtrank.training.checkpoint import load_run
-    from mtrank.training.dataset import load_split
     from mtrank.training.evaluate import predict_frame
+    from mtrank.training.streaming import load_split
 
     started = time.perf_counter()
     run_dir, data_dir, out_dir = Path(run_dir), Path(data_dir), Path(out_dir)

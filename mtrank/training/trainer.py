@@ -1,7 +1,7 @@
 """Training: streamed minibatches, masked multi-task loss, early stopping on validation loss,
 data-parallel workers (torch.distributed), checkpoints and resume.
 
-:func:`train` is ``mtrank train``: it reads the splits as datasets (mtrank.training.dataset), fits the
+:func:`train` is ``mtrank train``: it reads the splits as datasets (mtrank.training.streaming), fits the
 preprocessing in one streaming pass, trains (one process, or one of the workers ``torchrun`` /
 ``--nproc`` starts), evaluates exactly on the whole test split, and has rank 0 publish the run
 directory when everything is written. :func:`resume` continues a killed run from its last checkpoint.
@@ -41,15 +41,14 @@ from mtrank.training.checkpoint import (
     save_train_state,
     write_json_atomic,
 )
-from mtrank.training.dataset import SplitSource, Tensors, TrainStream, facet_index, fit_preprocessing, to_tensors
 from mtrank.training.distributed import Context
+from mtrank.training.evaluate import evaluate, evaluate_frames
 from mtrank.training.features import Preprocessor
 from mtrank.training.losses import LossWeighting, masked_task_losses
 from mtrank.training.models.base import MultiTaskModel
 from mtrank.training.models.registry import create_model, make_config
 from mtrank.training.outputs import OutputLayer, TaskOutput, default_outputs, fit_outputs
-
-__all__ = ["TrainConfig", "Tensors", "Trainer", "evaluate", "facet_index", "predict", "resume", "to_tensors", "train"]
+from mtrank.training.streaming import SplitSource, Tensors, TrainStream, chunks, fit_preprocessing, to_tensors
 
 
 @dataclass
@@ -87,7 +86,7 @@ class TrainConfig:
     """Train rows re-scored after training, for the train−test gap."""
     shuffle_rows: int = 65_536
     """Rows shuffled together (rounded down to whole batches, at least one): the bounded shuffle
-    buffer, so memory does not grow with the split (see mtrank.training.dataset)."""
+    buffer, so memory does not grow with the split (see mtrank.training.streaming)."""
     checkpoint_every: int = 1000
     """Optimiser steps between checkpoints; 0: only at the end of each epoch."""
     max_vocab: int = 2_000_000
@@ -305,12 +304,12 @@ class Trainer:
         over the group's rows inside its space); else (or ``rows``) the unweighted sum of per-head
         losses, averaged over rows inside each head's space."""
         self.objective.eval()
-        chunks = (valid.rows(idx) for idx in torch.arange(len(valid)).split(batch_size)) if isinstance(
-            valid, Tensors) else (c for part in valid() for c in _chunks(part, batch_size))
+        batches = (valid.rows(idx) for idx in torch.arange(len(valid)).split(batch_size)) if isinstance(
+            valid, Tensors) else (c for part in valid() for c in chunks(part, batch_size))
         if self.cfg.valid_loss == "groups" and self.model.spec.user_groups is not None:
-            return self._group_mean_loss(chunks)
+            return self._group_mean_loss(batches)
         total = torch.zeros(len(self.model.heads) + 1, dtype=torch.float64)
-        for batch in chunks:
+        for batch in batches:
             total[:-1] += self.head_losses(batch).double().cpu() * len(batch)
             total[-1] += len(batch)
         total = self.ctx.all_sum(total)
@@ -330,122 +329,6 @@ class Trainer:
         per_group = (both[0] / both[1].clamp(min=1.0)).sum(dim=1)
         present = both[1].sum(dim=1) > 0
         return float(per_group[present].mean())
-
-
-def _chunks(t: Tensors, size: int) -> Iterator[Tensors]:
-    for a in range(0, len(t), size):
-        yield t.rows(slice(a, a + size))
-
-
-class _Scorer:
-    """Predictions in label units from each row's own group's heads, and gate utilisation sums."""
-
-    def __init__(self, model: MultiTaskModel, outputs: list[TaskOutput] | None):
-        model.eval()
-        self.model = model
-        self.device = next(model.parameters()).device
-        self.to_labels = OutputLayer(outputs or default_outputs(model.spec)).to(self.device)
-        self.gate_sum: dict[str, torch.Tensor] = {}
-        self.gate_sq: dict[str, torch.Tensor] = {}
-        self.n = 0
-
-    @torch.no_grad()
-    def __call__(self, t: Tensors, batch_size: int = 8192) -> np.ndarray:
-        outs = []
-        for part in _chunks(t, batch_size):
-            b = part.to(self.device)
-            gates: dict[str, torch.Tensor] = {}
-            logits = self.model(b.dense, b.sparse, gates=gates)
-            outs.append(self.to_labels(self.model.own_task_logits(logits, b.group, b.item)).cpu())
-            for name, w in gates.items():
-                self.gate_sum[name] = self.gate_sum.get(name, 0) + w.sum(0).cpu()
-                self.gate_sq[name] = self.gate_sq.get(name, 0) + (w**2).sum(0).cpu()
-            self.n += len(part)
-        if not outs:
-            return np.zeros((0, len(self.model.spec.tasks)), dtype=np.float32)
-        return torch.cat(outs).numpy()
-
-    def gates(self) -> dict[str, Any]:
-        """Per gate, the mean and std over rows of each expert's weight."""
-        report = {}
-        for name, s in self.gate_sum.items():
-            mean = s / self.n
-            std = (self.gate_sq[name] / self.n - mean**2).clamp(min=0).sqrt()
-            report[name] = {"mean": [round(float(x), 4) for x in mean], "std": [round(float(x), 4) for x in std]}
-        return report
-
-
-def predict(
-    model: MultiTaskModel, t: Tensors, outputs: list[TaskOutput] | None = None, batch_size: int = 8192
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Predictions ``[N, n_tasks]`` in label units (binary: probabilities) from each row's own
-    group's (and item value's) heads, plus gate utilisation: per gate, the mean and std over rows
-    of each expert's weight. ``outputs``: the run's task outputs (default :func:`default_outputs`)."""
-    scorer = _Scorer(model, outputs)
-    return scorer(t, batch_size), scorer.gates()
-
-
-def _metric_columns(frame: pd.DataFrame, spec: FeatureSpec) -> dict[str, np.ndarray]:
-    """The columns :func:`mtrank.training.metrics.evaluate_predictions` reads, compactly: binary labels and
-    spaces as int8 (checked 0/1), facet values as int8 codes; regression labels and oracles as they are."""
-    out = {}
-    for t in spec.tasks:
-        y = frame[t.label_column].to_numpy()
-        out[t.label_column] = y.astype(np.int8) if t.type == "binary" else y
-        if t.space is not None:
-            out[t.space] = frame[t.space].to_numpy().astype(np.int8)
-        if f"oracle_{t.name}" in frame.columns:
-            out[f"oracle_{t.name}"] = frame[f"oracle_{t.name}"].to_numpy()
-    for facet in (spec.user_groups, spec.item_facet):
-        if facet is not None:
-            out[facet.column] = pd.Categorical(frame[facet.column], categories=list(facet.values)).codes
-    return out
-
-
-def evaluate_frames(
-    model: MultiTaskModel, frames: Iterable[pd.DataFrame], pre: Preprocessor, outputs: list[TaskOutput] | None = None,
-    rows: int | None = None,
-) -> dict[str, Any]:
-    """Exact metrics over conformed frames read one at a time: the features are dropped after each
-    frame; the predictions and the few columns metrics need are kept (about 90 bytes per row on the
-    synthetic data, oracles included), joined column by column at the end. ``rows``: the frames'
-    total when known, so the predictions are written in place."""
-    from mtrank.training import metrics as metrics_lib
-
-    spec = model.spec
-    scorer = _Scorer(model, outputs)
-    probs: list[np.ndarray] = []
-    p = None if rows is None else np.empty((rows, len(spec.tasks)), dtype=np.float32)
-    done = 0
-    parts: dict[str, list[np.ndarray]] = {}
-    for frame in frames:
-        scores = scorer(to_tensors(frame, spec, pre))
-        if p is None:
-            probs.append(scores)
-        else:
-            p[done : done + len(scores)] = scores
-        done += len(scores)
-        for name, values in _metric_columns(frame, spec).items():
-            parts.setdefault(name, []).append(values)
-    if p is None:
-        p = np.concatenate(probs)
-    elif done != rows:
-        raise ValueError(f"evaluate_frames: {done} rows read, {rows} expected")
-    columns = {name: np.concatenate(parts.pop(name)) for name in list(parts)}
-    for facet in (spec.user_groups, spec.item_facet):
-        if facet is not None:
-            columns[facet.column] = pd.Categorical.from_codes(columns[facet.column], categories=list(facet.values))
-    table = pd.DataFrame(columns, copy=False)
-    report = metrics_lib.evaluate_predictions(table, {t.name: p[:, k] for k, t in enumerate(spec.tasks)}, spec)
-    report["gates"] = scorer.gates()
-    return report
-
-
-def evaluate(
-    model: MultiTaskModel, frame: pd.DataFrame, pre: Preprocessor, outputs: list[TaskOutput] | None = None
-) -> dict[str, Any]:
-    """Metrics of ``model`` on a conformed frame (see :func:`evaluate_frames`)."""
-    return evaluate_frames(model, [frame], pre, outputs)
 
 
 CONFIG_SECTIONS = ("name", "model", "train")
@@ -519,7 +402,7 @@ def train(
     every row's values are checked before anything is written: a bad one is one SpecError line naming
     the file (and the key or row). Run under ``torchrun`` (or ``--nproc``), this is one worker.
     """
-    from mtrank.training import data as data_io
+    from mtrank.training.frames import load_spec
 
     source = str(config_path) if config_path is not None else "train config"
     doc = load_config_file(config_path)
@@ -530,7 +413,7 @@ def train(
     extra = {"epochs": epochs, "seed": seed, **(overrides or {})}
     train_values.update({k: v for k, v in extra.items() if v is not None})
     cfg = validate(TrainConfig, train_values, source, prefix="train.")
-    spec = data_io.load_spec(data_dir, spec_path)
+    spec = load_spec(data_dir, spec_path)
     cfg.check_tasks(spec, source)
     job = Job(model_name, model_cfg, cfg, spec, Path(data_dir), None if baseline is None else Path(baseline))
     return _run(job, Path(out_dir), progress, resuming=False)
@@ -565,24 +448,7 @@ def _train_job(job: Job, out_dir: Path, progress: bool, resuming: bool, ctx: Con
     partial = partial_dir(out_dir)
     torch.set_num_threads(cfg.threads)
     sources = {split: SplitSource.open(job.data_dir, split, spec) for split in SPLITS}
-    if resuming:
-        doc = json.loads((partial / "job.json").read_text())
-        if doc["world"] != ctx.world:
-            raise SpecError(f"{partial}: the run was trained by {doc['world']} workers; resume it with as many, "
-                            f"not {ctx.world}")
-        pre = Preprocessor.load(spec, partial)
-        outputs = [TaskOutput.from_dict(o) for o in doc["outputs"]]
-    else:
-        for split in ("valid", "test"):
-            sources[split].check()
-        pre, labels, space = fit_preprocessing(sources["train"], spec, cfg.max_vocab, cfg.seed)
-        outputs = fit_outputs(spec, labels, space, say=ctx.is_main)
-        if ctx.is_main:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-            pre.save(partial)
-            write_json_atomic(partial / "job.json", job.to_dict(ctx.world, outputs))
-
+    pre, outputs = _preprocessing(job, sources, partial, resuming, ctx)
     torch.manual_seed(cfg.seed)
     model = create_model(job.model_name, spec, pre.shape, job.model_cfg)
     trainer = Trainer(model, cfg, outputs, ctx)
@@ -631,11 +497,42 @@ def _train_job(job: Job, out_dir: Path, progress: bool, resuming: bool, ctx: Con
         base = json.loads((job.baseline / "metrics.json").read_text())
         report["mtl_gain"] = metrics_lib.mtl_gain(report, base)
 
+    _publish(job, out_dir, model, pre, outputs, report)
+    shutil.rmtree(partial, ignore_errors=True)
+    return report
+
+
+def _preprocessing(job: Job, sources: dict[str, SplitSource], partial: Path, resuming: bool,
+                   ctx: Context) -> tuple[Preprocessor, list[TaskOutput]]:
+    """The run's statistics, vocabularies and task outputs: fitted in one streaming pass over the
+    train split (rank 0 saves them beside the checkpoints), or read back when resuming."""
+    cfg, spec = job.cfg, job.spec
+    if resuming:
+        doc = json.loads((partial / "job.json").read_text())
+        if doc["world"] != ctx.world:
+            raise SpecError(f"{partial}: the run was trained by {doc['world']} workers; resume it with as many, "
+                            f"not {ctx.world}")
+        return Preprocessor.load(spec, partial), [TaskOutput.from_dict(o) for o in doc["outputs"]]
+    for split in ("valid", "test"):
+        sources[split].check()
+    pre, labels, space = fit_preprocessing(sources["train"], spec, cfg.max_vocab, cfg.seed)
+    outputs = fit_outputs(spec, labels, space, say=ctx.is_main)
+    if ctx.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        pre.save(partial)
+        write_json_atomic(partial / "job.json", job.to_dict(ctx.world, outputs))
+    return pre, outputs
+
+
+def _publish(job: Job, out_dir: Path, model: MultiTaskModel, pre: Preprocessor, outputs: list[TaskOutput],
+             report: dict[str, Any]) -> None:
+    """Write the run beside ``out_dir`` and rename it into place: a run directory is whole or absent."""
     meta = {
         "model_config": dataclasses.asdict(job.model_cfg),
-        "train_config": dataclasses.asdict(cfg),
+        "train_config": dataclasses.asdict(job.cfg),
         "outputs": [o.to_dict() for o in outputs],
-        "config_hash": config_hash(job.model_name, job.model_cfg, cfg, spec),
+        "config_hash": config_hash(job.model_name, job.model_cfg, job.cfg, job.spec),
         "data": str(job.data_dir),
     }
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
@@ -645,8 +542,6 @@ def _train_job(job: Job, out_dir: Path, progress: bool, resuming: bool, ctx: Con
         publish_run(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(partial, ignore_errors=True)
-    return report
 
 
 def _train_sample(source: SplitSource, rows: int, seed: int) -> pd.DataFrame:

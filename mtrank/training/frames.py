@@ -1,11 +1,11 @@
 """Data readers: tables (Parquet/CSV/TSV) checked against a feature spec and conformed to it.
 
 A split is a Parquet file, a directory of Parquet files (``train/`` or ``train.parquet/``), or a
-CSV/TSV file for small data. :mod:`mtrank.training.dataset` reads it in record batches; every batch goes
+CSV/TSV file for small data. :mod:`mtrank.training.streaming` reads it in record batches; every batch goes
 through :func:`validate_frame` (a one-line ``SpecError`` naming the file when it does not match the
 spec) and :func:`conform_frame` (dense NaNs filled, facet columns present, sparse values as their
 keys, so ids read from CSV as ints and from Parquet as strings look alike).
-``mtrank.training.dataset.load_split`` returns a whole split as one conformed frame, for evaluation
+``mtrank.training.streaming.load_split`` returns a whole split as one conformed frame, for evaluation
 tools on data that fits in memory.
 """
 

@@ -1,6 +1,6 @@
 """Splits read as datasets: record batches in, model-ready tensors out, memory flat in the rows.
 
-A split (see :func:`mtrank.training.data.find_split`) is one or more Parquet files read with
+A split (see :func:`mtrank.training.frames.find_split`) is one or more Parquet files read with
 ``pyarrow.dataset`` — only the columns the spec needs, one row group at a time, in record batches
 of :data:`READ_BATCH_ROWS` — or a CSV/TSV file (small data: read whole, then cut into
 :data:`CSV_UNIT_ROWS`-row units). The *unit* of reading, shuffling and sharding is a row group.
@@ -33,7 +33,7 @@ import pyarrow.dataset as pads
 import torch
 
 from mtrank.spec import Facet, FeatureSpec, SpecError
-from mtrank.training import data as data_io
+from mtrank.training import frames
 from mtrank.training.features import Preprocessor, PreprocessorFitter
 
 READ_BATCH_ROWS = 16_384
@@ -77,8 +77,15 @@ class Tensors:
         return cls(*(None if c[0] is None else torch.cat(c) for c in columns))
 
 
-def facet_index(frame: pd.DataFrame, facet: Facet) -> np.ndarray:
-    """int64 value index per row: the frame's facet column if present, else the facet's rules on raw features."""
+def chunks(t: Tensors, size: int) -> Iterator[Tensors]:
+    """``t`` in consecutive slices of at most ``size`` rows."""
+    for a in range(0, len(t), size):
+        yield t.rows(slice(a, a + size))
+
+
+def facet_codes(frame: pd.DataFrame, facet: Facet) -> np.ndarray:
+    """int64 value index per row of a conformed frame: its facet column if present, else the facet's
+    rules on the raw features (:func:`mtrank.transform.facet_index` does the same on columns)."""
     if facet.column in frame.columns:
         index = frame[facet.column].astype(str).map({v: i for i, v in enumerate(facet.values)})
         if index.isna().any():
@@ -105,13 +112,13 @@ def label_arrays(frame: pd.DataFrame, spec: FeatureSpec) -> tuple[np.ndarray, np
 
 
 def to_tensors(frame: pd.DataFrame, spec: FeatureSpec, pre: Preprocessor) -> Tensors:
-    """A conformed frame (see mtrank.training.data.conform_frame) as model inputs, labels and masks."""
+    """A conformed frame (see mtrank.training.frames.conform_frame) as model inputs, labels and masks."""
     dense, sparse = pre.transform(frame)
     labels, space = label_arrays(frame, spec)
-    group = np.zeros(len(frame), dtype=np.int64) if spec.user_groups is None else facet_index(frame, spec.user_groups)
+    group = np.zeros(len(frame), dtype=np.int64) if spec.user_groups is None else facet_codes(frame, spec.user_groups)
     arrays = [dense, sparse, labels, space, group]
     if spec.item_facet is not None:
-        arrays.append(facet_index(frame, spec.item_facet))
+        arrays.append(facet_codes(frame, spec.item_facet))
     return Tensors(*(torch.from_numpy(np.require(a, requirements="W")) for a in arrays))
 
 
@@ -158,8 +165,8 @@ class SplitSource:
         required, optional = _wanted_columns(spec)
         self._csv: pd.DataFrame | None = None
         if path.is_file() and not path.name.lower().endswith(".parquet"):
-            frame = data_io.read_table(path)
-            data_io.check_columns(frame.columns, spec, path)
+            frame = frames.read_table(path)
+            frames.check_columns(frame.columns, spec, path)
             self.files = [path]
             self.columns = required + [c for c in optional if c in frame.columns]
             self.all_columns = list(frame.columns)
@@ -167,7 +174,7 @@ class SplitSource:
             self.units = [Unit(0, i, min(CSV_UNIT_ROWS, len(frame) - a), a)
                           for i, a in enumerate(range(0, len(frame), CSV_UNIT_ROWS))]
         else:
-            self.files = data_io.parquet_files(path)
+            self.files = frames.parquet_files(path)
             self._fragments = []
             names: list[str] | None = None
             self.units = []
@@ -179,7 +186,7 @@ class SplitSource:
                     counts = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
                 except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
                     raise SpecError(f"{file}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
-                data_io.check_schema(schema, spec, file)
+                frames.check_schema(schema, spec, file)
                 names = [c for c in names if c in schema.names] if names is not None else list(schema.names)
                 self._fragments.append(fragment)
                 first = 0
@@ -196,14 +203,14 @@ class SplitSource:
     @classmethod
     def open(cls, data_dir: str | Path, split: str, spec: FeatureSpec) -> SplitSource:
         """The split ``split`` of ``data_dir``; a missing split, file or column is a one-line SpecError."""
-        return cls(data_io.find_split(data_dir, split, spec.name), spec)
+        return cls(frames.find_split(data_dir, split, spec.name), spec)
 
     def where(self, unit: Unit) -> str:
         """The file of ``unit``, for error messages."""
         return str(self.files[unit.file])
 
     def read(self, unit: Unit, columns: Sequence[str] | None = None, validate: bool = False) -> Iterator[pd.DataFrame]:
-        """The unit's rows as conformed frames (see mtrank.training.data.conform_frame), in file order.
+        """The unit's rows as conformed frames (see mtrank.training.frames.conform_frame), in file order.
 
         ``columns``: a projection (default :attr:`columns`); ``validate``: check each frame's values
         first (a one-line SpecError naming the file and row).
@@ -212,9 +219,9 @@ class SplitSource:
         first = unit.first_row
         for frame in self._raw(unit, columns):
             if validate:
-                data_io.validate_frame(frame, self.spec, self.where(unit), first_row=first)
+                frames.validate_frame(frame, self.spec, self.where(unit), first_row=first)
             first += len(frame)
-            yield data_io.conform_frame(frame, self.spec)
+            yield frames.conform_frame(frame, self.spec)
 
     def _raw(self, unit: Unit, columns: list[str]) -> Iterator[pd.DataFrame]:
         if self._csv is not None:
@@ -249,7 +256,7 @@ class SplitSource:
         for unit in self.units:
             first = unit.first_row
             for frame in self._raw(unit, columns):
-                data_io.validate_frame(frame.reindex(columns=self.columns), spec, self.where(unit), first_row=first)
+                frames.validate_frame(frame.reindex(columns=self.columns), spec, self.where(unit), first_row=first)
                 first += len(frame)
 
     def shard(self, rank: int, world: int) -> list[Unit]:
