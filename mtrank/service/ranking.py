@@ -39,6 +39,10 @@ class RequestContext:
     user_group: str | None = None
     candidates: int = 0
     missing_ids: int = 0
+    served_rows: np.ndarray | None = None
+    """The returned candidates' indices in rank order (the impression log reads them)."""
+    task_scores: dict[str, np.ndarray] | None = None
+    """Each task's predictions for every candidate, in request order."""
 
 
 class Ranker:
@@ -72,6 +76,8 @@ class Ranker:
             order = fusion.rank_order(log_score)
         if query.top_k is not None:
             order = order[: query.top_k]
+        metrics.record_predictions(bucket.name, lv.name, lv.version, task_scores, order, lv.fusion_ranges)
+        ctx.served_rows, ctx.task_scores = order, task_scores
         return RankResponse(
             request_id=query.request_id or ctx.request_id,
             model=ModelRef(lv.name, lv.version),

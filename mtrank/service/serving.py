@@ -8,6 +8,7 @@ from typing import Any
 
 from mtrank.service import metrics
 from mtrank.service.admission import Admission
+from mtrank.service.impressions import ImpressionLog, open_impression_log
 from mtrank.service.ranking import Ranker
 from mtrank.service.repository import Repository
 from mtrank.service.settings import Settings
@@ -24,6 +25,7 @@ class ServingState:
         self.ranker = Ranker(repository, store)
         self.admission = Admission(repository.load, parallel=repository.load.parallelism)
         self.draining = False
+        self.impressions: ImpressionLog | None = open_impression_log(settings)
         self._lag_watch = asyncio.get_running_loop().create_task(watch_event_loop_lag())
 
     @classmethod
@@ -78,6 +80,10 @@ class ServingState:
 
     async def close(self) -> None:
         self._lag_watch.cancel()
+        metrics.flush_predictions()
+        if self.impressions is not None:
+            # After the drain: the records of the last answered requests go into the last file.
+            await asyncio.to_thread(self.impressions.close)
         await self.repository.close()
         await self.store.close()
 
@@ -89,7 +95,13 @@ async def watch_event_loop_lag(interval_s: float = 0.05) -> None:
     wait for it before any of their own work starts, and that wait is in no other metric (the
     request duration starts when the handler runs). The lag is that wait."""
     loop = asyncio.get_running_loop()
+    next_flush = loop.time() + metrics.PREDICTION_FLUSH_S
     while True:
         due = loop.time() + interval_s
         await asyncio.sleep(interval_s)
-        metrics.EVENT_LOOP_LAG.observe(max(0.0, loop.time() - due))
+        now = loop.time()
+        metrics.EVENT_LOOP_LAG.observe(max(0.0, now - due))
+        if now >= next_flush:
+            # Requests bucket their predictions in numpy; the histogram gets the sums once a second.
+            metrics.flush_predictions()
+            next_flush = now + metrics.PREDICTION_FLUSH_S

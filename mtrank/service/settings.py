@@ -126,6 +126,19 @@ class Settings(BaseSettings):
     log_flush_ms: float = Field(100.0, ge=0.0, le=10_000.0)
     """Log lines are written in blocks at least this often (and at once for warnings and errors);
     0, or a terminal on stderr, writes each line as it comes."""
+    impression_log: Path | None = None
+    """Directory of the impression log (docs/impressions.md): one Parquet record per answered
+    ``/v1/rank``, written by a thread off the hot path; None = off."""
+    impression_sample: float = Field(1.0, ge=0.0, le=1.0)
+    """Share of answered requests logged, chosen by a stable hash of the request id (a request is
+    logged whole or not at all, in every replica alike)."""
+    impression_queue_rows: int = Field(100_000, ge=1, le=100_000_000)
+    """Candidates (of all requests) waiting for the log's writer; a record beyond it is dropped and
+    counted (``mtrank_impressions_dropped_total{reason="queue_full"}``), ranking goes on."""
+    impression_rotate_mb: float = Field(64.0, gt=0.0, le=65536.0)
+    """A log file is completed (renamed into place) once it holds this many MiB..."""
+    impression_rotate_s: float = Field(60.0, gt=0.0, le=86400.0)
+    """... or once it is this many seconds old, whichever comes first."""
     otel_endpoint: str | None = None
     """OTLP/HTTP endpoint (``http://collector:4318``) for OpenTelemetry traces; None = tracing off.
     ``OTEL_EXPORTER_OTLP_ENDPOINT`` is used when this is not set. Needs the ``otel`` extra."""
@@ -150,7 +163,7 @@ class Settings(BaseSettings):
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
 
-    @field_validator("store_url", "admin_token", "model_repo", "otel_endpoint", mode="before")
+    @field_validator("store_url", "admin_token", "model_repo", "otel_endpoint", "impression_log", mode="before")
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
