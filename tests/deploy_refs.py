@@ -28,6 +28,8 @@ COUNTERS: dict[str, frozenset[str]] = {
     "mtrank_rejected_total": frozenset({"reason"}),
     "mtrank_refusals_paced_total": frozenset(),
     "mtrank_redis_errors_total": frozenset(),
+    "mtrank_impressions_logged_total": frozenset(),
+    "mtrank_impressions_dropped_total": frozenset({"reason"}),
 }
 HISTOGRAMS: dict[str, frozenset[str]] = {
     "mtrank_request_duration_seconds": frozenset({"route", "bucket"}),
@@ -37,6 +39,7 @@ HISTOGRAMS: dict[str, frozenset[str]] = {
     "mtrank_inference_duration_seconds": frozenset({"model", "group", "device"}),
     "mtrank_embedding_lookup_duration_seconds": frozenset({"store"}),
     "mtrank_event_loop_lag_seconds": frozenset(),
+    "mtrank_prediction": frozenset({"bucket", "task"}),
 }
 GAUGES: dict[str, frozenset[str]] = {
     "mtrank_inflight_requests": frozenset(),

@@ -215,6 +215,9 @@ def test_dashboard_shows_what_the_issue_asks_for():
         "mtrank_embedding_missing_total",
         "mtrank_model_info",
         "mtrank_inflight_requests",
+        "mtrank_prediction",
+        "mtrank_impressions_logged_total",
+        "mtrank_impressions_dropped_total",
     } <= families
 
 
@@ -228,6 +231,7 @@ def test_alerts_cover_latency_errors_rejections_embeddings_redis_and_models():
         "mtrank_redis_errors_total",
         "mtrank_embedding_store_degraded",
         "mtrank_models_loaded",
+        "mtrank_prediction",
     } <= families
     assert any('status=~"5..' in expr for expr in alert_exprs().values())
 
@@ -540,6 +544,35 @@ def _alert_unit_tests() -> list[dict]:
     ]
 
 
+def _prediction_shift_test() -> dict:
+    """Two days at one returned item a second: bucket a's mean vtr prediction goes from 0.3 to 0.5
+    after the first day (+67 %), bucket b's stays at 0.3; b's like from 0.10 to 0.11 (+10 %)."""
+    def series(bucket: str, task: str, suffix: str, values: str) -> dict:
+        return {"series": f'mtrank_prediction_{suffix}{{bucket="{bucket}", task="{task}", job="mtrank", '
+                          f'instance="r1"}}', "values": values}
+
+    per_step = 600  # items per 10 minutes
+    return {
+        "interval": "10m",
+        "input_series": [
+            series("a", "vtr", "count", f"0+{per_step}x300"),
+            series("a", "vtr", "sum", f"0+180x144 {180 * 144 + 300}+300x155"),
+            series("b", "vtr", "count", f"0+{per_step}x300"),
+            series("b", "vtr", "sum", "0+180x300"),
+            series("b", "like", "count", f"0+{per_step}x300"),
+            series("b", "like", "sum", f"0+60x144 {60 * 144 + 66}+66x155"),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "23h", "alertname": "MtrankPredictionMeanShift", "exp_alerts": []},  # no yesterday yet
+            {
+                "eval_time": "26h",
+                "alertname": "MtrankPredictionMeanShift",
+                "exp_alerts": [{"exp_labels": {"bucket": "a", "task": "vtr", "severity": "warning"}}],
+            },
+        ],
+    }
+
+
 def test_alerts_fire_on_bad_series_and_stay_quiet_on_healthy_ones(tmp_path):
     promtool = _tool("promtool")
     # promtool compares annotations too; the unit tests are about expressions and labels.
@@ -548,7 +581,8 @@ def test_alerts_fire_on_bad_series_and_stay_quiet_on_healthy_ones(tmp_path):
         for rule in group["rules"]:
             rule.pop("annotations", None)
     (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
-    tests = {"rule_files": ["alerts.yml"], "evaluation_interval": "1m", "tests": _alert_unit_tests()}
+    tests = {"rule_files": ["alerts.yml"], "evaluation_interval": "1m",
+             "tests": [*_alert_unit_tests(), _prediction_shift_test()]}
     (tmp_path / "alerts_test.yml").write_text(yaml.safe_dump(tests))
     result = subprocess.run(
         [promtool, "test", "rules", "alerts_test.yml"], capture_output=True, text=True, cwd=tmp_path, timeout=120
@@ -557,7 +591,8 @@ def test_alerts_fire_on_bad_series_and_stay_quiet_on_healthy_ones(tmp_path):
 
 
 def test_every_alert_is_unit_tested():
-    tested = {case["alertname"] for test in _alert_unit_tests() for case in test["alert_rule_test"]}
+    tested = {case["alertname"] for test in [*_alert_unit_tests(), _prediction_shift_test()]
+              for case in test["alert_rule_test"]}
     assert tested == set(alert_exprs())
 
 
