@@ -178,7 +178,7 @@ def test_a_forward_without_a_gates_dict_leaves_no_state_behind(tiny, name):
     assert not any(hasattr(m, "last_weights") for m in model.modules()), "gate weights are returned, not kept"
 
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "training" / "models"
+MODEL_DIR = Path(__file__).resolve().parents[1] / "mtrank" / "training" / "models"
 SHARED_MODULES = {"mtrank.training.models.blocks", "mtrank.training.models.base", "mtrank.training.models.registry"}
 
 
@@ -193,6 +193,10 @@ def _imports(path: Path) -> set[str]:
             found.add(base)
             found |= {f"{base}.{a.name}" for a in node.names if base == "mtrank.training.models"}
     return found
+
+
+def test_the_model_directory_is_where_the_import_check_looks():
+    assert {"__init__.py", "base.py", "blocks.py", "registry.py"} <= {p.name for p in MODEL_DIR.glob("*.py")}
 
 
 @pytest.mark.parametrize("path", sorted(MODEL_DIR.glob("*.py")), ids=lambda p: p.name)
