@@ -328,11 +328,39 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_demo)
 
 
+def _add_join_log(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("join-log", help="impression log + feedback table → a data set the trainer reads")
+    s.add_argument("--impressions", type=Path, required=True, help="impression log directory (MTRANK_IMPRESSION_LOG)")
+    s.add_argument("--feedback", type=Path, required=True,
+                   help="feedback table (.parquet or .csv) keyed by request_id and item_id, with the spec's label "
+                        "and space columns")
+    s.add_argument("--out", type=Path, required=True, help="directory for train/valid/test Parquet files and spec.yaml")
+    s.add_argument("--spec", type=Path, help="feature spec of the served model (default: from --repo's manifest of "
+                                             "the logged model version; it has no sample spaces)")
+    s.add_argument("--repo", type=Path, help="model repository holding the logged model version")
+    s.add_argument("--valid-frac", type=float, default=0.1, help="share of requests, by time, in valid (default 0.1)")
+    s.add_argument("--test-frac", type=float, default=0.1, help="share of the latest requests in test (default 0.1)")
+
+    def join(a: argparse.Namespace) -> None:
+        import json
+
+        from mtrank.impression_join import join_log
+        from mtrank.spec import FeatureSpec
+
+        spec = FeatureSpec.load(a.spec) if a.spec is not None else None
+        report = join_log(a.impressions, a.feedback, a.out, spec=spec, repo=a.repo, valid_frac=a.valid_frac,
+                          test_frac=a.test_frac)
+        print(json.dumps(report.to_dict()))
+        print(f"wrote {a.out}/{{train,valid,test}}.parquet and {a.out}/spec.yaml")
+
+    s.set_defaults(func=join)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtrank", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_synth, _add_train, _add_evaluate, _add_export, _add_load_embeddings, _add_serve, _add_bench,
-                _add_tune_fusion, _add_demo):
+                _add_tune_fusion, _add_demo, _add_join_log):
         add(sub)
     return p
 

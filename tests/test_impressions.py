@@ -23,8 +23,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from mtrank.bench.server import RemoteServer
+from mtrank.impression_log import FILE_GLOB, sampled
 from mtrank.service import metrics
-from mtrank.service.impressions import FILE_GLOB, THREAD_NAME, ImpressionLog, sampled
+from mtrank.service.impressions import THREAD_NAME, ImpressionLog
 from mtrank.service.ranking import RequestContext
 from mtrank.service.schemas import ModelRef, RankedItem, RankResponse, decode_request
 from tests.server import build_toy_version, rank_body
@@ -366,3 +367,101 @@ def test_the_sampling_rate_is_checked_at_start_up(monkeypatch):
     monkeypatch.setenv("MTRANK_IMPRESSION_SAMPLE", "1.5")
     with pytest.raises(ConfigError, match="^MTRANK_IMPRESSION_SAMPLE: "):
         load_settings()
+
+
+# -- join-log -------------------------------------------------------------------------------
+
+
+def test_join_log_writes_one_row_per_shown_item_with_its_features_and_feedback_labels(toy_repo, tmp_path):
+    import pandas as pd
+
+    from mtrank.cli import main
+    from mtrank.spec import FeatureSpec
+    from mtrank.training.frames import conform_frame, validate_frame
+
+    log_dir = tmp_path / "log"
+    bodies = [{**rank_body(f"u{i}", n=6, offset=i), "request_id": f"j-{i}", "top_k": 3} for i in range(10)]
+    with RemoteServer(toy_repo, env=_log_env(log_dir)) as server:
+        answers = []
+        for body in bodies:
+            answers.append(_rank(server, body))
+            time.sleep(0.002)  # distinct millisecond times: the split order is the sending order
+    shown = [(a["request_id"], it["item_id"]) for a in answers for it in a["items"]]
+    # Feedback for the first two shown items of every request, and one row for an item not shown.
+    feedback = pd.DataFrame([{"request_id": rid, "item_id": item, "vtr": 1, "played": 1, "vcr": 0.25 + k * 0.01,
+                              "like": k % 2} for k, (rid, item) in enumerate(shown) if k % 3 != 2]
+                            + [{"request_id": "j-0", "item_id": "v999", "vtr": 1, "played": 1, "vcr": 0.5, "like": 1}])
+    feedback.to_csv(tmp_path / "feedback.csv", index=False)
+    spec = FeatureSpec.from_dict({**_toy_spec(), "tasks": [
+        {"name": "vtr"}, {"name": "vcr", "type": "regression", "space": "played"}, {"name": "like"}]})
+    spec.save(tmp_path / "spec.yaml")
+    out = tmp_path / "data"
+    assert main(["join-log", "--impressions", str(log_dir), "--feedback", str(tmp_path / "feedback.csv"),
+                 "--out", str(out), "--spec", str(tmp_path / "spec.yaml"), "--valid-frac", "0.2",
+                 "--test-frac", "0.1"]) == 0
+    splits = {s: pd.read_parquet(out / f"{s}.parquet") for s in ("train", "valid", "test")}
+    # Requests whole, in time order: 7 / 2 / 1 of 10.
+    assert [sorted(set(f["request_id"])) for f in splits.values()] == [
+        sorted(f"j-{i}" for i in range(7)), ["j-7", "j-8"], ["j-9"]]
+    rows = pd.concat(splits.values(), ignore_index=True).set_index(["request_id", "item_id"])
+    assert sorted(rows.index) == sorted(shown)
+    fb = feedback.set_index(["request_id", "item_id"])
+    for body, answer in zip(bodies, answers, strict=True):
+        candidates = {c["item_id"]: c for c in body["candidates"]}
+        for it in answer["items"]:
+            row = rows.loc[(body["request_id"], it["item_id"])]
+            assert (row["rank"], row["score"], row["bucket"], row["user_group"]) == (
+                it["rank"], it["score"], answer["bucket"], answer["user_group"])
+            assert row["user_id"] == body["user"]["user_id"] and row["device"] == body["user"]["features"]["device"]
+            assert row["account_age_days"] == body["user"]["features"]["account_age_days"]
+            c = candidates[it["item_id"]]
+            assert (row["video_len"], row["author_id"], row["category"], row["item_age_days"]) == (
+                c["video_len"], c["features"]["author_id"], c["features"]["category"], c["features"]["item_age_days"])
+            key = (body["request_id"], it["item_id"])
+            if key in fb.index:
+                assert (row["vtr"], row["played"], row["vcr"], row["like"]) == tuple(
+                    float(fb.loc[key, c]) for c in ("vtr", "played", "vcr", "like"))
+            else:  # no feedback: a negative, outside the completion ratio's space
+                assert (row["vtr"], row["played"], row["like"]) == (0.0, 0.0, 0.0) and math.isnan(row["vcr"])
+    assert FeatureSpec.load(out / "spec.yaml") == spec
+    for name, frame in splits.items():
+        validate_frame(frame, spec, name)  # what the trainer checks every batch against
+        assert len(conform_frame(frame, spec)) == len(frame)
+
+
+def test_join_log_reads_the_spec_from_the_logged_versions_manifest(toy_repo, tmp_path):
+    import pandas as pd
+
+    from mtrank.impression_join import join_log
+
+    log_dir = tmp_path / "log"
+    with RemoteServer(toy_repo, env=_log_env(log_dir)) as server:
+        answer = _rank(server, {**rank_body("u1", n=4), "request_id": "m-1"})
+    items = [it["item_id"] for it in answer["items"]]
+    pd.DataFrame({"request_id": ["m-1"] * 3, "item_id": items[:3], "vtr": [1, 0, 1], "vcr": [0.5, 0.1, 0.9],
+                  "like": [0, 0, 1]}).to_parquet(tmp_path / "feedback.parquet")
+    report = join_log(log_dir, tmp_path / "feedback.parquet", tmp_path / "data", repo=toy_repo,
+                      valid_frac=0.0, test_frac=0.0)
+    # vcr has no sample space in a manifest: the shown item without feedback has no label for it.
+    assert report.left_out == {"vcr": 1} and report.splits == {"train": 3, "valid": 0, "test": 0}
+    assert report.positives == {"vtr": 2, "like": 1}
+    train = pd.read_parquet(tmp_path / "data" / "train.parquet")
+    assert train["item_id"].tolist() == items[:3] and train["vcr"].tolist() == pytest.approx([0.5, 0.1, 0.9])
+
+
+def _toy_spec() -> dict:
+    """The toy model's features (tests/server.py) as a spec."""
+    from tests.server import TOY_DENSE, TOY_GROUPS
+
+    return {
+        "name": "toy",
+        "dense": [{"name": d.name, "side": d.side, "transform": d.transform, "default": d.default} for d in TOY_DENSE],
+        "sparse": [{"name": "user_id", "side": "user", "location": "store"},
+                   {"name": "device", "side": "user", "location": "graph"},
+                   {"name": "item_id", "side": "item", "location": "store"},
+                   {"name": "author_id", "side": "item", "location": "store"},
+                   {"name": "category", "side": "item", "location": "graph"}],
+        "user_groups": {"column": TOY_GROUPS.column, "values": list(TOY_GROUPS.values),
+                        "rules": [{"value": r.value, "feature": r.feature, "op": r.op, "threshold": r.threshold}
+                                  for r in TOY_GROUPS.rules], "default": TOY_GROUPS.default},
+    }

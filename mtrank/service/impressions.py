@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import numpy as np
 
+from mtrank.impression_log import schema
 from mtrank.service import metrics
 
 if TYPE_CHECKING:
@@ -44,8 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mtrank.impressions")
 
-FORMAT = "mtrank.impressions/1"
-"""The files' ``format`` metadata key: bumped when the schema changes incompatibly."""
 WRITER_INTERVAL_S = 0.25
 """How often the writer drains the queue."""
 ROW_GROUP_RECORDS = 4096
@@ -55,37 +54,9 @@ ROW_GROUP_S = 5.0
 WARN_EVERY_S = 10.0
 THREAD_NAME = "mtrank-implog"
 """The writer thread's name, also given to the OS (``/proc/PID/task/*/comm``)."""
-FILE_GLOB = "impressions-*.parquet"
 
 Record = tuple[float, "RankQuery", "RankResponse", np.ndarray, dict[str, np.ndarray]]
 """(answer time in s since the epoch, query, answer, returned rows in rank order, task scores)."""
-
-
-def sampled(request_id: str, rate: float) -> bool:
-    """Whether the request ``request_id`` is logged at sampling ``rate``: CRC-32 of the id below
-    ``rate`` × 2^32, so every process, replica and restart decides alike for one id."""
-    return zlib.crc32(request_id.encode()) < rate * 2**32
-
-
-def schema() -> pa.Schema:
-    """The records' Arrow schema (docs/impressions.md explains every column)."""
-    import pyarrow as pa
-
-    candidate = pa.struct([("item_id", pa.string()), ("video_len", pa.float64()), ("features", pa.string())])
-    item = pa.struct([("item_id", pa.string()), ("rank", pa.int32()), ("score", pa.float64()),
-                      ("tasks", pa.map_(pa.string(), pa.float32()))])
-    return pa.schema([
-        ("time", pa.timestamp("ms", tz="UTC")),
-        ("request_id", pa.string()),
-        ("bucket", pa.string()),
-        ("model", pa.string()),
-        ("version", pa.int32()),
-        ("user_group", pa.string()),
-        ("user_id", pa.string()),
-        ("user_features", pa.string()),
-        ("candidates", pa.list_(candidate)),
-        ("items", pa.list_(item)),
-    ], metadata={"format": FORMAT})
 
 
 def open_impression_log(settings: Settings) -> ImpressionLog | None:
@@ -129,6 +100,7 @@ class ImpressionLog:
 
     def offer(self, ctx: RequestContext, query: RankQuery, response: RankResponse) -> None:
         """On the event loop, for an answered request: queue its record, or count it dropped."""
+        # mtrank.impression_log.sampled's rule, with the threshold computed once.
         if self._threshold is not None and zlib.crc32(response.request_id.encode()) >= self._threshold:
             return
         n = query.n
