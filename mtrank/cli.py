@@ -356,11 +356,47 @@ def _add_join_log(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=join)
 
 
+def _add_ab_report(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("ab-report", help="impression log + feedback → per-bucket engagement, value, calibration, "
+                                         "differences to control with user-clustered 95 %% CIs, SRM test "
+                                         "(needs the train extra: matplotlib)")
+    s.add_argument("--impressions", type=Path, required=True, help="impression log directory (MTRANK_IMPRESSION_LOG)")
+    s.add_argument("--feedback", type=Path, required=True,
+                   help="feedback table (.parquet or .csv) keyed by request_id and item_id, a column per task")
+    s.add_argument("--out", type=Path, required=True, help="directory for report.json, report.md and the plots")
+    s.add_argument("--value", help="value per impression, Σ v·label: 'vtr=1,finish=2,...' (as tune-fusion; "
+                                   "default: 1 for every binary task)")
+    s.add_argument("--k", type=int, default=10, help="only items shown at rank ≤ k count (default 10)")
+    shares = s.add_mutually_exclusive_group()
+    shares.add_argument("--buckets", help="MTRANK_BUCKETS JSON (text or a .json file): the configured shares")
+    shares.add_argument("--shares", help="configured shares in percent: 'control=50,treatment=50' "
+                                         "(default: equal shares of the buckets in the log)")
+    s.add_argument("--control", help="control bucket (default: the first configured, else the first by name)")
+
+    def report(a: argparse.Namespace) -> None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CLIError("needs matplotlib: pip install 'mtrank[train]'") from None
+        from mtrank.ab_report import ab_report, default_value, parse_shares, read_shown, write_report
+        from mtrank.training.fusion_tuning import parse_task_values
+
+        value = parse_task_values(a.value, "--value") if a.value else None
+        configured = parse_shares(a.buckets or a.shares) if (a.buckets or a.shares) else None
+        shown = read_shown(a.impressions, a.feedback, a.k)
+        result = ab_report(shown, value if value is not None else default_value(shown), a.k, control=a.control,
+                           shares=configured)
+        write_report(result, a.out)
+        print(f"wrote {a.out}/report.json, {a.out}/report.md and its plots")
+
+    s.set_defaults(func=report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtrank", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_synth, _add_train, _add_evaluate, _add_export, _add_load_embeddings, _add_serve, _add_bench,
-                _add_tune_fusion, _add_demo, _add_join_log):
+                _add_tune_fusion, _add_demo, _add_join_log, _add_ab_report):
         add(sub)
     return p
 
