@@ -330,7 +330,7 @@ def write_report(report: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
+    (out / "report.json").write_text(json.dumps(jsonable(report), indent=2, allow_nan=False) + "\n")
     metrics = list(next(iter(report["buckets"].values()))["metrics"])
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3), squeeze=False)
     for ax, m in zip(axes[0], metrics, strict=True):
@@ -361,6 +361,18 @@ def write_report(report: dict[str, Any], out: Path) -> list[Path]:
     plt.close(fig)
     (out / "report.md").write_text(markdown(report))
     return [out / "report.json", out / "report.md", out / "value.png", out / "calibration.png"]
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with every non-finite float (a bucket without users has no rate, one user no
+    interval) as None, so that report.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -13,7 +13,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mtrank.ab_report import Shown, ab_report, calibration, chi2_sf, ratio_and_variance, read_shown, srm_test, user_sums
+from mtrank.ab_report import (
+    Shown,
+    ab_report,
+    calibration,
+    chi2_sf,
+    jsonable,
+    ratio_and_variance,
+    read_shown,
+    srm_test,
+    user_sums,
+)
 from mtrank.cli import main
 from mtrank.impression_log import schema
 
@@ -118,6 +128,10 @@ def test_delta_method_by_hand() -> None:
     assert (r, var) == (pytest.approx(1.2), pytest.approx(0.0336))
     users, rows_y, rows_n = np.array([5, 9, 9, 7, 7]), np.array([1.0, 1, 1, 2, 1]), np.ones(5)
     assert [list(x) for x in user_sums(users, rows_y, rows_n)] == [[1.0, 3.0, 2.0], [1.0, 2.0, 2.0]]
+    # One user: a rate but no interval, written to report.json as null.
+    r, var = ratio_and_variance(np.array([3.0]), np.array([4.0]))
+    assert r == 0.75 and math.isnan(var)
+    assert jsonable({"mean": r, "se": [math.sqrt(var)]}) == {"mean": 0.75, "se": [None]}
 
 
 def test_calibration_bins_by_hand() -> None:
@@ -171,8 +185,8 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
             "--value", "vtr=1,finish=2", "--k", "2", "--shares", "control=50,treatment=50"]
     assert main(args) == 0
     got = json.loads((out / "report.json").read_text())
-    want = json.loads(json.dumps(ab_report(read_shown(log, feedback, 2), {"vtr": 1.0, "finish": 2.0}, 2,
-                                           shares={"control": 50.0, "treatment": 50.0})))
+    want = json.loads(json.dumps(jsonable(ab_report(read_shown(log, feedback, 2), {"vtr": 1.0, "finish": 2.0}, 2,
+                                                   shares={"control": 50.0, "treatment": 50.0}))))
     assert got == want
     assert sum(b["impressions"] for b in got["buckets"].values()) == 400 * 2  # top 2 of 3
     assert sum(b["requests"] for b in got["buckets"].values()) == 400
