@@ -317,14 +317,118 @@ def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("nd,nd->n", a, b) / np.sqrt(a.shape[1])
 
 
-def simulate(rows: int, seed: int, params: SynthParams | None = None) -> pd.DataFrame:
-    """All ``rows`` impressions, in generation order, with labels and oracle columns."""
-    return _simulate(rows, seed, params or SynthParams())[0]
+def _task_effects(rng: np.random.Generator, n_users: int, n_items: int, p: SynthParams) -> dict[str, dict]:
+    """Each task's own random effects, drawn task by task in ``TASKS`` order."""
+    effects: dict[str, dict] = {}
+    for name in TASKS:
+        effects[name] = {
+            "user": rng.standard_normal(n_users),
+            "item": rng.standard_normal(n_items),
+            "user_factor": rng.standard_normal((n_users, p.latent_dim)),
+            "item_factor": rng.standard_normal((n_items, p.latent_dim)),
+            "category": p.tasks[name].category * _standardised(rng.standard_normal(p.n_categories)),
+        }
+    return effects
 
 
-def _simulate(rows: int, seed: int, p: SynthParams) -> tuple[pd.DataFrame, dict[str, float]]:
-    """The impressions and the solved logit intercepts (``played`` and one per task)."""
-    rng = np.random.default_rng(seed)
+@dataclass
+class World:
+    """The synthetic world behind a data set: users, items, category and device effects, each task's
+    random effects and the solved logit intercepts. :meth:`truth` gives the ground truth of any
+    (user, item) pairs, logged or not; :func:`build_world` rebuilds the world of ``mtrank synth``'s
+    ``rows`` and ``seed``. Users are indexed as ``u<k>``, items as ``v<k>``.
+    """
+
+    params: SynthParams
+    users: dict[str, np.ndarray]
+    items: dict[str, np.ndarray]
+    cat_appeal: np.ndarray
+    cat_appeal_new: np.ndarray
+    dev_cat: np.ndarray
+    effects: dict[str, dict]
+    intercepts: dict[str, float] = field(default_factory=dict)
+    """Unrounded; ``played`` and one per task (``generate`` saves them rounded in the spec)."""
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users["bias"])
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items["quality"])
+
+    def logits(self, u: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The play logit and each task's logit given a play, both without their intercepts."""
+        p, users, items = self.params, self.users, self.items
+        new = users["is_new"][u]
+        old = ~new
+        dev = users["device"][u]
+        cat = items["category"][i]
+        L = np.log(items["video_len"][i] / p.video_len_median_s)
+        log_minutes = np.log1p(users["watch_minutes"])
+        A = (log_minutes[u] - log_minutes.mean()) / log_minutes.std()
+        fresh = np.exp(-items["item_age"][i] / 7.0)
+        id_scale = np.where(new, p.new_id_scale, 1.0)
+        tolerance = np.exp(-p.activity_length_tolerance * A) * np.where(dev == 2, p.web_length_tolerance, 1.0)
+        e_obs = (
+            np.where(
+                new,
+                self.cat_appeal_new[cat] + np.asarray(p.new_device_bias)[dev],
+                self.cat_appeal[cat] + np.asarray(p.device_bias)[dev] + self.dev_cat[dev, cat]
+                + p.fresh_activity * A * fresh,
+            )
+            + p.activity_engagement * A * old
+        )
+        e_id = id_scale * (
+            p.affinity * _dot(users["factor"][u], items["factor"][i])
+            + p.user_bias * users["bias"][u]
+            + p.item_quality * items["quality"][i]
+            + p.author_bias * items["author_bias"][items["author"][i]]
+        )
+        engagement = e_obs + e_id
+        play_logit = p.play_engagement * engagement + np.asarray(p.play_device)[dev]
+        z: dict[str, np.ndarray] = {}
+        for name in TASKS:
+            t, eff = p.tasks[name], self.effects[name]
+            length = np.where(new, t.length_new * L, (t.length * L + t.length_sq * L**2) * tolerance)
+            id_k = id_scale * (
+                t.user_bias * eff["user"][u]
+                + t.item_bias * eff["item"][i]
+                + t.affinity * _dot(eff["user_factor"][u], eff["item_factor"][i])
+            )
+            z[name] = t.engagement * engagement + length + t.activity * A * old + eff["category"][cat] + id_k
+        return play_logit, z
+
+    def solve_intercepts(self, u: np.ndarray, i: np.ndarray) -> None:
+        """Intercepts that put the play rate and each task's rate given a play on their targets
+        over the impressions ``(u, i)``."""
+        play_logit, z = self.logits(u, i)
+        self.intercepts = {"played": _intercept(play_logit, np.ones(len(u)), self.params.play_rate)}
+        p_play = _sigmoid(self.intercepts["played"] + play_logit)
+        for name in TASKS:
+            self.intercepts[name] = _intercept(z[name], p_play, self.params.tasks[name].rate)
+
+    def truth(self, u: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``p_play`` and, per task, P(label = 1 | played) (binary) or E[vcr | played] (vcr)."""
+        play_logit, z = self.logits(u, i)
+        p_play = _sigmoid(self.intercepts["played"] + play_logit)
+        return p_play, {name: _sigmoid(self.intercepts[name] + z[name]) for name in TASKS}
+
+    def oracles(self, u: np.ndarray, i: np.ndarray) -> dict[str, np.ndarray]:
+        """The ``oracle_<task>`` values of the pairs, as in the data set's oracle columns."""
+        p_play, q = self.truth(u, i)
+        return {
+            "vtr": p_play * q["vtr"],
+            "vcr": np.clip(q["vcr"], 1e-4, 1 - 1e-4),
+            "finish": p_play * q["finish"],
+            "skip": 1.0 - p_play + p_play * q["skip"],
+            "like": p_play * q["like"],
+            "share": p_play * q["share"],
+        }
+
+
+def _world(rng: np.random.Generator, rows: int, p: SynthParams) -> tuple[World, np.ndarray, np.ndarray]:
+    """The world and its impressions (user and item index per row), in the generator's draw order."""
     n_users = max(2, round(rows / p.rows_per_user))
     n_items = max(2, round(rows / p.rows_per_item))
     n_authors = max(1, round(n_items / p.items_per_author))
@@ -338,66 +442,52 @@ def _simulate(rows: int, seed: int, p: SynthParams) -> tuple[pd.DataFrame, dict[
     cat_appeal_new = p.new_category_appeal * (c * appeal + np.sqrt(1 - c**2) * own_appeal)
     dev_cat = p.device_category * _standardised(rng.standard_normal((len(DEVICES), n_cat)))
     u, i = _draw_impressions(rng, rows, users, items, p)
+    effects = _task_effects(rng, n_users, n_items, p)
+    world = World(p, users, items, cat_appeal, cat_appeal_new, dev_cat, effects)
+    world.solve_intercepts(u, i)
+    return world, u, i
 
-    # Row-level features of the ground truth.
-    new = users["is_new"][u]
-    old = ~new
-    dev = users["device"][u]
-    cat = items["category"][i]
-    author = items["author"][i]
-    L = np.log(items["video_len"][i] / p.video_len_median_s)
-    log_minutes = np.log1p(users["watch_minutes"])
-    A = (log_minutes[u] - log_minutes.mean()) / log_minutes.std()
-    fresh = np.exp(-items["item_age"][i] / 7.0)
-    id_scale = np.where(new, p.new_id_scale, 1.0)
-    tolerance = np.exp(-p.activity_length_tolerance * A) * np.where(dev == 2, p.web_length_tolerance, 1.0)
 
-    e_obs = (
-        np.where(
-            new,
-            cat_appeal_new[cat] + np.asarray(p.new_device_bias)[dev],
-            cat_appeal[cat] + np.asarray(p.device_bias)[dev] + dev_cat[dev, cat] + p.fresh_activity * A * fresh,
-        )
-        + p.activity_engagement * A * old
-    )
-    e_id = id_scale * (
-        p.affinity * _dot(users["factor"][u], items["factor"][i])
-        + p.user_bias * users["bias"][u]
-        + p.item_quality * items["quality"][i]
-        + p.author_bias * items["author_bias"][author]
-    )
-    engagement = e_obs + e_id
-    play_logit = p.play_engagement * engagement + np.asarray(p.play_device)[dev]
-    intercepts = {"played": _intercept(play_logit, np.ones(rows), p.play_rate)}
-    p_play = _sigmoid(intercepts["played"] + play_logit)
+def build_world(rows: int, seed: int, params: SynthParams | None = None) -> World:
+    """The world behind ``mtrank synth --rows ROWS --seed SEED`` (intercepts solved as it solved them)."""
+    return _world(np.random.default_rng(seed), rows, params or SynthParams())[0]
 
-    # q[task]: P(label = 1 | played) for binary tasks, E[vcr | played] for vcr.
-    q: dict[str, np.ndarray] = {}
-    for name in TASKS:
-        t = p.tasks[name]
-        task_user = rng.standard_normal(n_users)
-        task_item = rng.standard_normal(n_items)
-        task_user_factor = rng.standard_normal((n_users, p.latent_dim))
-        task_item_factor = rng.standard_normal((n_items, p.latent_dim))
-        task_cat = t.category * _standardised(rng.standard_normal(n_cat))
-        length = np.where(new, t.length_new * L, (t.length * L + t.length_sq * L**2) * tolerance)
-        id_k = id_scale * (
-            t.user_bias * task_user[u]
-            + t.item_bias * task_item[i]
-            + t.affinity * _dot(task_user_factor[u], task_item_factor[i])
-        )
-        z = t.engagement * engagement + length + t.activity * A * old + task_cat[cat] + id_k
-        intercepts[name] = _intercept(z, p_play, t.rate)
-        q[name] = _sigmoid(intercepts[name] + z)
 
-    played = rng.random(rows) < p_play
-    e = rng.random(rows)  # one engagement draw per play couples vtr, finish and skip
-    like = played & (rng.random(rows) < q["like"])
-    share = played & (rng.random(rows) < q["share"])
+def draw_labels(rng: np.random.Generator, p_play: np.ndarray, q: dict[str, np.ndarray],
+                concentration: float) -> dict[str, np.ndarray]:
+    """``played`` and every task's label drawn from the truth (module docstring, step 5)."""
+    n = len(p_play)
+    played = rng.random(n) < p_play
+    e = rng.random(n)  # one engagement draw per play couples vtr, finish and skip
+    like = played & (rng.random(n) < q["like"])
+    share = played & (rng.random(n) < q["share"])
     m = np.clip(q["vcr"], 1e-4, 1 - 1e-4)
-    k = p.vcr_concentration
+    k = concentration
     vcr = np.where(played, rng.beta(m * k, (1.0 - m) * k), np.nan)
+    return {
+        "played": played.astype(np.int8),
+        "vtr": (played & (e > 1.0 - q["vtr"])).astype(np.int8),
+        "vcr": vcr,
+        "finish": (played & (e > 1.0 - q["finish"])).astype(np.int8),
+        "skip": (~played | (e < q["skip"])).astype(np.int8),
+        "like": like.astype(np.int8),
+        "share": share.astype(np.int8),
+    }
 
+
+def simulate(rows: int, seed: int, params: SynthParams | None = None) -> pd.DataFrame:
+    """All ``rows`` impressions, in generation order, with labels and oracle columns."""
+    return _simulate(rows, seed, params or SynthParams())[0]
+
+
+def _simulate(rows: int, seed: int, p: SynthParams) -> tuple[pd.DataFrame, dict[str, float]]:
+    """The impressions and the solved logit intercepts (``played`` and one per task)."""
+    rng = np.random.default_rng(seed)
+    world, u, i = _world(rng, rows, p)
+    p_play, q = world.truth(u, i)
+    labels = draw_labels(rng, p_play, q, p.vcr_concentration)
+    oracles = world.oracles(u, i)
+    users, items = world.users, world.items
     spec = feature_spec(p)
     raw = {
         "account_age_days": users["account_age"][u],
@@ -406,33 +496,22 @@ def _simulate(rows: int, seed: int, p: SynthParams) -> tuple[pd.DataFrame, dict[
     }
     frame = pd.DataFrame(
         {
-            "user_id": _ids("u", n_users)[u],
-            "device": np.asarray(DEVICES, dtype=object)[dev],
+            "user_id": _ids("u", world.n_users)[u],
+            "device": np.asarray(DEVICES, dtype=object)[users["device"][u]],
             "account_age_days": raw["account_age_days"],
             "watch_minutes_30d": raw["watch_minutes_30d"],
             "user_group": np.asarray(spec.user_groups.values, dtype=object)[spec.user_groups.assign(raw)],
-            "item_id": _ids("v", n_items)[i],
-            "author_id": _ids("a", n_authors)[author],
-            "category": _ids("c", n_cat)[cat],
+            "item_id": _ids("v", world.n_items)[i],
+            "author_id": _ids("a", len(items["author_bias"]))[items["author"][i]],
+            "category": _ids("c", p.n_categories)[items["category"][i]],
             "video_len": items["video_len"][i],
             "item_age_days": raw["item_age_days"],
             "item_state": np.asarray(spec.item_facet.values, dtype=object)[spec.item_facet.assign(raw)],
-            "played": played.astype(np.int8),
-            "vtr": (played & (e > 1.0 - q["vtr"])).astype(np.int8),
-            "vcr": vcr,
-            "finish": (played & (e > 1.0 - q["finish"])).astype(np.int8),
-            "skip": (~played | (e < q["skip"])).astype(np.int8),
-            "like": like.astype(np.int8),
-            "share": share.astype(np.int8),
-            "oracle_vtr": p_play * q["vtr"],
-            "oracle_vcr": m,
-            "oracle_finish": p_play * q["finish"],
-            "oracle_skip": 1.0 - p_play + p_play * q["skip"],
-            "oracle_like": p_play * q["like"],
-            "oracle_share": p_play * q["share"],
+            **labels,
+            **{f"oracle_{name}": oracles[name] for name in TASKS},
         }
     )
-    return frame, {k: round(v, 6) for k, v in intercepts.items()}
+    return frame, {k: round(v, 6) for k, v in world.intercepts.items()}
 
 
 ROW_GROUP_ROWS = 65_536
