@@ -392,11 +392,35 @@ def _add_ab_report(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=report)
 
 
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("simulate", help="synthetic users' /v1/rank traffic to a running mtrank serve; their "
+                                         "position-discounted feedback from the generator's ground truth")
+    s.add_argument("--url", required=True, help="base URL of the running service, e.g. http://127.0.0.1:8000")
+    s.add_argument("--data", type=Path, required=True, help="a data set made by mtrank synth (its world is rebuilt)")
+    s.add_argument("--requests", type=int, required=True, help="requests to send, one user each")
+    s.add_argument("--candidates", type=int, default=20, help="distinct candidates per request (default 20)")
+    s.add_argument("--out", type=Path, required=True, help="feedback table to write (.parquet or .csv)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the traffic and the feedback draws (default 0)")
+    s.add_argument("--position-discount", default="log2",
+                   help="P(seen) at rank r: log2 (1/log2(r+1), default), none, geometric:G, power:A")
+
+    def simulate(a: argparse.Namespace) -> None:
+        import json
+
+        from mtrank.training.simulate import run_simulation
+
+        summary = run_simulation(a.url, a.data, a.requests, a.candidates, a.out, seed=a.seed,
+                                 discount=a.position_discount)
+        print(json.dumps(summary))
+
+    s.set_defaults(func=simulate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtrank", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_synth, _add_train, _add_evaluate, _add_export, _add_load_embeddings, _add_serve, _add_bench,
-                _add_tune_fusion, _add_demo, _add_join_log, _add_ab_report):
+                _add_tune_fusion, _add_demo, _add_join_log, _add_ab_report, _add_simulate):
         add(sub)
     return p
 

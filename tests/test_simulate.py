@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-import numpy as np
+import json
 
-from mtrank.training.synth import TASKS, build_world, simulate
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+import yaml
+
+from mtrank.bench.server import RemoteServer
+from mtrank.cli import main
+from mtrank.training.simulate import position_discount
+from mtrank.training.synth import BINARY_TASKS, TASKS, build_world, simulate
+from tests.conftest import SYNTH_ROWS, SYNTH_SEED
 
 
 def _index(ids) -> np.ndarray:
@@ -42,3 +52,82 @@ def test_the_generators_draws_keep_their_order():
     assert round(float(frame["vcr"].sum()), 4) == 1632.3231
     assert frame["user_id"].iloc[:3].tolist() == ["u66", "u69", "u11"]
     assert frame["item_id"].iloc[:3].tolist() == ["v58", "v21", "v21"]
+
+
+# -- mtrank simulate against a real mtrank serve --------------------------------------------
+
+
+def test_position_discounts():
+    r = np.array([1, 2, 3, 7])
+    np.testing.assert_allclose(position_discount("log2")(r), 1 / np.log2(r + 1))
+    np.testing.assert_allclose(position_discount("none")(r), 1.0)
+    np.testing.assert_allclose(position_discount("geometric:0.5")(r), [1, 0.5, 0.25, 0.5**6])
+    np.testing.assert_allclose(position_discount("power:1")(r), 1 / r)
+    for bad in ("log3", "geometric:1.5", "power:-1", "geometric:x", "none:2"):
+        with pytest.raises(ValueError, match="--position-discount"):
+            position_discount(bad)
+
+
+def test_simulate_refuses_a_data_set_that_synth_did_not_make(tmp_path, synth_dir, capsys):
+    spec = yaml.safe_load((synth_dir / "spec.yaml").read_text())
+    spec["extra"]["intercepts"]["vtr"] += 0.01
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    argv = ["simulate", "--url", "http://127.0.0.1:9", "--data", str(tmp_path), "--requests", "1",
+            "--out", str(tmp_path / "fb.parquet")]
+    assert main(argv) == 2
+    assert "another version" in capsys.readouterr().err
+
+
+REQUESTS, CANDIDATES = 600, 10
+
+
+def test_simulated_traffic_gives_feedback_of_shown_items_discounted_by_rank(exported_repo, synth_dir, tmp_path):
+    log_dir, fb_path = tmp_path / "log", tmp_path / "feedback.parquet"
+    with RemoteServer(exported_repo("ple"), env={"MTRANK_IMPRESSION_LOG": str(log_dir)}) as server:
+        assert main(["simulate", "--url", server.url, "--data", str(synth_dir), "--requests", str(REQUESTS),
+                     "--candidates", str(CANDIDATES), "--out", str(fb_path), "--seed", "4"]) == 0
+    # SIGTERM drained the service and completed its last impression file.
+    log = ds.dataset(str(log_dir), format="parquet").to_table().to_pandas()
+    assert len(log) == REQUESTS and log["request_id"].is_unique
+    shown = log[["request_id", "user_id", "items"]].explode("items", ignore_index=True)
+    shown = shown.join(pd.json_normalize(shown.pop("items").tolist()))[["request_id", "user_id", "item_id", "rank"]]
+    assert len(shown) == REQUESTS * CANDIDATES
+    feedback = pd.read_parquet(fb_path)
+
+    # Feedback only for shown items, at the rank they were shown.
+    merged = shown.merge(feedback, on=["request_id", "item_id"], how="left", suffixes=("", "_fb"),
+                         validate="one_to_one", indicator=True)
+    assert (merged["_merge"] != "right_only").all() and merged["_merge"].eq("both").sum() == len(feedback)
+    seen = merged[merged["_merge"] == "both"]
+    assert (seen["rank_fb"] == seen["rank"]).all()
+
+    # The share of shown items with feedback at rank r is the discount 1/log2(r+1), within 4 SE.
+    by_rank = merged.assign(seen=merged["_merge"] == "both").groupby("rank")["seen"].agg(["mean", "count"])
+    d = 1 / np.log2(by_rank.index.to_numpy() + 1.0)
+    se = np.sqrt(d * (1 - d) / by_rank["count"].to_numpy()) + 1e-9
+    assert np.all(np.abs(by_rank["mean"].to_numpy() - d) < 4 * se + (d == 1)), by_rank
+
+    # Seen items' labels are drawn from the truth of their (user, item) pair; vtr per shown item
+    # falls with rank as discount(r) × the truth of what was shown there.
+    world = build_world(SYNTH_ROWS, SYNTH_SEED)
+    truth = world.oracles(_index(merged["user_id"]), _index(merged["item_id"]))
+    on = merged["_merge"].eq("both").to_numpy()
+    for name in BINARY_TASKS:
+        y, p = merged[name].fillna(0).to_numpy()[on], truth[name][on]
+        assert abs(y.sum() - p.sum()) < 4 * np.sqrt((p * (1 - p)).sum()) + 1, name
+    expected = pd.Series(truth["vtr"] * 1 / np.log2(merged["rank"] + 1.0)).groupby(merged["rank"]).mean()
+    observed = merged["vtr"].fillna(0).groupby(merged["rank"]).mean()
+    assert np.all(np.abs(observed - expected) < 4 * np.sqrt(expected * (1 - expected) / REQUESTS))
+    assert observed.iloc[:3].mean() > observed.iloc[-3:].mean() + 0.1
+    played = merged["played"].eq(1)
+    assert merged.loc[played, "vcr"].notna().all() and merged.loc[on & ~played, "vcr"].isna().all()
+
+    # join-log and the A/B report read the impressions and the feedback.
+    assert main(["join-log", "--impressions", str(log_dir), "--feedback", str(fb_path), "--out",
+                 str(tmp_path / "joined"), "--spec", str(synth_dir / "spec.yaml")]) == 0
+    joined = pd.concat([pd.read_parquet(tmp_path / "joined" / f"{s}.parquet") for s in ("train", "valid", "test")])
+    assert len(joined) == len(shown) and joined["vtr"].sum() == feedback["vtr"].sum()
+    assert main(["ab-report", "--impressions", str(log_dir), "--feedback", str(fb_path),
+                 "--out", str(tmp_path / "ab"), "--value", "vtr=1,finish=2"]) == 0
+    report = json.loads((tmp_path / "ab" / "report.json").read_text())
+    assert "default" in json.dumps(report)

@@ -284,15 +284,23 @@ def _draw_impressions(
     rng: np.random.Generator, rows: int, users: dict[str, np.ndarray], items: dict[str, np.ndarray], p: SynthParams
 ) -> tuple[np.ndarray, np.ndarray]:
     """User and item index per row: users by activity (new users' share fixed), items Zipf-like."""
+    user_p, item_p = exposure(users, items, p)
+    u = rng.choice(len(user_p), size=rows, p=user_p)
+    i = rng.choice(len(item_p), size=rows, p=item_p)
+    return u, i
+
+
+def exposure(
+    users: dict[str, np.ndarray], items: dict[str, np.ndarray], p: SynthParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """The probability that an impression goes to each user and shows each item (step 3)."""
     weight = (users["watch_minutes"] + 5.0) ** p.user_weight_power
     new_mass = weight * users["is_new"]
     old_mass = weight * ~users["is_new"]
     user_p = p.new_row_share * new_mass / max(new_mass.sum(), 1e-12)
     user_p += (1 - p.new_row_share) * old_mass / max(old_mass.sum(), 1e-12)
     item_p = items["popularity_rank"].astype(np.float64) ** -p.item_zipf_power
-    u = rng.choice(len(user_p), size=rows, p=user_p / user_p.sum())
-    i = rng.choice(len(item_p), size=rows, p=item_p / item_p.sum())
-    return u, i
+    return user_p / user_p.sum(), item_p / item_p.sum()
 
 
 def _intercept(z: np.ndarray, weight: np.ndarray, rate: float) -> float:

@@ -1,0 +1,174 @@
+"""``mtrank simulate``: synthetic users' traffic to a running ``mtrank serve``, and their feedback.
+
+The users and items are those of the synthetic world behind a data set made by ``mtrank synth``
+(rebuilt from the ``rows`` and ``seed`` of its ``spec.yaml``: :func:`mtrank.training.synth.build_world`).
+Each request is one user, drawn as the generator draws an impression's user (by activity, new
+users' share fixed), with ``C`` distinct candidates drawn as it draws items (Zipf-like by
+popularity), every feature as the data set holds it. The service ranks them; each returned item
+at rank ``r`` is *seen* with probability ``discount(r)`` (default ``1 / log2(r + 1)``), and a seen
+item's feedback is drawn from the generator's ground truth for that (user, item) pair, the way the
+generator draws a row's labels (``played``, then the six tasks; ``vcr`` only when played). An
+unseen item gets no feedback row, so it counts as no event: ranking matters because the better
+items shown first are seen more often.
+
+The feedback table has one row per seen item: ``request_id``, ``item_id``, ``rank``, ``played`` and
+the task columns — the format ``mtrank join-log`` and ``mtrank ab-report`` read.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+
+from mtrank.spec import FeatureSpec
+from mtrank.training.synth import DEVICES, TASKS, World, build_world, draw_labels, exposure
+
+DISCOUNTS = "log2 (1/log2(r+1)), none (1), geometric:G (G^(r-1)), power:A (r^-A)"
+
+
+def position_discount(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The probability that an item shown at rank ``r`` (1 = first) is seen: see :data:`DISCOUNTS`."""
+    kind, _, arg = name.partition(":")
+    if kind == "log2" and not arg:
+        return lambda r: 1.0 / np.log2(np.asarray(r, dtype=np.float64) + 1.0)
+    if kind == "none" and not arg:
+        return lambda r: np.ones(np.shape(r))
+    try:
+        value = float(arg)
+    except ValueError:
+        value = None
+    if kind == "geometric" and value is not None and 0.0 < value <= 1.0:
+        return lambda r: value ** (np.asarray(r, dtype=np.float64) - 1.0)
+    if kind == "power" and value is not None and value >= 0.0:
+        return lambda r: np.asarray(r, dtype=np.float64) ** -value
+    raise ValueError(f"--position-discount: unknown curve {name!r}; one of {DISCOUNTS}")
+
+
+def load_world(data: Path) -> World:
+    """The world behind the data set ``data`` (its ``spec.yaml`` names the generator's rows and seed)."""
+    spec = FeatureSpec.load(Path(data) / "spec.yaml")
+    extra = spec.extra or {}
+    if extra.get("generator") != "mtrank.training.synth":
+        raise ValueError(f"{data}: not a data set of mtrank synth (spec.extra.generator is {extra.get('generator')!r})")
+    world = build_world(int(extra["rows"]), int(extra["seed"]))
+    solved = {k: round(v, 6) for k, v in world.intercepts.items()}
+    if solved != {k: float(v) for k, v in extra.get("intercepts", {}).items()}:
+        raise ValueError(f"{data}: its intercepts differ from this generator's: made by another version of it")
+    return world
+
+
+def _user(world: World, u: int) -> dict[str, Any]:
+    users = world.users
+    return {
+        "user_id": f"u{u}",
+        "features": {
+            "account_age_days": float(users["account_age"][u]),
+            "watch_minutes_30d": float(users["watch_minutes"][u]),
+            "device": DEVICES[int(users["device"][u])],
+        },
+    }
+
+
+def _candidate(world: World, i: int) -> dict[str, Any]:
+    items = world.items
+    return {
+        "item_id": f"v{i}",
+        "video_len": float(items["video_len"][i]),
+        "features": {
+            "author_id": f"a{int(items['author'][i])}",
+            "category": f"c{int(items['category'][i])}",
+            "item_age_days": float(items["item_age"][i]),
+        },
+    }
+
+
+def draw_requests(world: World, rng: np.random.Generator, n: int, candidates: int,
+                  prefix: str) -> list[tuple[int, dict[str, Any]]]:
+    """``n`` request bodies, each with its user's index: users and candidates drawn by exposure."""
+    if not 1 <= candidates <= world.n_items:
+        raise ValueError(f"--candidates must be in [1, {world.n_items}] (the world's items), got {candidates}")
+    user_p, item_p = exposure(world.users, world.items, world.params)
+    users = rng.choice(world.n_users, size=n, p=user_p)
+    out = []
+    for k, u in enumerate(users):
+        items = rng.choice(world.n_items, size=candidates, replace=False, p=item_p)
+        out.append((int(u), {"request_id": f"{prefix}-{k}", "user": _user(world, int(u)),
+                             "candidates": [_candidate(world, int(i)) for i in items]}))
+    return out
+
+
+def send(url: str, bodies: list[dict[str, Any]], timeout_s: float = 30.0) -> list[dict[str, Any]]:
+    """POST each body to ``URL/v1/rank`` in order; a refused request or a non-200 answer is an error."""
+    answers = []
+    with httpx.Client(base_url=url, timeout=timeout_s) as client:
+        for body in bodies:
+            try:
+                r = client.post("/v1/rank", json=body)
+            except httpx.HTTPError as e:
+                raise ValueError(f"{url}/v1/rank: {e!r}") from None
+            if r.status_code != 200:
+                raise ValueError(f"{url}/v1/rank answered {r.status_code}: {r.text[:200]}")
+            answers.append(r.json())
+    return answers
+
+
+def feedback(world: World, rng: np.random.Generator, shown: pd.DataFrame,
+             discount: Callable[[np.ndarray], np.ndarray]) -> tuple[pd.DataFrame, np.ndarray]:
+    """Feedback of the seen items of ``shown`` (columns request_id, item_id, rank, user, item), and
+    which of them were seen."""
+    seen = rng.random(len(shown)) < discount(shown["rank"].to_numpy())
+    rows = shown[seen].reset_index(drop=True)
+    p_play, q = world.truth(rows["user"].to_numpy(), rows["item"].to_numpy())
+    labels = draw_labels(rng, p_play, q, world.params.vcr_concentration)
+    return pd.DataFrame({"request_id": rows["request_id"], "item_id": rows["item_id"],
+                         "rank": rows["rank"].astype(np.int32), **labels}), seen
+
+
+def run_simulation(url: str, data: Path, requests: int, candidates: int, out: Path, seed: int = 0,
+                   discount: str = "log2", progress: bool = True) -> dict[str, Any]:
+    """Send the traffic, write the feedback table to ``out`` (.parquet or .csv); a summary."""
+    curve = position_discount(discount)
+    out = Path(out)
+    if out.suffix not in (".parquet", ".csv"):
+        raise ValueError(f"--out must end in .parquet or .csv, got {out}")
+    if requests < 1:
+        raise ValueError(f"--requests must be at least 1, got {requests}")
+    start = time.perf_counter()
+    world = load_world(data)
+    rng = np.random.default_rng([seed, 30])
+    drawn = draw_requests(world, rng, requests, candidates, prefix=f"sim{seed}")
+    answers = send(url, [body for _, body in drawn])
+    shown = pd.DataFrame(
+        [(body["request_id"], it["item_id"], it["rank"], u, int(it["item_id"][1:]))
+         for (u, body), answer in zip(drawn, answers, strict=True) for it in answer["items"]],
+        columns=["request_id", "item_id", "rank", "user", "item"],
+    )
+    table, seen = feedback(world, rng, shown, curve)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".csv":
+        table.to_csv(out, index=False)
+    else:  # keys as Arrow ``string`` (pandas may write ``large_string``), as the impression log has them
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        keys = {c: pa.array(table[c].tolist(), pa.string()) for c in ("request_id", "item_id")}
+        pq.write_table(pa.table({**keys, **{c: table[c].to_numpy() for c in table.columns if c not in keys}}), out)
+    summary = {
+        "requests": requests,
+        "shown": len(shown),
+        "feedback_rows": len(table),
+        "position_discount": discount,
+        "seen_by_rank": {int(r): round(float(v), 4) for r, v in pd.Series(seen).groupby(shown["rank"]).mean().items()},
+        "positives": {t: int(table[t].sum()) for t in TASKS if t != "vcr"},
+    }
+    if progress:
+        print(f"simulate: {requests} requests -> {out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return summary
+
