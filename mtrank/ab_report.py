@@ -212,6 +212,10 @@ def _read_feedback(path: Path, tasks: list[str]) -> Any:
     if not present:
         raise ReportError(f"{path}: feedback has no column of the log's tasks {tasks}")
     table = table.select([*KEYS, *present])
+    # Keys as plain strings whatever the writer chose: pandas writes large_string, integer ids stay
+    # integers in Parquet, and the join below takes one string type.
+    for i, key in enumerate(KEYS):
+        table = table.set_column(i, key, pc.cast(table[key], pa.string()))
     keys = pc.binary_join_element_wise(table["request_id"], table["item_id"], "\x00")
     if len(pc.unique(keys)) != table.num_rows:
         raise ReportError(f"{path}: a (request_id, item_id) key appears twice")

@@ -201,3 +201,14 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and err.startswith("mtrank ab-report: error:"), err
+
+
+def test_feedback_keys_may_be_large_strings_or_integers(tmp_path: Path) -> None:
+    log, feedback = _write_log(tmp_path / "log", np.random.default_rng(2), requests=50)
+    table = pq.read_table(feedback)
+    want = ab_report(read_shown(log, feedback, 2), {"vtr": 1.0}, 2)
+    # What DataFrame.to_parquet writes under pandas 3: large_string keys.
+    wide = table.set_column(0, "request_id", table["request_id"].cast(pa.large_string()))
+    wide = wide.set_column(1, "item_id", wide["item_id"].cast(pa.large_string()))
+    pq.write_table(wide, feedback)
+    assert jsonable(ab_report(read_shown(log, feedback, 2), {"vtr": 1.0}, 2)) == jsonable(want)
