@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from mtrank.impression_log import FILE_GLOB
+from mtrank.impression_log import FEEDBACK_KEYS, FILE_GLOB, FeedbackError, read_feedback
 
-KEYS = ("request_id", "item_id")
+KEYS = FEEDBACK_KEYS
 Z95 = 1.959963984540054
 """Two-sided 95 % normal quantile."""
 SRM_ALPHA = 0.001
@@ -190,36 +190,14 @@ def read_shown(impressions: Path, feedback: Path, k: int) -> Shown:
 
 
 def _read_feedback(path: Path, tasks: list[str]) -> Any:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
-
-    if not path.is_file():
-        raise ReportError(f"feedback file not found: {path}")
-    name = path.name.lower()
-    if name.endswith(".parquet"):
-        table = pq.read_table(path)
-    elif name.endswith((".csv", ".csv.gz")):
-        table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(
-            column_types={"request_id": pa.string(), "item_id": pa.string()}))
-    else:
-        raise ReportError(f"{path}: feedback must be .parquet or .csv")
-    missing = [c for c in KEYS if c not in table.column_names]
-    if missing:
-        raise ReportError(f"{path}: feedback needs the key columns {list(KEYS)}; missing {missing}")
+    try:
+        table = read_feedback(path)
+    except FeedbackError as e:
+        raise ReportError(str(e)) from None
     present = [t for t in tasks if t in table.column_names]
     if not present:
         raise ReportError(f"{path}: feedback has no column of the log's tasks {tasks}")
-    table = table.select([*KEYS, *present])
-    # Keys as plain strings whatever the writer chose: pandas writes large_string, integer ids stay
-    # integers in Parquet, and the join below takes one string type.
-    for i, key in enumerate(KEYS):
-        table = table.set_column(i, key, pc.cast(table[key], pa.string()))
-    keys = pc.binary_join_element_wise(table["request_id"], table["item_id"], "\x00")
-    if len(pc.unique(keys)) != table.num_rows:
-        raise ReportError(f"{path}: a (request_id, item_id) key appears twice")
-    return table
+    return table.select([*KEYS, *present])
 
 
 # -- the report -----------------------------------------------------------------------------------

@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from mtrank.impression_log import FILE_GLOB
+from mtrank.impression_log import FEEDBACK_KEYS, FILE_GLOB, FeedbackError, read_feedback
 from mtrank.manifest import load_manifest
 from mtrank.spec import DenseField, FeatureSpec, SparseField, SpecError, Task
 from mtrank.transform import sparse_keys
 
-KEYS = ("request_id", "item_id")
+KEYS = FEEDBACK_KEYS
 LOG_COLUMNS = ("request_id", "bucket", "model", "version", "rank", "score", "time")
 """Columns of the log kept beside features and labels (the trainer ignores them; tune-fusion
 groups ranking lists by ``request_id``)."""
@@ -153,22 +153,10 @@ def _impression_rows(log: dict[str, list], spec: FeatureSpec) -> dict[str, Any]:
 
 
 def _read_feedback(path: Path, spec: FeatureSpec) -> dict[str, list]:
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
-
-    if not path.is_file():
-        raise SpecError(f"feedback file not found: {path}")
-    name = path.name.lower()
-    if name.endswith(".parquet"):
-        table = pq.read_table(path)
-    elif name.endswith((".csv", ".csv.gz")):
-        table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(
-            column_types={"request_id": "string", "item_id": "string"}))
-    else:
-        raise SpecError(f"{path}: feedback must be .parquet or .csv")
-    missing = [c for c in KEYS if c not in table.column_names]
-    if missing:
-        raise SpecError(f"{path}: feedback needs the key columns {list(KEYS)}; missing {missing}")
+    try:
+        table = read_feedback(path)
+    except FeedbackError as e:
+        raise SpecError(str(e)) from None
     needed = dict.fromkeys(c for t in spec.tasks for c in (t.label_column, t.space) if c is not None)
     absent = [c for c in needed if c not in table.column_names]
     if absent:

@@ -1,10 +1,12 @@
 """The impression log's file format, shared by its writer (:mod:`mtrank.service.impressions`) and
-its readers (:mod:`mtrank.impression_join`): the Arrow schema of a record, the file names and the
-sampling rule. docs/impressions.md describes every column."""
+its readers (:mod:`mtrank.impression_join`, :mod:`mtrank.ab_report`): the Arrow schema of a record,
+the file names, the sampling rule, and the feedback table both readers join it with.
+docs/impressions.md describes every column."""
 
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -14,6 +16,43 @@ FORMAT = "mtrank.impressions/1"
 """The files' ``format`` metadata key: bumped when the schema changes incompatibly."""
 FILE_GLOB = "impressions-*.parquet"
 """Complete files; a file being written has a hidden temporary name that this does not match."""
+FEEDBACK_KEYS = ("request_id", "item_id")
+"""The feedback table's key: one row per shown item that got feedback."""
+
+
+class FeedbackError(ValueError):
+    """A feedback table that cannot be used; the message is one line naming the file."""
+
+
+def read_feedback(path: Path) -> pa.Table:
+    """The frontend's feedback table (Parquet, or CSV for small data) with its key columns as plain
+    strings whatever the writer chose (pandas writes ``large_string``; ids may be integers), so they
+    join with the log's string ids. Raises :class:`FeedbackError` for a missing file, another format,
+    missing key columns or a key that appears twice."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise FeedbackError(f"feedback file not found: {path}")
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        table = pq.read_table(path)
+    elif name.endswith((".csv", ".csv.gz")):
+        table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(
+            column_types={key: pa.string() for key in FEEDBACK_KEYS}))
+    else:
+        raise FeedbackError(f"{path}: feedback must be .parquet or .csv")
+    missing = [c for c in FEEDBACK_KEYS if c not in table.column_names]
+    if missing:
+        raise FeedbackError(f"{path}: feedback needs the key columns {list(FEEDBACK_KEYS)}; missing {missing}")
+    for key in FEEDBACK_KEYS:
+        table = table.set_column(table.column_names.index(key), key, pc.cast(table[key], pa.string()))
+    keys = pc.binary_join_element_wise(table["request_id"], table["item_id"], "\x00")
+    if len(pc.unique(keys)) != table.num_rows:
+        raise FeedbackError(f"{path}: a (request_id, item_id) key appears twice")
+    return table
 
 
 def sampled(request_id: str, rate: float) -> bool:
