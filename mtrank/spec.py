@@ -124,6 +124,56 @@ class SparseField:
     """Values seen fewer times in train share the out-of-vocabulary row 0."""
 
 
+Pooling = Literal["mean", "sum"]
+SequencePooling = Literal["mean", "sum", "attention"]
+
+
+@dataclass(frozen=True)
+class MultiField:
+    """A list of categorical values per row (an item's tags, a user's interests), pooled into one
+    vector: ``mean`` or ``sum`` of the values' embeddings; an empty list is the zero vector.
+
+    ``share`` names a graph-held sparse field whose vocabulary and table the values use; without
+    it the field has its own vocabulary and graph table. Lists longer than ``max_len`` keep their
+    first ``max_len`` values.
+    """
+
+    __pydantic_config__ = STRICT
+
+    name: str
+    side: Side = "item"
+    pooling: Pooling = "mean"
+    max_len: int = 20
+    share: str | None = None
+    min_count: int = 1
+
+
+@dataclass(frozen=True)
+class SequenceField:
+    """The user's behaviour history: a list of ids, **most recent first** (``max_len`` keeps the
+    most recent ones), e.g. the last watched ``item_id``s; a parallel side list (each entry's
+    category) is a second sequence field of the same length.
+
+    ``share`` names the sparse field whose vocabulary and table embed the entries (``item_id``:
+    the candidates' own item embeddings, in the graph or in the embedding store); without it the
+    field has its own vocabulary and graph table. Pooling: ``mean``, ``sum``, or ``attention``:
+    target attention between the candidate (its value of the shared field) and each entry, with
+    padded positions masked (needs ``share`` on an item-side field).
+    """
+
+    __pydantic_config__ = STRICT
+
+    name: str
+    share: str | None = None
+    max_len: int = 50
+    pooling: SequencePooling = "mean"
+    min_count: int = 1
+
+    @property
+    def side(self) -> str:
+        return "user"
+
+
 @dataclass(frozen=True)
 class Task:
     """One prediction target. ``space`` names a 0/1 column; the loss ignores rows where it is 0."""
@@ -226,13 +276,16 @@ class FeatureSpec:
     tasks: tuple[Task, ...]
     user_groups: Facet | None = None
     item_facet: Facet | None = None
+    multi: tuple[MultiField, ...] = ()
+    sequence: tuple[SequenceField, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form documentation (generator parameters, ground truth notes)."""
 
     def __post_init__(self) -> None:
-        names = [f.name for f in self.dense] + [f.name for f in self.sparse]
+        names = [f.name for f in (*self.dense, *self.sparse, *self.multi, *self.sequence)]
         if len(set(names)) != len(names):
             raise SpecError(f"spec {self.name!r}: duplicate feature names in {names}")
+        self._check_lists()
         if not self.tasks:
             raise SpecError(f"spec {self.name!r}: no tasks")
         task_names = [t.name for t in self.tasks]
@@ -241,6 +294,27 @@ class FeatureSpec:
         for t in self.tasks:
             if t.space is not None and t.space in names:
                 raise SpecError(f"spec {self.name!r}: tasks.{t.name}.space {t.space!r} is a feature, not a 0/1 column")
+
+    def _check_lists(self) -> None:
+        sparse = {f.name: f for f in self.sparse}
+        for key, fields in (("multi", self.multi), ("sequence", self.sequence)):
+            for f in fields:
+                where = f"spec {self.name!r}: {key}.{f.name}"
+                if not 1 <= f.max_len <= 1000:
+                    raise SpecError(f"{where}: max_len must be in [1, 1000] (got {f.max_len})")
+                shared = sparse.get(f.share) if f.share is not None else None
+                if f.share is not None and shared is None:
+                    raise SpecError(f"{where}: share {f.share!r} is not a sparse field of the spec")
+                if key == "multi" and shared is not None and shared.location != "graph":
+                    raise SpecError(f"{where}: share {f.share!r} is store-held; a multi field shares graph tables only")
+                if f.pooling == "attention" and (shared is None or shared.side != "item"):
+                    raise SpecError(f"{where}: attention pooling needs share to name an item-side sparse field "
+                                    "(the candidate's value is the attention's target)")
+
+    @property
+    def lists(self) -> tuple[MultiField | SequenceField, ...]:
+        """The list-valued fields: multi fields, then sequence fields (the order of their model inputs)."""
+        return (*self.multi, *self.sequence)
 
     @property
     def task_names(self) -> list[str]:
@@ -253,7 +327,13 @@ class FeatureSpec:
         raise SpecError(f"spec {self.name!r}: no task {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain values; ``multi`` and ``sequence`` only when used, so a spec without lists reads,
+        saves and hashes as it did before lists existed."""
+        d = asdict(self)
+        for key in ("multi", "sequence"):
+            if not d[key]:
+                del d[key]
+        return d
 
     def fingerprint(self) -> str:
         """Hash of the spec's content. A task's ``output`` enters only when set, so specs written

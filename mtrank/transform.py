@@ -10,6 +10,11 @@ this module, so a raw value becomes the same model input everywhere:
   and ``"3"`` are one key), other floats as Python prints them, booleans as ``True``/``False``,
   missing as ``""``.
 - **vocabulary indices** (:class:`Vocabulary`): key → row, 0 = out of vocabulary.
+- **lists** (:func:`list_matrix`, ``multi`` and ``sequence`` fields): each row's list of raw values
+  becomes keys as above and then vocabulary indices, the first ``max_len`` kept (a sequence is most
+  recent first), padded with 0 into an int64 ``[n, max_len]`` matrix beside the lengths ``[n]``;
+  a missing list is empty. A value that is not a list, or a list holding lists or objects, is a
+  :class:`TransformError`.
 - **facets** (:func:`facet_index`): the spec's ordered threshold rules on raw dense values, with
   missing rule features filled by their dense default (NaN when the feature is not a dense field).
 
@@ -240,6 +245,79 @@ class VocabularyCounter:
         return [k for _, k in kept]
 
 
+# -- lists ----------------------------------------------------------------------------------
+
+
+def list_values(value: Any, name: str) -> Sequence:
+    """One row's raw list: a list, tuple or 1-d array of scalars; None is the empty list."""
+    if value is None:
+        return ()
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1:
+            raise TransformError("must be a flat list of values", name)
+        if value.dtype.kind in "iufbU":
+            return value
+        value = value.tolist()
+    elif not isinstance(value, list | tuple):
+        raise TransformError(f"must be a list, got {_json_kind(value)}", name)
+    for v in value:
+        if not is_scalar(v):
+            raise TransformError(f"list entries must be strings, numbers or booleans, got {_json_kind(v)}", name)
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list | tuple | np.ndarray):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    return "a number" if isinstance(value, int | float | np.number) else type(value).__name__
+
+
+@dataclass
+class ListBatch:
+    """A list field's rows as model input: keys or indices, padded, and each row's length."""
+
+    lengths: np.ndarray
+    """int64 ``[n]``: entries kept per row (at most ``max_len``)."""
+    keys: list[str]
+    """The kept entries' keys, row after row (``lengths`` says where each row's keys end)."""
+    truncated: int
+    """Rows that held more than ``max_len`` entries."""
+
+    def positions(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(row, column) of each kept entry in the padded ``[n, max_len]`` matrix."""
+        rows = np.repeat(np.arange(len(self.lengths)), self.lengths)
+        starts = np.cumsum(self.lengths) - self.lengths
+        return rows, np.arange(len(rows)) - np.repeat(starts, self.lengths)
+
+    def matrix(self, values: np.ndarray, max_len: int) -> np.ndarray:
+        """``values`` (one per kept entry: indices, or vectors ``[k, w]``) padded with 0 into
+        ``[n, max_len, ...]``."""
+        out = np.zeros((len(self.lengths), max_len, *values.shape[1:]), dtype=values.dtype)
+        rows, cols = self.positions(max_len)
+        out[rows, cols] = values
+        return out
+
+
+def list_batch(values: Column, n: int, max_len: int, name: str) -> ListBatch:
+    """The kept keys of ``n`` rows of a list field (``values``: one list per row, or None)."""
+    if values is None:
+        return ListBatch(np.zeros(n, dtype=np.int64), [], 0)
+    if len(values) != n:
+        raise TransformError(f"{len(values)} values for {n} rows", name)
+    rows = [list_values(v, name) for v in values]
+    full = np.fromiter(map(len, rows), dtype=np.int64, count=n)
+    lengths = np.minimum(full, max_len)
+    keys: list[str] = []
+    for row, k in zip(rows, lengths.tolist(), strict=True):
+        if k:
+            keys += sparse_keys(row[:k] if isinstance(row, np.ndarray) else list(row[:k]))
+    return ListBatch(lengths, keys, int((full > max_len).sum()))
+
+
 # -- facets ---------------------------------------------------------------------------------
 
 
@@ -277,6 +355,28 @@ class SparseColumn:
     field's table knows its ids)."""
 
 
+@dataclass(frozen=True)
+class ListColumn:
+    """A ``multi`` or ``sequence`` field as the transform holds it."""
+
+    name: str
+    kind: str
+    """``multi`` or ``sequence``."""
+    side: str
+    max_len: int
+    pooling: str
+    share: str | None
+    """The sparse field whose vocabulary and table the entries use; None: the field's own."""
+    location: str
+    """``graph``: entries become vocabulary indices; ``store``: keys looked up in ``share``'s store table."""
+    vocabulary: Vocabulary | None = None
+
+    @property
+    def table(self) -> str:
+        """The field whose table embeds the entries."""
+        return self.share or self.name
+
+
 class FeatureTransform:
     """A fitted transform: what the manifest (or a training run) says about every feature."""
 
@@ -286,9 +386,11 @@ class FeatureTransform:
         sparse: Sequence[SparseColumn],
         user_groups: Facet | None = None,
         item_facet: Facet | None = None,
+        lists: Sequence[ListColumn] = (),
     ):
         self.dense = list(dense)
         self.sparse = list(sparse)
+        self.lists = list(lists)
         self.user_groups = user_groups
         self.item_facet = item_facet
         self.graph_fields = [s for s in self.sparse if s.location == "graph"]
@@ -296,7 +398,6 @@ class FeatureTransform:
         self.dense_defaults = {d.name: d.default for d in self.dense}
         self._mean = np.array([d.mean for d in self.dense], dtype=np.float64)
         self._std = np.array([d.std or 1.0 for d in self.dense], dtype=np.float64)
-        self._log1p = [j for j, d in enumerate(self.dense) if d.transform == "log1p"]
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> FeatureTransform:
@@ -306,17 +407,26 @@ class FeatureTransform:
             SparseColumn(s.name, s.side, s.location, Vocabulary(s.vocab or []) if s.location == "graph" else None)
             for s in manifest.sparse
         ]
-        return cls(dense, sparse, manifest.group_facet(), manifest.item_facet_rule())
+        by_name = {s.name: s for s in sparse}
+        lists = [
+            ListColumn(f.name, f.kind, f.side, f.max_len, f.pooling, f.share, f.location,
+                       by_name[f.share].vocabulary if f.share else Vocabulary(f.vocab or []))
+            for f in manifest.lists
+        ]
+        return cls(dense, sparse, manifest.group_facet(), manifest.item_facet_rule(), lists)
 
-    def dense_matrix(self, columns: Mapping[str, Column], n: int) -> np.ndarray:
-        """``[n, n_dense]`` float32 model input."""
-        raw = np.empty((n, len(self.dense)), dtype=np.float64)
-        for j, d in enumerate(self.dense):
-            raw[:, j] = numeric_column(columns.get(d.name), n, d.default, d.name)
-        if self._log1p:
-            raw[:, self._log1p] = pre_standardise(raw[:, self._log1p], "log1p")
-        raw -= self._mean
-        raw /= self._std
+    def dense_matrix(self, columns: Mapping[str, Column], n: int, side: str | None = None) -> np.ndarray:
+        """``[n, n_dense]`` float32 model input (the fields of ``side`` only, when given)."""
+        which = [j for j, d in enumerate(self.dense) if side is None or d.side == side]
+        raw = np.empty((n, len(which)), dtype=np.float64)
+        for k, j in enumerate(which):
+            d = self.dense[j]
+            raw[:, k] = numeric_column(columns.get(d.name), n, d.default, d.name)
+        log1p = [k for k, j in enumerate(which) if self.dense[j].transform == "log1p"]
+        if log1p:
+            raw[:, log1p] = pre_standardise(raw[:, log1p], "log1p")
+        raw -= self._mean[which]
+        raw /= self._std[which]
         np.clip(raw, -DENSE_LIMIT, DENSE_LIMIT, out=raw)
         return raw.astype(np.float32)
 
@@ -340,6 +450,15 @@ class FeatureTransform:
             else:
                 ids[:, j] = s.vocabulary.indices(sparse_keys(values))
         return ids
+
+    @staticmethod
+    def list_ids(field: ListColumn, values: Column, n: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(int64 ``[n, max_len]`` indices padded with 0, int64 ``[n]`` lengths, rows truncated)."""
+        if field.vocabulary is None:
+            raise TransformError(f"list field {field.name!r} is embedded by a store table; it has no vocabulary here")
+        batch = list_batch(values, n, field.max_len, field.name)
+        ids = batch.matrix(field.vocabulary.indices(batch.keys), field.max_len)
+        return ids, batch.lengths, batch.truncated
 
     def store_keys(self, name: str, values: Column, n: int | None = None) -> list[str]:
         """The keys of store field ``name`` to look up (one per row, or one for a scalar column)."""

@@ -82,7 +82,7 @@ def load_run(run_dir: str | Path) -> Run:
     if doc.get("format") != FORMAT:
         raise SpecError(f"{path}: unsupported checkpoint format {doc.get('format')!r}")
     spec = FeatureSpec.from_dict(doc["spec"])
-    shape = InputShape(n_dense=doc["shape"]["n_dense"], vocab_sizes=tuple(doc["shape"]["vocab_sizes"]))
+    shape = InputShape.from_dict(doc["shape"])
     model = create_model(doc["model"], spec, shape, make_config(doc["model"], doc["model_config"], str(path)))
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     model.eval()

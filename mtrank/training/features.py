@@ -18,14 +18,16 @@ import pandas as pd
 
 from mtrank.manifest import DenseInfo
 from mtrank.spec import FeatureSpec
-from mtrank.training.models.base import InputShape
+from mtrank.training.models.base import InputShape, ListShape
 from mtrank.transform import (
     Column,
     DenseStatsAccumulator,
     FeatureTransform,
+    ListColumn,
     SparseColumn,
     Vocabulary,
     VocabularyCounter,
+    list_batch,
     numeric_column,
     pre_standardise,
     sparse_keys,
@@ -52,6 +54,7 @@ class PreprocessorFitter:
         self.max_vocab = max_vocab
         self._dense = {f.name: DenseStatsAccumulator() for f in spec.dense}
         self._sparse = {f.name: VocabularyCounter(max_vocab) for f in spec.sparse}
+        self._lists = {f.name: VocabularyCounter(max_vocab) for f in own_vocabulary_lists(spec)}
 
     def update(self, columns: Mapping[str, Column], n: int) -> None:
         for f in self.spec.dense:
@@ -59,11 +62,20 @@ class PreprocessorFitter:
             self._dense[f.name].update(pre_standardise(raw, f.transform))
         for f in self.spec.sparse:
             self._sparse[f.name].update(sparse_keys(columns.get(f.name), n))
+        for f in own_vocabulary_lists(self.spec):
+            self._lists[f.name].update(list_batch(columns.get(f.name), n, f.max_len, f.name).keys)
 
     def finish(self) -> Preprocessor:
         stats = {name: DenseStats(*acc.result()) for name, acc in self._dense.items()}
         vocabs = {f.name: self._sparse[f.name].vocabulary(f.min_count, self.max_vocab) for f in self.spec.sparse}
+        for f in own_vocabulary_lists(self.spec):
+            vocabs[f.name] = self._lists[f.name].vocabulary(f.min_count, self.max_vocab)
         return Preprocessor(self.spec, stats, vocabs)
+
+
+def own_vocabulary_lists(spec: FeatureSpec) -> list:
+    """The list fields with a vocabulary of their own (no ``share``)."""
+    return [f for f in spec.lists if f.share is None]
 
 
 class Preprocessor:
@@ -79,7 +91,14 @@ class Preprocessor:
             [SparseColumn(f.name, f.side, f.location, Vocabulary(vocabs[f.name])) for f in spec.sparse],
             spec.user_groups,
             spec.item_facet,
+            [self._list_column(f) for f in spec.lists],
         )
+
+    def _list_column(self, f) -> ListColumn:
+        kind = "multi" if f in self.spec.multi else "sequence"
+        location = next(s.location for s in self.spec.sparse if s.name == f.share) if f.share else "graph"
+        return ListColumn(f.name, kind, f.side, f.max_len, f.pooling, f.share, location,
+                          Vocabulary(self.vocabs[f.share or f.name]))
 
     @classmethod
     def fit(cls, spec: FeatureSpec, frame: pd.DataFrame) -> Preprocessor:
@@ -96,14 +115,30 @@ class Preprocessor:
 
     @property
     def shape(self) -> InputShape:
+        names = [f.name for f in self.spec.sparse]
         return InputShape(
             n_dense=len(self.spec.dense),
             vocab_sizes=tuple(len(self.vocabs[f.name]) + 1 for f in self.spec.sparse),
+            lists=tuple(
+                ListShape(f.name, f.max_len, f.pooling, names.index(f.share) if f.share else None,
+                          0 if f.share else len(self.vocabs[f.name]) + 1)
+                for f in self.spec.lists
+            ),
         )
 
     def transform(self, frame: pd.DataFrame | Mapping[str, Column]) -> tuple[np.ndarray, np.ndarray]:
+        """(dense ``[N, n_dense]``, ids ``[N, n_sparse + Σ (max_len + 1)]``): the sparse fields' indices,
+        then each list field's padded indices and its length (:class:`InputShape`'s packing)."""
         columns, n = frame_columns(frame)
-        return self.feature_transform.dense_matrix(columns, n), self.feature_transform.sparse_ids(columns, n)
+        t = self.feature_transform
+        ids = t.sparse_ids(columns, n)
+        if t.lists:
+            parts = [ids]
+            for f in t.lists:
+                entries, lengths, _ = t.list_ids(f, columns.get(f.name), n)
+                parts += [entries, lengths[:, None]]
+            ids = np.concatenate(parts, axis=1)
+        return t.dense_matrix(columns, n), ids
 
     def save(self, run_dir: Path) -> None:
         vocab_dir = run_dir / "vocab"
@@ -117,7 +152,8 @@ class Preprocessor:
     def load(cls, spec: FeatureSpec, run_dir: Path) -> Preprocessor:
         stats = json.loads((run_dir / "preprocess.json").read_text())["dense"]
         vocabs = {
-            f.name: (run_dir / "vocab" / f"{f.name}.txt").read_text().splitlines() for f in spec.sparse
+            f.name: (run_dir / "vocab" / f"{f.name}.txt").read_text().splitlines()
+            for f in (*spec.sparse, *own_vocabulary_lists(spec))
         }
         return cls(spec, {k: DenseStats(**v) for k, v in stats.items()}, vocabs)
 

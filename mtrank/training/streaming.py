@@ -137,7 +137,7 @@ class Unit:
 
 def _wanted_columns(spec: FeatureSpec) -> tuple[list[str], list[str]]:
     """(columns a split must have, columns read when present: facet columns and ``oracle_<task>``)."""
-    required = [f.name for f in (*spec.dense, *spec.sparse)]
+    required = [f.name for f in (*spec.dense, *spec.sparse, *spec.lists)]
     for t in spec.tasks:
         required.append(t.label_column)
         if t.space is not None:

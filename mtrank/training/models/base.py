@@ -1,9 +1,16 @@
 """The interface every multi-task model implements.
 
 A model maps tensors to tensors: ``dense`` (float32 ``[B, n_dense]``, already normalised) and
-``sparse`` (int64 ``[B, n_sparse]``, vocabulary indices in spec order, 0 = out of vocabulary) to
-logits ``[B, len(heads)]``. The embedding lookup is a separate step (:meth:`embed`) so that the
-exporter can move store-held tables out of the graph and feed their vectors as inputs.
+``sparse`` (int64, vocabulary indices, 0 = out of vocabulary: the ``n_sparse`` single-valued fields
+in spec order, then per list field its ``max_len`` padded indices and its length, see
+:class:`InputShape`) to logits ``[B, len(heads)]``.
+
+The shared input layer (:meth:`MultiTaskModel.embed`) turns ids into one vector per *slot*: each
+sparse field's embedding, then each list field pooled (:class:`~mtrank.training.models.blocks.ListPool`:
+mean, sum or target attention against the candidate's vector of the field the list shares). Every
+model reads ``concat(dense, slot vectors)`` through :meth:`MultiTaskModel.view`, so list fields reach
+every model in one place. The lookup is a separate step so that the exporter can move store-held
+tables out of the graph and feed their vectors (and a history's entry vectors) as inputs.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import torch
 from torch import nn
 
 from mtrank.spec import FeatureSpec
-from mtrank.training.models.blocks import FieldEmbeddings
+from mtrank.training.models.blocks import FieldEmbeddings, ListPool
 
 
 @dataclass(frozen=True)
@@ -28,11 +35,31 @@ class Head:
 
 
 @dataclass(frozen=True)
+class ListShape:
+    """A list field (``multi`` or ``sequence``) as the model sees it."""
+
+    name: str
+    max_len: int
+    pooling: str
+    share: int | None
+    """Index of the sparse field whose table embeds the entries; None: a table of its own."""
+    vocab_size: int = 0
+    """Rows of its own table (``share`` None)."""
+
+
+@dataclass(frozen=True)
 class InputShape:
-    """What the preprocessor fitted: dense width and the vocabulary size of each sparse field."""
+    """What the preprocessor fitted: dense width, the vocabulary size of each sparse field, the list
+    fields. ``sparse`` input columns: ``len(vocab_sizes)`` field indices, then for each list field
+    ``max_len`` padded indices and its length."""
 
     n_dense: int
     vocab_sizes: tuple[int, ...]
+    lists: tuple[ListShape, ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InputShape:
+        return cls(d["n_dense"], tuple(d["vocab_sizes"]), tuple(ListShape(**x) for x in d.get("lists", ())))
 
 
 class MultiTaskModel(nn.Module):
@@ -71,6 +98,16 @@ class MultiTaskModel(nn.Module):
         ):
             raise ValueError(f"field_views {self.field_views}: one count in [1, {embedding_views}] per field")
         self.embeddings = FieldEmbeddings(shape.vocab_sizes, [embedding_dim * n for n in self.field_views])
+        self.slot_views = self.field_views + tuple(
+            self.field_views[x.share] if x.share is not None else 1 for x in shape.lists)
+        """Views per input slot: the sparse fields', then each list field's (its shared table's)."""
+        own = [x for x in shape.lists if x.share is None]
+        self.list_tables = FieldEmbeddings([x.vocab_size for x in own], embedding_dim)
+        self._own_table = {x.name: i for i, x in enumerate(own)}
+        self.pools = nn.ModuleList(
+            ListPool(x.pooling, embedding_dim * self.slot_views[len(self.field_views) + k], x.max_len)
+            for k, x in enumerate(shape.lists)
+        )
 
     @property
     def view_names(self) -> list[str]:
@@ -88,13 +125,40 @@ class MultiTaskModel(nn.Module):
         return len(self.shape.vocab_sizes)
 
     @property
+    def n_slots(self) -> int:
+        """Input vectors: one per sparse field and one per list field."""
+        return self.n_fields + len(self.shape.lists)
+
+    @property
     def input_dim(self) -> int:
-        """Width of ``concat(dense, one view of every field)``."""
-        return self.shape.n_dense + self.n_fields * self.embedding_dim
+        """Width of ``concat(dense, one view of every slot)``."""
+        return self.shape.n_dense + self.n_slots * self.embedding_dim
 
     def embed(self, sparse: torch.Tensor) -> list[torch.Tensor]:
-        """Per field, ``[B, embedding_dim * len(field_view_names(i))]``."""
-        return self.embeddings(sparse)
+        """Per slot, ``[B, embedding_dim * views]``: the sparse fields' vectors, then the pooled lists."""
+        n = self.n_fields
+        vectors = self.embeddings(sparse[:, :n])
+        offset = n
+        for k, x in enumerate(self.shape.lists):
+            entries = self.list_table(k)(sparse[:, offset : offset + x.max_len])
+            vectors.append(self.pool_list(k, entries, sparse[:, offset + x.max_len], vectors))
+            offset += x.max_len + 1
+        return vectors
+
+    def list_table(self, k: int) -> nn.Embedding:
+        """The table that embeds list field ``k``'s entries (the shared field's, or its own)."""
+        x = self.shape.lists[k]
+        if x.share is not None:
+            return self.embeddings.tables[x.share]
+        return self.list_tables.tables[self._own_table[x.name]]
+
+    def pool_list(
+        self, k: int, entries: torch.Tensor, lengths: torch.Tensor, vectors: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """List field ``k`` pooled: ``entries`` ``[B, L, W]``, ``lengths`` ``[B]``; ``vectors`` are the
+        rows' sparse field vectors (the attention target is the shared field's)."""
+        x = self.shape.lists[k]
+        return self.pools[k](entries, lengths, vectors[x.share] if x.share is not None else None)
 
     def view(self, dense: torch.Tensor, field_vectors: list[torch.Tensor], view: int = 0) -> torch.Tensor:
         """``concat(dense, view ``view`` of every field)``: ``[B, input_dim]``.
@@ -103,7 +167,7 @@ class MultiTaskModel(nn.Module):
         """
         d = self.embedding_dim
         parts = [dense]
-        for v, n in zip(field_vectors, self.field_views, strict=True):
+        for v, n in zip(field_vectors, self.slot_views, strict=True):
             k = view if view < n else 0
             parts.append(v[:, k * d : (k + 1) * d])
         return torch.cat(parts, dim=1)
@@ -210,7 +274,8 @@ class SharedAndTaskViews(MultiTaskModel):
         has_task_views = task_table_fields(spec, selection)
         field_views = [n_views if own else 1 for own in has_task_views]
         super().__init__(spec, shape, embedding_dim, embedding_views=n_views, field_views=field_views)
-        self.has_task_views = has_task_views
+        self.has_task_views = [n > 1 for n in self.slot_views]
+        """Per input slot (lists follow their shared field)."""
         self.heads = task_heads(spec)
 
     @property

@@ -27,6 +27,38 @@ class FieldEmbeddings(nn.Module):
         return [table(sparse[:, i]) for i, table in enumerate(self.tables)]
 
 
+class ListPool(nn.Module):
+    """A padded list of entry vectors ``[B, L, W]`` with lengths ``[B]`` → one vector ``[B, W]``.
+
+    ``mean`` / ``sum`` over the entries kept (an empty list gives the zero vector). ``attention``
+    is target attention (as in DIN): each entry's weight is a small MLP's sigmoid over the entry,
+    the target (the candidate's vector of the shared field), their product and difference, plus a
+    learned bias per position (recency); the output is the weighted mean over the kept entries, so
+    padded positions count for nothing and all-ones weights are mean pooling.
+    """
+
+    def __init__(self, mode: str, width: int, max_len: int, hidden: int = 32):
+        super().__init__()
+        if mode not in ("mean", "sum", "attention"):
+            raise ValueError(f"unknown list pooling {mode!r}")
+        self.mode = mode
+        if mode == "attention":
+            self.score = nn.Sequential(nn.Linear(4 * width, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+            self.position = nn.Parameter(torch.zeros(max_len))
+
+    def forward(self, entries: torch.Tensor, lengths: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        positions = torch.arange(entries.shape[1], device=entries.device)
+        mask = (positions.unsqueeze(0) < lengths.unsqueeze(1)).to(entries.dtype)  # [B, L]
+        if self.mode == "attention":
+            t = target.unsqueeze(1).expand_as(entries)
+            features = torch.cat([entries, t, entries * t, entries - t], dim=2)
+            mask = mask * torch.sigmoid(self.score(features).squeeze(2) + self.position)
+        pooled = (entries * mask.unsqueeze(2)).sum(dim=1)
+        if self.mode == "sum":
+            return pooled
+        return pooled / lengths.clamp(min=1).to(entries.dtype).unsqueeze(1)
+
+
 class MLP(nn.Sequential):
     """Linear → ReLU (→ dropout) per hidden width."""
 
