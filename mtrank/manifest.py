@@ -5,12 +5,21 @@ one ONNX graph per user group (``graphs["all"]`` for a model without groups) and
 tables of store-held fields. Every file is listed with its SHA-256; :func:`load_manifest` refuses
 a version whose files do not match.
 
-Graph inputs (names are part of the contract):
+Graph inputs (names are part of the contract). Each has a leading dynamic axis: ``batch`` (one row
+per candidate) or ``requests`` (one row per request: what belongs to the user enters once, however
+many candidates the request ranks). The graph gathers the per-request rows with ``request_index``,
+so one batch may mix several requests. :mod:`mtrank.kinds` derives the list from the feature kinds.
 
-- ``dense``: float32 ``[batch, n_dense]``, normalised as ``features.dense`` says, in that order;
-- ``ids``: int64 ``[batch, n_graph_fields]``, vocabulary indices of the ``location == "graph"``
-  sparse fields in ``features.sparse`` order (0 = out of vocabulary); absent when there are none;
-- ``emb.<field>``: float32 ``[batch, width]``, the row of store table ``<field>`` for each row;
+- ``request_index``: int64 ``[batch]``, the request (row of every ``requests`` input) of each row;
+- ``dense`` / ``user_dense``: float32 ``[batch, n]`` / ``[requests, n]``, the item-side / user-side
+  dense fields of ``features.dense`` in that order, normalised as it says;
+- ``ids`` / ``user_ids``: int64, vocabulary indices of the item-side / user-side sparse fields with
+  ``location == "graph"``, in ``features.sparse`` order (0 = out of vocabulary);
+- ``emb.<field>``: float32 ``[batch or requests, width]``, the row of store table ``<field>``;
+- ``list.<field>`` and ``len.<field>``: a ``multi`` or ``sequence`` field (``lists``): int64 indices
+  ``[batch or requests, max_len]`` padded with 0, and each row's length ``[batch or requests]``; a
+  sequence that shares a store table instead takes ``emb.<field>``: float32 ``[requests, max_len,
+  width]`` (padding rows 0) beside ``len.<field>``;
 - ``item_facet``: int64 ``[batch]``, each row's index into ``item_facet.values`` (three-facet
   models only: each group's graph picks, per row, the heads of the row's item value).
 
@@ -41,14 +50,23 @@ import numpy as np
 
 from mtrank.spec import STRICT, Facet, FeatureSpec, Side, SpecError, validate
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: user-side inputs per request and list fields. 1 (before them) took the user's side once per
+candidate; such a version is refused with a message to re-export its run."""
 MANIFEST = "manifest.json"
 ALL_GROUPS = "all"
 
 # Graph input names: the one definition the exporter, the service and the tests use.
 DENSE_INPUT = "dense"
+USER_DENSE_INPUT = "user_dense"
 IDS_INPUT = "ids"
+USER_IDS_INPUT = "user_ids"
 EMB_PREFIX = "emb."
+LIST_PREFIX = "list."
+LEN_PREFIX = "len."
+REQUEST_INDEX_INPUT = "request_index"
+BATCH_AXIS = "batch"
+REQUESTS_AXIS = "requests"
 ITEM_FACET_INPUT = "item_facet"
 """int64 ``[batch]``: each row's item-facet value index (three-facet models only)."""
 
@@ -150,6 +168,24 @@ class SparseInfo:
     """Graph fields only: value of index ``i + 1``."""
 
 
+@dataclass(frozen=True)
+class ListInfo:
+    """A ``multi`` or ``sequence`` field (:mod:`mtrank.spec`): its entries' vocabulary is ``vocab``
+    (own table in the graph), or that of sparse field ``share`` (its graph table, or with
+    ``location == "store"`` its store table)."""
+
+    __pydantic_config__ = STRICT
+
+    name: str
+    kind: Literal["multi", "sequence"]
+    side: Side
+    max_len: int
+    pooling: Literal["mean", "sum", "attention"]
+    share: str | None = None
+    location: Literal["graph", "store"] = "graph"
+    vocab: list[str] | None = None
+
+
 @dataclass
 class Manifest:
     __pydantic_config__ = STRICT
@@ -165,6 +201,7 @@ class Manifest:
     tables: dict[str, TableInfo]
     user_groups: dict[str, Any] | None = None
     item_facet: dict[str, Any] | None = None
+    lists: list[ListInfo] = field(default_factory=list)
     parity: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
@@ -201,6 +238,9 @@ class Manifest:
         relative path inside the version directory; a :class:`ManifestError` of one line otherwise."""
         if not isinstance(d, dict):
             raise ManifestError(f"{source}: expected a JSON object, got {_json_type(d)}")
+        if d.get("format_version") == 1:
+            raise ManifestError(f"{source}: format_version 1 (exported before per-request user inputs and "
+                                "list fields): export the run again with `mtrank export`")
         if d.get("format_version") != FORMAT_VERSION or isinstance(d.get("format_version"), bool):
             raise ManifestError(f"{source}: unsupported manifest format_version {d.get('format_version')!r}")
         try:
