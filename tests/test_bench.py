@@ -27,7 +27,7 @@ from tests.conftest import IN_CI
 
 ROOT = Path(__file__).resolve().parents[1]
 POINT_FIGURES = ("throughput_rps", "rows_per_s", "p50_ms", "p90_ms", "p99_ms", "requests")
-SECTIONS = ("engine", "lookups", "sweeps", "tail", "overload")
+SECTIONS = ("engine", "lookups", "sweeps", "tail", "impressions", "overload")
 """Timed sections of a run (``sections`` in bench.json); the sweeps fill ``service`` and ``naive``."""
 
 
@@ -41,6 +41,37 @@ def _check_points(report: dict, section: str) -> None:
         for name in POINT_FIGURES:
             _finite_positive(p[name], f"{section} size={p['size']} c={p['concurrency']} {name}")
         assert p["errors"] == 0, f"{section} size={p['size']} c={p['concurrency']}: {p['statuses']}"
+
+
+def _check_impressions(report: dict) -> None:
+    """The impression-log point: each server once per round, the order rotating; the log-on server's files
+    hold every answered request; the read-only server answered every request and counted each record dropped."""
+    imp, cfg = report["impressions"], report["config"]
+    labels = ["log_off", "log_on", "log_read_only"]
+    assert (imp["size"], imp["concurrency"]) == (cfg["impressions_size"], cfg["impressions_concurrency"])
+    assert imp["orders"] == [labels[i % 3:] + labels[: i % 3] for i in range(cfg["impressions_rounds"])]
+    assert set(imp["points"]) == set(labels) and set(labels) <= set(report["servers"])
+    for label, points in imp["points"].items():
+        assert len(points) == cfg["impressions_rounds"], label
+        for p in points:
+            assert p["size"] == 100 and p["concurrency"] == imp["concurrency"] and p["errors"] == 0, (label, p)
+            _finite_positive(p["throughput_rps"], f"impressions {label} req/s")
+    assert imp["on_vs_off"] == [round(on["throughput_rps"] / off["throughput_rps"], 4)
+                                for on, off in zip(imp["points"]["log_on"], imp["points"]["log_off"], strict=True)]
+    env = {label: report["servers"][label]["env"] for label in labels}
+    assert "MTRANK_IMPRESSION_LOG" not in env["log_off"]
+    assert env["log_on"]["MTRANK_IMPRESSION_SAMPLE"] == env["log_read_only"]["MTRANK_IMPRESSION_SAMPLE"] == "1.0"
+    assert imp["read_only"]["mode"] == "0555" and imp["read_only"]["probe_error"] in ("EACCES", "EROFS")
+    on, ro = imp["servers"]["log_on"], imp["servers"]["log_read_only"]
+    assert on["records_in_files"] > 0
+    assert on["records_in_files"] + sum(on["dropped"].values()) == on["statuses"]["200"]
+    assert set(ro["statuses"]) <= {"200", "499"} and ro["statuses"]["200"] > 0
+    assert ro["dropped"] == {"queue_full": 0, "write_error": ro["statuses"]["200"]} and ro["logged"] == 0
+    ratios = report["ratios"]
+    assert ratios["impression_log_on_vs_off"]["value"] == round(sorted(imp["on_vs_off"])[len(imp["on_vs_off"]) // 2],
+                                                                3)
+    assert ratios["impression_log_read_only_failures"]["value"] == 0
+    assert ratios["impression_log_read_only_failures"]["met"] is True
 
 
 def check_bench_json(report: dict) -> None:
@@ -96,6 +127,8 @@ def check_bench_json(report: dict) -> None:
         assert q["errors"] == 0 and q["rows_per_s"] == pytest.approx(q["throughput_rps"] * q["size"], rel=1e-3)
         informational = report["informational"][f"floor_vs_engine_{q['size']}_c{q['concurrency']}"]
         assert informational["value"] == round(q["rows_per_s"] / report["engine"]["peak"]["rows_per_s"], 3)
+
+    _check_impressions(report)
 
     ratios = report["ratios"]
     assert list(ratios) == target_names(sizes) == report["target_names"]
@@ -223,6 +256,13 @@ def test_target_ratios_from_hand_made_figures():
                      "rss_kib": {"start": 100_000, "after_first_second": 200_000, "end": 230_000, "max": 240_000},
                      "error_lines": 2},
         "servers": {"overload": {"error_lines": 2, "error_examples": ["x ERROR y"]}, "service": {"error_lines": 0}},
+        "impressions": {  # three rounds; the ratios 0.9, 1.0 and 0.96: the median round is the third
+            "size": 100, "concurrency": 16, "on_vs_off": [0.9, 1.0, 0.96],
+            "points": {"log_off": [_hand_point(100, 16, r, 20.0, 40.0) for r in (500.0, 480.0, 500.0)],
+                       "log_on": [_hand_point(100, 16, r, 21.0, 45.0) for r in (450.0, 480.0, 480.0)],
+                       "log_read_only": [_hand_point(100, 16, r, 21.0, 45.0) for r in (470.0, 470.0, 470.0)]},
+            "servers": {"log_read_only": {"statuses": {"200": 9000, "499": 16, "503": 1},
+                                          "dropped": {"queue_full": 0, "write_error": 9000}}}},
     }
     ratios = compute_ratios(from_json(Report, report))
     assert list(ratios) == target_names([500, 1000])
@@ -239,9 +279,16 @@ def test_target_ratios_from_hand_made_figures():
         "p99_over_p50_at_70pct_500": (4.0, False),
         "batching_vs_naive_1000": (1.0, True),
         "p99_over_p50_at_70pct_1000": (1.5, True),
+        "impression_log_on_vs_off": (0.96, True),  # the median of the rounds' on ÷ off, not a ratio of medians
+        "impression_log_read_only_failures": (1, False),  # the 503; a client leaving (499) is not a failure
     }
     assert {name: (r.value, r.met) for name, r in ratios.items()} == expected
+    assert (ratios["impression_log_on_vs_off"].parts["on_rps"], ratios["impression_log_on_vs_off"].parts["off_rps"]) \
+        == (480.0, 500.0)
+    assert ratios["impression_log_read_only_failures"].parts["failed"] == {"503": 1}
     assert ratios["overload_accepted_p99_ms"].target == 500.0
+    del report["impressions"]  # a run from before the impression log was measured: no such targets
+    assert list(compute_ratios(from_json(Report, report))) == target_names([500, 1000], impressions=False)
     assert ratios["batching_vs_naive_p50_20_c1"].parts["missing"] == "no 20-candidate point at concurrency 1"
 
 
@@ -292,7 +339,8 @@ def test_the_run_of_record_reads_back_as_it_was_written():
     recorded = json.loads((ROOT / "docs" / "bench" / "bench.json").read_text())
     written = json.loads(json.dumps(to_json(from_json(Report, recorded))))
     added = [k for k in written["config"] if k not in recorded["config"]]
-    assert added == ["floor_points", "c1_pairs"]
+    assert added == ["floor_points", "c1_pairs", "impressions_size", "impressions_concurrency", "impressions_rounds",
+                     "impressions_sample"]
     assert {k: v for k, v in written["config"].items() if k not in added} == recorded["config"]
     assert {**written, "config": recorded["config"]} == recorded
     assert list(written) == list(recorded)

@@ -78,13 +78,25 @@ INFORMATIONAL: dict[str, TargetSpec] = {
 }
 """Figures reported beside the targets (their thresholds are references, not targets)."""
 
+IMPRESSION_TARGETS: dict[str, TargetSpec] = {
+    "impression_log_on_vs_off": TargetSpec(">=", 0.95, "req/s with the impression log on (every request logged) ÷ "
+                                                       "off, 100 candidates, closed loop; the median of the rounds' "
+                                                       "ratios, each round measuring both servers back to back"),
+    "impression_log_read_only_failures": TargetSpec("<=", 0, "ranking requests that did not answer 200 on the "
+                                                             "server whose log directory cannot be written (a 499, "
+                                                             "the client leaving at the end of a point, aside)"),
+}
+"""The "Done when" of issue 30 on the impression log, for runs that measure it (:mod:`mtrank.bench.impressions`)."""
+
 ENGINE_POINTS: tuple[tuple[int, int], ...] = ((20, 32), (500, 16))
 """(candidates, concurrency) of the two engine targets, where the serving floor is measured too."""
 
 
-def target_names(sizes: list[int]) -> list[str]:
-    """Every target a run over request ``sizes`` reports."""
-    return [*TARGETS, *(name.format(size=n) for n in sorted(sizes) for name in PER_SIZE_TARGETS)]
+def target_names(sizes: list[int], impressions: bool = True) -> list[str]:
+    """Every target a run over request ``sizes`` reports; ``impressions``: with the impression log's
+    (runs before it was measured have none)."""
+    return [*TARGETS, *(name.format(size=n) for n in sorted(sizes) for name in PER_SIZE_TARGETS),
+            *(IMPRESSION_TARGETS if impressions else ())]
 
 
 @dataclass
@@ -158,6 +170,16 @@ class BenchConfig:
     (ignoring Retry-After), :func:`mtrank.bench.measure.storm_clients` of them, measured this long."""
     rss_interval_s: float = 0.2
     """Seconds between two samples of the overload server's RSS."""
+    impressions_size: int = 100
+    """Candidates per request of the impression-log point (:mod:`mtrank.bench.impressions`)."""
+    impressions_concurrency: int = 16
+    """Closed-loop connections of the impression-log point (past the knee of 100 candidates here, so the
+    servers are busy and what the writer thread takes from them shows)."""
+    impressions_rounds: int = 5
+    """Rounds of the impression-log point: in each, one point on each of the three servers (log off, on,
+    read-only), the order rotating; the target takes the median round."""
+    impressions_sample: float = 1.0
+    """MTRANK_IMPRESSION_SAMPLE of the servers with the log: every request, the most it can cost."""
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -167,7 +189,7 @@ class BenchConfig:
             max_windows=3, min_requests_per_window=8, engine_min_time_s=0.03, engine_service_threads=False,
             engine_twice=False, c1_pairs=1,
             lookup_calls=200, lookup_rounds=1, overload_s=3.0, overload_warmup_s=0.5, tail_repeats=1,
-            overload_repeats=1, retry_storm_s=2.0,
+            overload_repeats=1, retry_storm_s=2.0, impressions_rounds=1,
         )
 
     @property

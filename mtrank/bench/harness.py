@@ -1,4 +1,5 @@
-"""``mtrank bench``: engine limit, service, naive server, overload and embedding lookups, side by side in one run.
+"""``mtrank bench``: engine limit, service, naive server, impression log, overload and embedding lookups, side by
+side in one run.
 
 ``mtrank bench --repo REPO --model NAME --out DIR [--redis URL|none] [--device cpu|cuda] [--quick]
 [--sizes 20,500] [--concurrencies 1,16] [--prepare]``
@@ -15,7 +16,9 @@
    the same moments of the host and each size is compared at each server's best concurrency;
 4. tail: on the batching server, an open-loop point at 70 % of each size's best throughput for the
    tail-latency target;
-5. overload: a fresh server with ``MTRANK_REQUEST_TIMEOUT_MS`` at a realistic value, open loop at
+5. impression log: the service with the log off, on and in a read-only directory, one
+   100-candidate point on each per round, the order rotating (:mod:`mtrank.bench.impressions`);
+6. overload: a fresh server with ``MTRANK_REQUEST_TIMEOUT_MS`` at a realistic value, open loop at
    4 × the best closed-loop throughput of 500-candidate requests: goodput, 503 latency, accepted
    p99, the server's RSS through the point and the ERROR lines of its log.
 
@@ -52,6 +55,7 @@ import orjson
 from mtrank import store_keys
 from mtrank.bench.config import BenchConfig, BenchError, config_for, target_names
 from mtrank.bench.engine import bench_engine
+from mtrank.bench.impressions import impression_log_point
 from mtrank.bench.loadgen import write_bodies
 from mtrank.bench.lookups import bench_lookups
 from mtrank.bench.markdown import write_markdown
@@ -89,6 +93,8 @@ class _Run:
     catalog: Catalog
     bodies: dict[int, Path]
     """Request size → a file of request bodies."""
+    scratch: Path
+    """The run's temporary directory (request bodies, impression logs)."""
 
 
 def describe_machine() -> dict[str, Any]:
@@ -274,8 +280,8 @@ def _measure_lookups(report: Report, run: _Run) -> None:
 
 
 def _measure_servers(report: Report, run: _Run) -> None:
-    """The sweeps and concurrency-1 pairs on both servers, the tail, the floor, the engine again and
-    the overload point."""
+    """The sweeps and concurrency-1 pairs on both servers, the tail, the impression log off, on and
+    read-only, the floor, the engine again and the overload point."""
     cfg = run.cfg
     env = server_env(run.device, run.redis_url, run.prefix, cfg.request_timeout_ms) | {
         "MTRANK_WORKERS": str(report.workers.asked)}  # 0: the service's default
@@ -288,6 +294,10 @@ def _measure_servers(report: Report, run: _Run) -> None:
             report.c1_pairs = c1_pairs({"service": server, "naive": naive}, run.bodies, report, cfg)
         with _section(report, "tail"):
             report.tail = [tail_point(server, run.bodies, size, report.service, cfg) for size in cfg.sizes]
+    with _section(report, "impressions"):
+        report.impressions = impression_log_point(report, run.repo, env | {"MTRANK_BATCHING": "true"},
+                                                  run.bodies[cfg.impressions_size], cfg, run.device,
+                                                  run.scratch / "impressions")
     if run.device == "cpu":
         with _section(report, "floor"):
             report.floor = floor_points(run.vdir, run.graph, run.bodies, report.workers.count, cfg)
@@ -328,7 +338,8 @@ def run_bench(args: argparse.Namespace) -> Report:
     with tempfile.TemporaryDirectory(prefix="mtrank-bench-") as tmp:
         run = _Run(cfg=cfg, device=device, redis_url=redis_url, repo=repo, model=model, vdir=vdir, manifest=manifest,
                    graph=graph, prefix=f"mtrank-bench-{uuid.uuid4().hex[:8]}", catalog=catalog,
-                   bodies=_write_bodies(RequestFactory(catalog), cfg.sizes, cfg.bodies_per_size, Path(tmp)))
+                   bodies=_write_bodies(RequestFactory(catalog), sorted({*cfg.sizes, cfg.impressions_size}),
+                                        cfg.bodies_per_size, Path(tmp)), scratch=Path(tmp))
         report = _new_report(args, run)
         say(f"{report.mode} run on {model} v{manifest.version} ({vdir}), device {device}; "
             f"load {report.load_at_start}")

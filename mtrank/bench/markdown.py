@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mtrank.bench.report import EngineRun, LoadPoint, Overload, Ratio, Report
+from mtrank.bench.report import EngineRun, ImpressionLogPoint, LoadPoint, Overload, Ratio, Report
 
 
 def _fmt(v: Any, digits: int = 1) -> str:
@@ -155,6 +155,36 @@ def _service(report: Report) -> list[str]:
     return parts + ["## Naive server (MTRANK_BATCHING=false)", "", _points_table(report.naive), ""]
 
 
+def _impressions(imp: ImpressionLogPoint) -> list[str]:
+    """The impression log off, on and read-only: each round's points, the on ÷ off ratios and each
+    server's counters."""
+    rows = []
+    for i, order in enumerate(imp.orders):
+        for label in order:
+            p = imp.points[label][i]
+            rows.append([i + 1, label, p.throughput_rps, f"{p.p50_ms:.2f}", f"{p.p99_ms:.2f}",
+                         f"{p.server_cpu_cores:.2f}", p.rows_per_server_cpu_s, p.errors, str(p.load)])
+    counters = [[label, str(s.statuses), s.logged, str(s.dropped), _fmt(s.records_in_files), s.cpu_s,
+                 f"{s.writer_cpu_s:.2f} ({s.writer_cpu_s / s.cpu_s:.1%})" if s.cpu_s else "–"]
+                for label, s in imp.servers.items()]
+    ro = imp.read_only
+    return [
+        f"## Impression log: off, on and read-only, {imp.size} candidates at concurrency {imp.concurrency}", "",
+        f"Three servers with the same settings: the log off, on (`MTRANK_IMPRESSION_SAMPLE={imp.sample:g}`) and on "
+        f"in a directory of mode {ro.get('mode', '?')} that the server cannot write (command prefix: "
+        f"{ro.get('server_wrapper', '?')}; a probe file there got {ro.get('probe_error', '?')}). One point on each "
+        "per round, in the order shown; on ÷ off by round: "
+        + ", ".join(f"{r:.3f}" for r in imp.on_vs_off) + ".", "",
+        _table(["round", "server", "req/s", "p50 ms", "p99 ms", "server CPU (cores)", "rows per server CPU-s",
+                "errors", "load"], rows), "",
+        "Each server's counters after the point (answers by status include warm-ups; logged: in completed files "
+        "while it ran; in files: complete files once it stopped; CPU seconds of all its processes through the "
+        "rounds, and of the impression writer threads among them):", "",
+        _table(["server", "/v1/rank answers", "logged", "dropped", "records in files", "CPU s",
+                "writer thread CPU s"], counters), "",
+    ]
+
+
 def _overload(ov: Overload) -> list[str]:
     rss, best = ov.rss_kib, ov.best_closed_loop
     return [
@@ -225,6 +255,8 @@ def _lookups(report: Report) -> list[str]:
 def write_markdown(report: Report, path: Path) -> None:
     """Writes every table of ``report`` to ``path`` (``bench.md``), the plots linked at the end."""
     parts = _header(report) + _servers(report) + _engine(report) + _service(report)
+    if report.impressions is not None:
+        parts += _impressions(report.impressions)
     if report.overload.repeats:
         parts += _overload(report.overload) + _retry_storm(report.overload)
     parts += _lookups(report)

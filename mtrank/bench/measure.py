@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -135,10 +135,10 @@ def measure_point(server: ServerUnderTest, bodies_file: Path, size: int, cfg: Be
 
 @contextmanager
 def server_under_test(report: Report, label: str, repo: Path, env: dict[str, str],
-                      device: str) -> Iterator[RemoteServer]:
+                      device: str, wrapper: Sequence[str] = ()) -> Iterator[RemoteServer]:
     """A server under test, recorded under ``report.servers[label]``: its provider and, once stopped,
-    the ERROR lines of its log."""
-    server = RemoteServer(repo, env=env, ready_timeout_s=180)
+    the ERROR lines of its log. ``wrapper``: a command prefix that execs the server."""
+    server = RemoteServer(repo, env=env, ready_timeout_s=180, wrapper=wrapper)
     entry = ServerRecord(env=env, pid=server.proc.pid)
     report.servers[label] = entry
     try:

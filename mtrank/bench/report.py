@@ -262,6 +262,45 @@ class Overload:
 
 
 @dataclass
+class ImpressionServer:
+    """What one server of the impression-log point counted, after the point."""
+
+    statuses: dict[str, int] = field(default_factory=dict)
+    """``/v1/rank`` answers by status (``mtrank_requests_total``), warm-ups included."""
+    logged: int = 0
+    """``mtrank_impressions_logged_total``: records in completed files while the server ran."""
+    dropped: dict[str, int] = field(default_factory=dict)
+    """``mtrank_impressions_dropped_total`` by reason."""
+    records_in_files: int | None = optional()
+    """Log on: the records in the directory's complete files once the server stopped."""
+    cpu_s: float = 0.0
+    """CPU seconds of the server's processes (all threads) through the rounds."""
+    writer_cpu_s: float = 0.0
+    """Of which the impression writer threads' (``mtrank-implog``)."""
+
+
+@dataclass
+class ImpressionLogPoint:
+    """The impression log off, on and in a read-only directory: one closed-loop point per server and
+    round, the order rotating from round to round."""
+
+    size: int = 0
+    concurrency: int = 0
+    sample: float = 1.0
+    """``MTRANK_IMPRESSION_SAMPLE`` of the two servers with the log."""
+    read_only: dict[str, str] = field(default_factory=dict)
+    """How the read-only directory was made (mode, the server's command prefix) and the error a write
+    probe under that prefix got."""
+    orders: list[list[str]] = field(default_factory=list)
+    """The servers' order in each round."""
+    points: dict[str, list[LoadPoint]] = field(default_factory=dict)
+    """Server → its point in each round."""
+    on_vs_off: list[float] = field(default_factory=list)
+    """Each round's req/s with the log on ÷ off."""
+    servers: dict[str, ImpressionServer] = field(default_factory=dict)
+
+
+@dataclass
 class LookupTiming:
     """Per-call times of one way to fetch the lookup ids (the median round)."""
 
@@ -365,6 +404,8 @@ class Report:
     engine_peaks: list[EnginePoint] | None = optional()
     """Every engine peak, in the order measured."""
     overload: Overload = field(default_factory=Overload)
+    impressions: ImpressionLogPoint | None = optional()
+    """The impression log off, on and read-only (runs since issue 30)."""
     redis_keys_deleted: int | None = optional()
     load_at_end: Load = field(default_factory=list)
     seconds: float = 0.0

@@ -12,6 +12,7 @@ from typing import Any
 
 from mtrank.bench.config import (
     ENGINE_POINTS,
+    IMPRESSION_TARGETS,
     INFORMATIONAL,
     PER_SIZE_TARGETS,
     TAIL_KEPT_UP,
@@ -37,7 +38,9 @@ def compute_ratios(report: Report) -> dict[str, Ratio]:
     for size in report.config.sizes:
         ratios[f"batching_vs_naive_{size}"] = _batching_ratio(report, size)
         ratios[f"p99_over_p50_at_70pct_{size}"] = _tail_ratio(report, size)
-    return {name: ratios[name] for name in target_names(report.config.sizes)}
+    if report.impressions is not None:
+        ratios |= _impression_ratios(report)
+    return {name: ratios[name] for name in target_names(report.config.sizes, report.impressions is not None)}
 
 
 def _c1_ratio(report: Report) -> Ratio:
@@ -100,6 +103,39 @@ def _overload_ratios(report: Report) -> dict[str, Ratio]:
         TARGETS["overload_error_lines"], ov.error_lines, examples=report.servers["overload"].error_examples,
         other_servers={k: s.error_lines for k, s in report.servers.items() if k != "overload"})
     return out
+
+
+def _impression_ratios(report: Report) -> dict[str, Ratio]:
+    """The log on ÷ off (the median round) and the failed requests of the server with a read-only log."""
+    imp = report.impressions
+    on, off = imp.points.get("log_on", []), imp.points.get("log_off", [])
+    spec = IMPRESSION_TARGETS["impression_log_on_vs_off"]
+    if not imp.on_vs_off:
+        on_vs_off = ratio(spec, None, missing="no round of the impression-log point")
+    else:
+        mid = middle(list(range(len(imp.on_vs_off))), key=lambda i: imp.on_vs_off[i])
+        log_on = imp.servers.get("log_on")
+        on_vs_off = ratio(
+            spec, imp.on_vs_off[mid], size=imp.size, concurrency=imp.concurrency, rounds=imp.on_vs_off,
+            on_rps=on[mid].throughput_rps, off_rps=off[mid].throughput_rps,
+            cpu_per_row_on_vs_off=round(off[mid].rows_per_server_cpu_s / on[mid].rows_per_server_cpu_s, 3)
+            if on[mid].rows_per_server_cpu_s else None,
+            load=on[mid].load, dropped_with_log_on=log_on.dropped if log_on else None,
+            writer_cpu_share=round(log_on.writer_cpu_s / log_on.cpu_s, 3) if log_on and log_on.cpu_s else None)
+    ro = imp.servers.get("log_read_only")
+    points = imp.points.get("log_read_only", [])
+    spec = IMPRESSION_TARGETS["impression_log_read_only_failures"]
+    if ro is None or not points:
+        failures = ratio(spec, None, missing="no read-only server in the impression-log point")
+    else:
+        # 499: the load generator closed its connections at the end of a point, requests in flight.
+        failed = {status: n for status, n in ro.statuses.items() if status not in ("200", "499")}
+        client_errors = sum(p.errors for p in points)
+        # The server's count covers warm-ups too; the client's covers connections the server never answered.
+        failures = ratio(spec, max(sum(failed.values()), client_errors), answered_200=ro.statuses.get("200", 0),
+                         failed=failed, client_closed_499=ro.statuses.get("499", 0), client_errors=client_errors,
+                         dropped=ro.dropped, logged=ro.logged, read_only=imp.read_only)
+    return {"impression_log_on_vs_off": on_vs_off, "impression_log_read_only_failures": failures}
 
 
 def _batching_ratio(report: Report, size: int) -> Ratio:

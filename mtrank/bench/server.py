@@ -49,7 +49,10 @@ class RemoteServer:
         wait_ready: bool = True,
         cwd: Path | str | None = None,
         new_session: bool = False,
+        wrapper: Sequence[str] = (),
     ):
+        """``wrapper``: a command prefix that execs the server (e.g. ``setpriv ... --``), so that
+        ``proc.pid`` is still the server's."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("MTRANK_")}
@@ -60,7 +63,7 @@ class RemoteServer:
         if repo is not None:
             cmd += ["--repo", str(repo)]
         self.proc = subprocess.Popen(
-            [*cmd, *args], env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [*wrapper, *cmd, *args], env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=new_session,  # a process group of its own, as a terminal gives it
         )
         self._log: list[str] = []

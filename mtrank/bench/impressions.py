@@ -1,0 +1,208 @@
+"""The impression log in the bench: what logging every answer costs, and what a log directory that
+cannot be written does to ranking.
+
+Three ``mtrank serve`` processes with the same settings run side by side: the log off, the log on
+(``MTRANK_IMPRESSION_LOG`` in a fresh directory, every request sampled) and the log on in a
+directory that cannot be written. One closed-loop point of ``cfg.impressions_size`` candidates is
+measured on each, ``cfg.impressions_rounds`` rounds, the order rotating from round to round, so the
+on ÷ off ratio of a round compares the same minutes of the host. Afterwards each server's own
+counters say what was answered, logged and dropped.
+
+A read-only directory is a directory of mode 0555. Modes do not stop a process that holds
+``CAP_DAC_OVERRIDE`` (root, usually), so such a server runs under ``setpriv`` without that
+capability, as a service account would; :func:`read_only_directory` checks with a probe process
+under the same wrapper that a file really cannot be created there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from mtrank.bench.config import BenchConfig, BenchError
+from mtrank.bench.measure import cpu_seconds, measure_point, say, server_under_test
+from mtrank.bench.report import ImpressionLogPoint, ImpressionServer, LoadPoint, Report
+from mtrank.bench.server import RemoteServer
+
+LABELS = ("log_off", "log_on", "log_read_only")
+"""The three servers of the point, in the order of the first round."""
+CAP_DAC_OVERRIDE = 1
+"""Bit of the capability that lets a process write where the file modes say it may not."""
+_PROBE = ("import errno, os, sys\n"
+          "path = os.path.join(sys.argv[1], '.mtrank-write-probe')\n"
+          "try:\n"
+          "    open(path, 'w').close()\n"
+          "except OSError as e:\n"
+          "    print(errno.errorcode.get(e.errno, e.errno))\n"
+          "else:\n"
+          "    os.unlink(path)\n"
+          "    print('written')\n")
+
+
+def holds_dac_override(pid: int | str = "self") -> bool:
+    """Whether process ``pid``'s effective capabilities include ``CAP_DAC_OVERRIDE``."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    effective = next(line for line in status.splitlines() if line.startswith("CapEff:"))
+    return bool(int(effective.split()[1], 16) >> CAP_DAC_OVERRIDE & 1)
+
+
+def without_dac_override() -> list[str]:
+    """The command prefix under which a child of this process obeys file modes: ``setpriv`` dropping
+    ``CAP_DAC_OVERRIDE`` from its bounding and inheritable sets when this process holds it, else []."""
+    if not holds_dac_override():
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise BenchError("a read-only log directory needs setpriv (util-linux) to run the server without "
+                         "CAP_DAC_OVERRIDE: this process holds it, and file modes do not stop it")
+    return [setpriv, "--inh-caps=-dac_override", "--bounding-set=-dac_override", "--"]
+
+
+def write_probe(directory: Path, wrapper: Sequence[str] = ()) -> str:
+    """``written`` when a process started under ``wrapper`` can create a file in ``directory``, else the
+    name of the error it got (``EACCES``, ``EROFS`` ...)."""
+    proc = subprocess.run([*wrapper, sys.executable, "-c", _PROBE, str(directory)], capture_output=True, text=True,
+                          timeout=60)
+    if proc.returncode != 0:
+        raise BenchError(f"the write probe failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return proc.stdout.strip()
+
+
+@contextmanager
+def read_only_directory(path: Path) -> Iterator[tuple[Path, list[str], str]]:
+    """``path`` created with mode 0555, the command prefix a server needs for the mode to hold
+    (:func:`without_dac_override`) and the error a probe process under it got creating a file there.
+    Raises :class:`BenchError` when the probe could write. The mode goes back to 0755 afterwards."""
+    path.mkdir(parents=True)
+    path.chmod(0o555)
+    try:
+        wrapper = without_dac_override()
+        probe = write_probe(path, wrapper)
+        if probe == "written":
+            raise BenchError(f"{path} (mode 0555) can still be written by the server's process")
+        yield path, wrapper, probe
+    finally:
+        path.chmod(0o755)
+
+
+def rank_statuses(metrics_text: str) -> dict[str, int]:
+    """``/v1/rank`` answers by status, from a server's ``mtrank_requests_total``."""
+    out: dict[str, int] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name == "mtrank_requests_total" and s.labels.get("route") == "/v1/rank":
+                out[s.labels["status"]] = out.get(s.labels["status"], 0) + int(s.value)
+    return out
+
+
+def impression_counters(metrics_text: str) -> tuple[int, dict[str, int]]:
+    """(records logged, records dropped by reason) from a server's metrics."""
+    logged, dropped = 0, {}
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name == "mtrank_impressions_logged_total":
+                logged += int(s.value)
+            elif s.name == "mtrank_impressions_dropped_total":
+                dropped[s.labels["reason"]] = dropped.get(s.labels["reason"], 0) + int(s.value)
+    return logged, dropped
+
+
+def records_in_files(directory: Path) -> int:
+    """Records in the complete impression files of ``directory`` (their Parquet footers' row counts)."""
+    import pyarrow.parquet as pq
+
+    from mtrank.impression_log import FILE_GLOB
+
+    return sum(pq.ParquetFile(path).metadata.num_rows for path in directory.glob(FILE_GLOB))
+
+
+def writer_cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of the impression writer threads (``mtrank-implog``) of ``pids``."""
+    from mtrank.service.impressions import THREAD_NAME
+
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                if (task / "comm").read_text().strip() != THREAD_NAME:
+                    continue
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(server: RemoteServer) -> tuple[float, float]:
+    """(CPU seconds of the server's processes, of their impression writer threads) so far."""
+    pids = server.pids()
+    return cpu_seconds(pids), writer_cpu_seconds(pids)
+
+
+def _settle(server: RemoteServer, label: str, cpu_before: tuple[float, float],
+            timeout_s: float = 15.0) -> ImpressionServer:
+    """The server's counters once every answered record is accounted for (logged, dropped or still
+    in an open file: the writer completes files by size or age, so some wait there), with the CPU
+    seconds since ``cpu_before``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = server.metrics()
+        statuses, (logged, dropped) = rank_statuses(text), impression_counters(text)
+        if label != "log_read_only" or sum(dropped.values()) >= statuses.get("200", 0) or time.monotonic() > deadline:
+            cpu, writer = _cpu(server)
+            return ImpressionServer(statuses=statuses, logged=logged, dropped=dropped,
+                                    cpu_s=round(cpu - cpu_before[0], 2), writer_cpu_s=round(writer - cpu_before[1], 2))
+        time.sleep(0.25)
+
+
+def _round_orders(rounds: int) -> list[list[str]]:
+    """The labels rotated by one each round, so that each server goes first, second and third in turn."""
+    return [[*LABELS[i % 3:], *LABELS[: i % 3]] for i in range(rounds)]
+
+
+def impression_log_point(report: Report, repo: Path, env: dict[str, str], bodies: Path, cfg: BenchConfig,
+                         device: str, scratch: Path) -> ImpressionLogPoint:
+    """The three servers, ``cfg.impressions_rounds`` rounds of one closed-loop point each, and what each
+    server's counters say afterwards. ``scratch`` holds the log directories (removed afterwards)."""
+    size, concurrency = cfg.impressions_size, cfg.impressions_concurrency
+    sample = {"MTRANK_IMPRESSION_SAMPLE": str(cfg.impressions_sample)}
+    out = ImpressionLogPoint(size=size, concurrency=concurrency, sample=cfg.impressions_sample)
+    with ExitStack() as stack:
+        ro_dir, wrapper, probe = stack.enter_context(read_only_directory(scratch / "read-only"))
+        out.read_only = {"mode": "0555", "server_wrapper": " ".join(wrapper) or "none (no CAP_DAC_OVERRIDE here)",
+                         "probe_error": probe}
+        envs = {"log_off": env, "log_on": env | sample | {"MTRANK_IMPRESSION_LOG": str(scratch / "on")},
+                "log_read_only": env | sample | {"MTRANK_IMPRESSION_LOG": str(ro_dir)}}
+        servers = {label: stack.enter_context(server_under_test(
+            report, label, repo, envs[label], device, wrapper=wrapper if label == "log_read_only" else ()))
+            for label in LABELS}
+        if wrapper and holds_dac_override(servers["log_read_only"].proc.pid):
+            raise BenchError("the read-only log server still holds CAP_DAC_OVERRIDE")
+        cpu_before = {label: _cpu(server) for label, server in servers.items()}
+        points: dict[str, list[LoadPoint]] = {label: [] for label in LABELS}
+        for i, order in enumerate(_round_orders(max(1, cfg.impressions_rounds))):
+            for label in order:
+                p = measure_point(servers[label], bodies, size, cfg, concurrency=concurrency)
+                points[label].append(p)
+                say(f"impressions round {i + 1} {label:13s}: {p.throughput_rps:7.1f} req/s p50={p.p50_ms:6.2f} "
+                    f"p99={p.p99_ms:6.2f} ms, {p.rows_per_server_cpu_s:,.0f} rows per server CPU-s"
+                    f"{' errors=' + str(p.errors) if p.errors else ''}")
+            out.orders.append(order)
+        out.points = points
+        out.servers = {label: _settle(server, label, cpu_before[label]) for label, server in servers.items()}
+    # Stopped: the log-on server has completed its last file, and what it logged can be counted.
+    out.servers["log_on"].records_in_files = records_in_files(scratch / "on")
+    out.on_vs_off = [round(on.throughput_rps / off.throughput_rps, 4) if off.throughput_rps else 0.0
+                     for on, off in zip(points["log_on"], points["log_off"], strict=True)]
+    shutil.rmtree(scratch / "on", ignore_errors=True)
+    say(f"impression log on ÷ off, {size} candidates at concurrency {concurrency}, by round: "
+        + ", ".join(f"{r:.3f}" for r in out.on_vs_off) + f"; read-only server: {out.servers['log_read_only']}")
+    return out
