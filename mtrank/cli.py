@@ -15,7 +15,7 @@ class CLIError(Exception):
 def _synth(a: argparse.Namespace) -> None:
     from mtrank.training.synth import generate
 
-    generate(a.out, rows=a.rows, seed=a.seed, shards=a.shards)
+    generate(a.out, rows=a.rows, seed=a.seed, shards=a.shards, history=a.history)
     splits = f"{{train,valid,test}}/ ({a.shards} Parquet files each)" if a.shards else "{train,valid,test}.parquet"
     print(f"wrote {a.out}/{splits} and {a.out}/spec.yaml")
 
@@ -188,6 +188,9 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=1, help="generator seed: same seed, same data (default 1)")
     s.add_argument("--shards", type=int, default=0,
                    help="write each split as a directory of this many Parquet files (default 0: one file per split)")
+    s.add_argument("--history", action="store_true",
+                   help="rows also carry the user's recent history (hist_item_id, hist_category) and the item's "
+                        "tags as Parquet list columns, and the truth depends on the history (docs/data.md)")
     s.set_defaults(func=_synth)
 
 

@@ -1,50 +1,16 @@
 """Synthetic short-video platform: impressions with six feedback tasks and their ground truth.
 
-Each row is one impression of a video (item) to a user. The generative model, in order
-(every number is a field of ``SynthParams``, saved in ``spec.extra["params"]``):
+Each row is one impression of a video (item) to a user: users (``rows / 40``, 9 % new) drawn by
+activity, items (``rows / 50``, 40 categories) drawn Zipf-like. For task k, given a play,
+``z_k = bias_k + engagement_k * (E_obs + E_id) + length_k(L) + activity_k * A + cat_k[c] + id_k``;
+``played`` has logit ``bias_play + 0.5 * (E_obs + E_id) + device term``; the intercepts are solved
+per data set for the target rates, and the labels are drawn from the truth (``draw_labels``).
+With ``history`` (``mtrank synth --history``), :mod:`mtrank.training.synth_history` adds users'
+interests, each row's behaviour history, items' tags and a history term to the engagement.
 
-1. **Users** (``rows / 40``): ``new`` users (9 % of users) have ``account_age_days`` in [0, 7);
-   the others ``7 + LogNormal(median 300 d)``. ``watch_minutes_30d`` is LogNormal (median 100
-   min, new users 40 min, sigma 1.4). ``device`` is ios/android/web (40/50/10 %). ``user_group``
-   follows the spec's rules: new if age < 7 d, else low if minutes < 60, else high.
-2. **Items** (``rows / 50``) belong to authors (``items / 8``) and one of 40 categories
-   (authors stick to a home category 70 % of the time); ``video_len`` LogNormal(median 30 s,
-   sigma 1) clipped to [3, 1800] s; ``item_age_days`` Exponential(mean 25 d); cold if < 2 d.
-3. **Impressions**: items are drawn Zipf-like (weight ``rank^-0.8``), users in proportion to
-   ``(watch_minutes + 5)^0.6``, with new users' total share of rows fixed at 4 %.
-4. **Ground truth.** For task k, given a play, the logit is
-
-   ``z_k = bias_k + engagement_k * (E_obs + E_id) + length_k(L) + activity_k * A + cat_k[c] + id_k``
-
-   - ``E_obs``: observable engagement: category appeal, device bias, device x category,
-     activity ``A`` (standardised ``log1p(watch_minutes_30d)``) and ``A x freshness``
-     (freshness = ``exp(-item_age_days / 7)``).
-   - ``E_id``: latent part shared by all tasks (small): user·item affinity (item factor =
-     category centroid + own deviation), user bias, item quality (correlated with popularity),
-     author bias.
-   - ``length_k``: slope and curvature in ``L = log(video_len / 30 s)``, softened for active users
-     and on web; ``cat_k``: the task's own category appeal; ``id_k``: task-specific user bias,
-     item bias and user·item affinity. Tasks share ``E_obs + E_id`` but differ in length slope,
-     category and activity, so they agree on most rows and disagree on some (long videos are
-     rarely finished but often liked).
-   - New users follow their own pattern: category appeal only 0.5-correlated with everyone
-     else's, their own device bias and length slopes (e.g. vtr falls with L instead of rising),
-     no activity terms, and id terms scaled by 0.3.
-   ``vcr`` uses the same form for the logit of its mean; ``played`` has logit
-   ``bias_play + 0.5 * (E_obs + E_id) + device term``. The intercepts are solved per data set so
-   that 86 % of rows are played and each task's mean given a play hits its target ``rate``.
-5. **Labels.** ``played ~ Bernoulli(p_play)``. Given a play, one uniform ``e`` draws the
-   engagement labels comonotonically (``skip = e < q_skip``, ``finish = e > 1 - q_finish``,
-   ``vtr = e > 1 - q_vtr``): a finished play is never a skip when ``q_skip + q_finish <= 1`` and
-   is a valid view when ``q_finish <= q_vtr``. like and share are independent draws;
-   ``vcr ~ Beta(2.5 m, 2.5 (1 - m))`` whose mean is exactly ``m``.
-   Unplayed rows: vtr = finish = like = share = 0, skip = 1, vcr = NaN.
-
-Oracle columns hold the true probability of each binary label on every row, play included
-(``oracle_vtr = p_play * q_vtr``, ``oracle_skip = 1 - p_play + p_play * q_skip``), and for
-``vcr`` the expectation given a play (``m``), also on unplayed rows. Every label is drawn from
-its oracle, so ``auc(label, oracle)`` is what a perfect model reaches. ``docs/data.md`` explains
-how to read them.
+``docs/data.md`` gives the model in full; every number is a field of ``SynthParams`` (saved in
+``spec.extra["params"]``). Oracle columns hold the truth of every row (P(label = 1), play
+included; E[vcr | played] for vcr), so ``auc(label, oracle)`` is what a perfect model reaches.
 """
 
 from __future__ import annotations
@@ -60,7 +26,9 @@ import numpy as np
 import pandas as pd
 
 from mtrank.spec import DenseField, Facet, FacetRule, FeatureSpec, SparseField, Task
+from mtrank.training import synth_history
 from mtrank.training.metrics import auc, mse
+from mtrank.training.synth_history import Histories, HistoryParams, Taste
 
 TASKS = ("vtr", "vcr", "finish", "skip", "like", "share")
 BINARY_TASKS = ("vtr", "finish", "skip", "like", "share")
@@ -160,11 +128,13 @@ class SynthParams:
 
 
 def feature_spec(
-    params: SynthParams | None = None, rows: int = 0, seed: int = 0, intercepts: dict[str, float] | None = None
+    params: SynthParams | None = None, rows: int = 0, seed: int = 0, intercepts: dict[str, float] | None = None,
+    history: HistoryParams | None = None,
 ) -> FeatureSpec:
     """The feature spec of the synthetic data; ``extra`` documents the generator.
 
-    ``intercepts`` are the logit intercepts ``generate`` solved for the target rates.
+    ``intercepts`` are the logit intercepts ``generate`` solved for the target rates; ``history``
+    is saved as ``extra["history"]``.
     """
     params = params or SynthParams()
     extra: dict[str, Any] = {
@@ -179,6 +149,8 @@ def feature_spec(
             "included) and E[vcr | played] for vcr; skip = 1 on unplayed rows; see docs/data.md"
         ),
     }
+    if history is not None:
+        extra["history"] = asdict(history)
     return FeatureSpec(
         name="synth_short_video",
         dense=(
@@ -356,6 +328,8 @@ class World:
     effects: dict[str, dict]
     intercepts: dict[str, float] = field(default_factory=dict)
     """Unrounded; ``played`` and one per task (``generate`` saves them rounded in the spec)."""
+    taste: Taste | None = None
+    """Users' interests and items' tags: set in a world with behaviour histories (``synth --history``)."""
 
     @property
     def n_users(self) -> int:
@@ -365,8 +339,16 @@ class World:
     def n_items(self) -> int:
         return len(self.items["quality"])
 
-    def logits(self, u: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The play logit and each task's logit given a play, both without their intercepts."""
+    def draw_histories(self, u: np.ndarray, rng: np.random.Generator) -> Histories:
+        """A session's recent history for each row of users ``u`` (a world with histories only)."""
+        if self.taste is None:
+            raise ValueError("this world has no behaviour histories (made without --history)")
+        return self.taste.draw(self.users, u, rng)
+
+    def logits(self, u: np.ndarray, i: np.ndarray,
+               history: Histories | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The play logit and each task's logit given a play, both without their intercepts.
+        ``history`` (one per row): add the history term; without it the term is left out."""
         p, users, items = self.params, self.users, self.items
         new = users["is_new"][u]
         old = ~new
@@ -394,6 +376,8 @@ class World:
             + p.author_bias * items["author_bias"][items["author"][i]]
         )
         engagement = e_obs + e_id
+        if history is not None:
+            engagement = engagement + self.taste.engagement(i, history)
         play_logit = p.play_engagement * engagement + np.asarray(p.play_device)[dev]
         z: dict[str, np.ndarray] = {}
         for name in TASKS:
@@ -407,24 +391,25 @@ class World:
             z[name] = t.engagement * engagement + length + t.activity * A * old + eff["category"][cat] + id_k
         return play_logit, z
 
-    def solve_intercepts(self, u: np.ndarray, i: np.ndarray) -> None:
+    def solve_intercepts(self, u: np.ndarray, i: np.ndarray, history: Histories | None = None) -> None:
         """Intercepts that put the play rate and each task's rate given a play on their targets
         over the impressions ``(u, i)``."""
-        play_logit, z = self.logits(u, i)
+        play_logit, z = self.logits(u, i, history)
         self.intercepts = {"played": _intercept(play_logit, np.ones(len(u)), self.params.play_rate)}
         p_play = _sigmoid(self.intercepts["played"] + play_logit)
         for name in TASKS:
             self.intercepts[name] = _intercept(z[name], p_play, self.params.tasks[name].rate)
 
-    def truth(self, u: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def truth(self, u: np.ndarray, i: np.ndarray,
+              history: Histories | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """``p_play`` and, per task, P(label = 1 | played) (binary) or E[vcr | played] (vcr)."""
-        play_logit, z = self.logits(u, i)
+        play_logit, z = self.logits(u, i, history)
         p_play = _sigmoid(self.intercepts["played"] + play_logit)
         return p_play, {name: _sigmoid(self.intercepts[name] + z[name]) for name in TASKS}
 
-    def oracles(self, u: np.ndarray, i: np.ndarray) -> dict[str, np.ndarray]:
+    def oracles(self, u: np.ndarray, i: np.ndarray, history: Histories | None = None) -> dict[str, np.ndarray]:
         """The ``oracle_<task>`` values of the pairs, as in the data set's oracle columns."""
-        p_play, q = self.truth(u, i)
+        p_play, q = self.truth(u, i, history)
         return {
             "vtr": p_play * q["vtr"],
             "vcr": np.clip(q["vcr"], 1e-4, 1 - 1e-4),
@@ -456,9 +441,28 @@ def _world(rng: np.random.Generator, rows: int, p: SynthParams) -> tuple[World, 
     return world, u, i
 
 
-def build_world(rows: int, seed: int, params: SynthParams | None = None) -> World:
-    """The world behind ``mtrank synth --rows ROWS --seed SEED`` (intercepts solved as it solved them)."""
-    return _world(np.random.default_rng(seed), rows, params or SynthParams())[0]
+def _impressions(rows: int, seed: int, p: SynthParams, history: HistoryParams | None) -> tuple[
+        np.random.Generator, World, np.ndarray, np.ndarray, Histories | None]:
+    """The label stream, the world, its impressions and, with ``history``, each row's history:
+    drawn from the stream ``[seed, 2]``, so the world's other draws are those made without it."""
+    rng = np.random.default_rng(seed)
+    world, u, i = _world(rng, rows, p)
+    if history is None:
+        return rng, world, u, i, None
+    taste_rng = np.random.default_rng([seed, 2])
+    world.taste = synth_history.draw_taste(taste_rng, world.users, world.items,
+                                           exposure(world.users, world.items, p)[1], p.n_categories, history)
+    hist = world.draw_histories(u, taste_rng)
+    i = world.taste.retarget(i, hist, taste_rng)
+    world.solve_intercepts(u, i, hist)
+    return rng, world, u, i, hist
+
+
+def build_world(rows: int, seed: int, params: SynthParams | None = None,
+                history: HistoryParams | None = None) -> World:
+    """The world behind ``mtrank synth --rows ROWS --seed SEED [--history]`` (intercepts solved as
+    it solved them); ``history``: ``HistoryParams(**spec.extra["history"])`` of a data set with histories."""
+    return _impressions(rows, seed, params or SynthParams(), history)[1]
 
 
 def draw_labels(rng: np.random.Generator, p_play: np.ndarray, q: dict[str, np.ndarray],
@@ -483,19 +487,23 @@ def draw_labels(rng: np.random.Generator, p_play: np.ndarray, q: dict[str, np.nd
     }
 
 
-def simulate(rows: int, seed: int, params: SynthParams | None = None) -> pd.DataFrame:
-    """All ``rows`` impressions, in generation order, with labels and oracle columns."""
-    return _simulate(rows, seed, params or SynthParams())[0]
+def simulate(rows: int, seed: int, params: SynthParams | None = None,
+             history: HistoryParams | None = None) -> pd.DataFrame:
+    """All ``rows`` impressions, in generation order, with labels and oracle columns (and with
+    ``history``, the list columns)."""
+    return _simulate(rows, seed, params or SynthParams(), history)[0]
 
 
-def _simulate(rows: int, seed: int, p: SynthParams) -> tuple[pd.DataFrame, dict[str, float]]:
+def _simulate(rows: int, seed: int, p: SynthParams,
+              history: HistoryParams | None = None) -> tuple[pd.DataFrame, dict[str, float]]:
     """The impressions and the solved logit intercepts (``played`` and one per task)."""
-    rng = np.random.default_rng(seed)
-    world, u, i = _world(rng, rows, p)
-    p_play, q = world.truth(u, i)
+    rng, world, u, i, hist = _impressions(rows, seed, p, history)
+    p_play, q = world.truth(u, i, hist)
     labels = draw_labels(rng, p_play, q, p.vcr_concentration)
-    oracles = world.oracles(u, i)
+    oracles = world.oracles(u, i, hist)
     users, items = world.users, world.items
+    lists = {} if hist is None else synth_history.list_columns(
+        world.taste, i, hist, _ids("v", world.n_items), _ids("c", p.n_categories))
     spec = feature_spec(p)
     raw = {
         "account_age_days": users["account_age"][u],
@@ -515,6 +523,7 @@ def _simulate(rows: int, seed: int, p: SynthParams) -> tuple[pd.DataFrame, dict[
             "video_len": items["video_len"][i],
             "item_age_days": raw["item_age_days"],
             "item_state": np.asarray(spec.item_facet.values, dtype=object)[spec.item_facet.assign(raw)],
+            **lists,
             **labels,
             **{f"oracle_{name}": oracles[name] for name in TASKS},
         }
@@ -526,12 +535,14 @@ ROW_GROUP_ROWS = 65_536
 """Rows per Parquet row group: the unit a reader loads, shuffles and hands to one worker."""
 
 
-def generate(out_dir: Path, rows: int, seed: int, progress: bool = True, shards: int = 0) -> FeatureSpec:
+def generate(out_dir: Path, rows: int, seed: int, progress: bool = True, shards: int = 0,
+             history: bool = False) -> FeatureSpec:
     """Write ``train/valid/test.parquet`` (80/10/10 of shuffled rows) and ``spec.yaml`` to ``out_dir``.
 
     ``shards`` K ≥ 1: each split is a directory ``<split>/`` of K files ``part-00000.parquet`` …
-    (consecutive slices of equal size). Row groups hold :data:`ROW_GROUP_ROWS` rows.
-    Deterministic: the same ``rows``, ``seed`` and ``shards`` give the same bytes.
+    (consecutive slices of equal size). Row groups hold :data:`ROW_GROUP_ROWS` rows. ``history``:
+    rows also carry behaviour histories and tags (:mod:`mtrank.training.synth_history`).
+    Deterministic: the same ``rows``, ``seed``, ``shards`` and ``history`` give the same bytes.
     """
     if rows < 10:
         raise ValueError(f"rows must be at least 10, got {rows}")
@@ -541,7 +552,8 @@ def generate(out_dir: Path, rows: int, seed: int, progress: bool = True, shards:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = SynthParams()
-    frame, intercepts = _simulate(rows, seed, params)
+    hp = HistoryParams() if history else None
+    frame, intercepts = _simulate(rows, seed, params, hp)
     order = np.random.default_rng([seed, 1]).permutation(rows)
     bounds = np.cumsum([0] + [round(rows * share) for _, share in SPLITS[:-1]] + [rows])
     bounds[-1] = rows
@@ -556,8 +568,11 @@ def generate(out_dir: Path, rows: int, seed: int, progress: bool = True, shards:
         for k, (c0, c1) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
             part.iloc[c0:c1].to_parquet(split_dir / f"part-{k:05d}.parquet", index=False,
                                         row_group_size=ROW_GROUP_ROWS)
-    spec = feature_spec(params, rows=rows, seed=seed, intercepts=intercepts)
-    spec.save(out_dir / "spec.yaml")
+    spec = feature_spec(params, rows=rows, seed=seed, intercepts=intercepts, history=hp)
+    if hp is None:
+        spec.save(out_dir / "spec.yaml")
+    else:
+        synth_history.save_spec(spec.to_dict(), hp, out_dir / "spec.yaml")
     if progress:
         print(f"synth: {rows} rows -> {out_dir} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return spec
