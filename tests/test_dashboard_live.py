@@ -35,6 +35,8 @@ from tests.conftest import _need
 from tests.deploy_refs import ALERTS, DASHBOARD, ROOT, alert_exprs
 from tests.server import TOY_TASKS, build_toy_version, rank_body
 
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 SCRAPE_S = 1
 MAX_CANDIDATES = 64

@@ -52,6 +52,10 @@ ROW_GROUP_RECORDS = 4096
 :data:`ROW_GROUP_S`)."""
 ROW_GROUP_S = 5.0
 WARN_EVERY_S = 10.0
+DICTIONARY_COLUMNS = ("bucket", "model", "user_group", "items.list.element.tasks.key_value.key")
+"""The Parquet columns of few distinct values, dictionary-encoded. The others (ids, JSON texts,
+numbers) are mostly distinct: a dictionary costs a hash of every value (twice the write time of a
+100-candidate record) and ends up larger than plain zstd."""
 THREAD_NAME = "mtrank-implog"
 """The writer thread's name, also given to the OS (``/proc/PID/task/*/comm``)."""
 
@@ -257,7 +261,8 @@ class _FileSet:
         self._paths = (self.directory / f".{name}.tmp", self.directory / name)
         try:
             self._sink = pa.OSFile(str(self._paths[0]), "wb")
-            self._writer = pq.ParquetWriter(self._sink, self._schema, compression="zstd")
+            self._writer = pq.ParquetWriter(self._sink, self._schema, compression="zstd",
+                                            use_dictionary=list(DICTIONARY_COLUMNS))
         except Exception as e:  # noqa: BLE001 - OSError, or pyarrow's errors of the same disk
             self.abandon(_describe(e))
             return False
@@ -286,6 +291,7 @@ def record_batch(records: list[Record], schema: pa.Schema) -> pa.RecordBatch:
 
     queries = [r[1] for r in records]
     answers = [r[2] for r in records]
+    candidates, candidate_ids, starts = _candidates(queries, schema.field("candidates").type)
     columns = [
         pa.array([int(r[0] * 1000) for r in records], pa.int64()).cast(schema.field("time").type),
         pa.array([a.request_id for a in answers], pa.string()),
@@ -295,8 +301,8 @@ def record_batch(records: list[Record], schema: pa.Schema) -> pa.RecordBatch:
         pa.array([a.user_group for a in answers], pa.string()),
         pa.array([q.user_id for q in queries], pa.string()),
         _json_texts([q.user_features for q in queries]),
-        _candidates(queries, schema.field("candidates").type),
-        _items(records, schema.field("items").type),
+        candidates,
+        _items(records, schema.field("items").type, candidate_ids, starts),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
@@ -325,41 +331,63 @@ def _offsets(lengths: Iterable[int] | np.ndarray) -> np.ndarray:
     return offsets
 
 
-def _candidates(queries: list[RankQuery], kind: pa.ListType) -> pa.Array:
-    """Every candidate as received: item id, video length and its features as JSON text."""
+def _candidates(queries: list[RankQuery], kind: pa.ListType) -> tuple[pa.Array, pa.Array, np.ndarray]:
+    """Every candidate as received: item id, video length and its features as JSON text. Returns the
+    list column, the candidates' ids and each request's first candidate (and the end) in them."""
     import pyarrow as pa
 
     ids = pa.array(list(itertools.chain.from_iterable(q.item_ids for q in queries)), pa.string())
     lengths = pa.array(np.concatenate([q.video_len for q in queries]), pa.float64())
     features = _json_texts(itertools.chain.from_iterable(q.item_features for q in queries))
     values = pa.StructArray.from_arrays([ids, lengths, features], fields=list(kind.value_type))
-    return pa.ListArray.from_arrays(pa.array(_offsets([q.n for q in queries])), values, type=kind)
+    offsets = _offsets([q.n for q in queries])
+    return pa.ListArray.from_arrays(pa.array(offsets), values, type=kind), ids, offsets
 
 
-def _items(records: list[Record], kind: pa.ListType) -> pa.Array:
-    """The returned items in rank order: id, rank, score and each task's prediction (a map)."""
+def _items(records: list[Record], kind: pa.ListType, candidate_ids: pa.Array, starts: np.ndarray) -> pa.Array:
+    """The returned items in rank order: id, rank, score and each task's prediction (a map).
+    ``candidate_ids`` and ``starts``: the batch's candidates and each request's first one in them."""
     import pyarrow as pa
 
     fields = list(kind.value_type)
     answers = [r[2] for r in records]
     counts = [len(a.items) for a in answers]
-    ids = pa.array([it.item_id for a in answers for it in a.items], pa.string())
+    # Each returned item is a candidate of its request: its index among the batch's candidates.
+    rows = np.concatenate([r[3] + start for r, start in zip(records, starts[:-1].tolist(), strict=True)])
+    ids = candidate_ids.take(pa.array(rows))
     ranks = pa.array(np.concatenate([np.arange(1, k + 1, dtype=np.int32) for k in counts]), pa.int32())
     scores = pa.array([it.score for a in answers for it in a.items], pa.float64())
-    # Task names as indices into the names seen (taken in C), not a Python string per item and task.
-    names: dict[str, int] = {}
-    keys, values, per_item = [], [], []
-    for (_, _, _, rows, task_scores), k in zip(records, counts, strict=True):
-        index = np.array([names.setdefault(t, len(names)) for t in task_scores], dtype=np.int32)
-        keys.append(np.tile(index, k))
-        # [tasks, candidates] → the returned rows → item-major, so each item's map is contiguous.
-        values.append(np.array(list(task_scores.values()), dtype=np.float32)[:, rows].T.ravel())
-        per_item.append(np.full(k, len(index), dtype=np.int32))
-    key_array = pa.array(list(names), pa.string()).take(pa.array(np.concatenate(keys)))
-    tasks = pa.MapArray.from_arrays(pa.array(_offsets(np.concatenate(per_item))), key_array,
-                                    pa.array(np.concatenate(values), pa.float32())).cast(fields[3].type)
+    tasks = _task_maps(records, rows).cast(fields[3].type)
     values_array = pa.StructArray.from_arrays([ids, ranks, scores, tasks], fields=fields)
     return pa.ListArray.from_arrays(pa.array(_offsets(counts)), values_array, type=kind)
+
+
+def _task_maps(records: list[Record], rows: np.ndarray) -> pa.MapArray:
+    """Each returned item's task predictions (``rows``: the items' indices among the batch's
+    candidates) as a map, item-major so that each item's map is contiguous."""
+    import pyarrow as pa
+
+    names = list(records[0][4])
+    if all(list(r[4]) == names for r in records):
+        # One model's tasks throughout (the usual batch): a column per task for the whole batch.
+        values = np.stack([np.concatenate([r[4][t] for r in records])[rows] for t in names], axis=1)
+        keys = np.tile(np.arange(len(names), dtype=np.int32), len(rows))
+        offsets = np.arange(len(rows) + 1, dtype=np.int32) * len(names)
+    else:
+        # Task names as indices into the names seen (taken in C), not a Python string per item and task.
+        seen: dict[str, int] = {}
+        key_parts, value_parts, per_item = [], [], []
+        for _, _, _, served, task_scores in records:
+            k = len(served)
+            index = np.array([seen.setdefault(t, len(seen)) for t in task_scores], dtype=np.int32)
+            key_parts.append(np.tile(index, k))
+            # [tasks, candidates] → the returned rows → item-major.
+            value_parts.append(np.array(list(task_scores.values()), dtype=np.float32)[:, served].T.ravel())
+            per_item.append(np.full(k, len(index), dtype=np.int32))
+        names, keys, values = list(seen), np.concatenate(key_parts), np.concatenate(value_parts)
+        offsets = _offsets(np.concatenate(per_item))
+    key_array = pa.array(names, pa.string()).take(pa.array(keys))
+    return pa.MapArray.from_arrays(pa.array(offsets), key_array, pa.array(values.astype(np.float32).ravel()))
 
 
 def _describe(e: BaseException) -> str:
