@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import repeat
 from typing import Any
@@ -158,6 +159,8 @@ def sparse_key(value: Any) -> str:
         if math.isfinite(v) and v == int(v) and abs(v) < 2**63:
             return str(int(v))
         return repr(v)
+    if isinstance(value, list | tuple | dict | np.ndarray):
+        raise TransformError(f"must be a single value, got {_json_kind(value)}")
     return str(value)
 
 
@@ -302,14 +305,22 @@ class ListBatch:
         return out
 
 
-def list_batch(values: Column, n: int, max_len: int, name: str) -> ListBatch:
-    """The kept keys of ``n`` rows of a list field (``values``: one list per row, or None)."""
+class ListTooLong(TransformError):
+    """A list longer than the hard limit a caller set (the service's ``MTRANK_MAX_LIST_LEN``)."""
+
+
+def list_batch(values: Column, n: int, max_len: int, name: str, limit: int | None = None) -> ListBatch:
+    """The kept keys of ``n`` rows of a list field (``values``: one list per row, or None); a list
+    longer than ``limit`` raises :class:`ListTooLong`."""
     if values is None:
         return ListBatch(np.zeros(n, dtype=np.int64), [], 0)
     if len(values) != n:
         raise TransformError(f"{len(values)} values for {n} rows", name)
     rows = [list_values(v, name) for v in values]
     full = np.fromiter(map(len, rows), dtype=np.int64, count=n)
+    if limit is not None and n and full.max() > limit:
+        raise ListTooLong(f"a list of {int(full.max())} values, more than the limit of {limit} (MTRANK_MAX_LIST_LEN)",
+                          name)
     lengths = np.minimum(full, max_len)
     keys: list[str] = []
     for row, k in zip(rows, lengths.tolist(), strict=True):
@@ -339,6 +350,17 @@ def facet_index(facet: Facet, columns: Mapping[str, Column], n: int, defaults: M
     if not features:
         return np.full(n, facet.values.index(facet.default), dtype=np.int64)
     return facet.assign(features)
+
+
+@contextmanager
+def _naming(feature: str):
+    """A :class:`TransformError` raised inside names ``feature`` when it named none."""
+    try:
+        yield
+    except TransformError as e:
+        if e.feature is not None:
+            raise
+        raise TransformError(str(e), feature) from None
 
 
 # -- the transform of one model -------------------------------------------------------------
@@ -391,6 +413,8 @@ class FeatureTransform:
         self.dense = list(dense)
         self.sparse = list(sparse)
         self.lists = list(lists)
+        self.max_list_len: int | None = None
+        """Longest list accepted (:class:`ListTooLong` beyond it); None: any length."""
         self.user_groups = user_groups
         self.item_facet = item_facet
         self.graph_fields = [s for s in self.sparse if s.location == "graph"]
@@ -445,18 +469,18 @@ class FeatureTransform:
             if s.vocabulary is None:
                 raise TransformError(f"sparse field {s.name!r} has no vocabulary here (its table is in the store)")
             values = columns.get(s.name)
-            if values is None or not isinstance(values, np.ndarray | list | tuple):
-                ids[:, j] = s.vocabulary.index(sparse_key(values))  # one value for every row
-            else:
-                ids[:, j] = s.vocabulary.indices(sparse_keys(values))
+            with _naming(s.name):
+                if values is None or not isinstance(values, np.ndarray | list | tuple):
+                    ids[:, j] = s.vocabulary.index(sparse_key(values))  # one value for every row
+                else:
+                    ids[:, j] = s.vocabulary.indices(sparse_keys(values))
         return ids
 
-    @staticmethod
-    def list_ids(field: ListColumn, values: Column, n: int) -> tuple[np.ndarray, np.ndarray, int]:
+    def list_ids(self, field: ListColumn, values: Column, n: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(int64 ``[n, max_len]`` indices padded with 0, int64 ``[n]`` lengths, rows truncated)."""
         if field.vocabulary is None:
             raise TransformError(f"list field {field.name!r} is embedded by a store table; it has no vocabulary here")
-        batch = list_batch(values, n, field.max_len, field.name)
+        batch = list_batch(values, n, field.max_len, field.name, self.max_list_len)
         ids = batch.matrix(field.vocabulary.indices(batch.keys), field.max_len)
         return ids, batch.lengths, batch.truncated
 
@@ -464,9 +488,10 @@ class FeatureTransform:
         """The keys of store field ``name`` to look up (one per row, or one for a scalar column)."""
         if name not in self.store_fields:
             raise TransformError(f"{name!r} is not a store-held field")
-        if values is None or not isinstance(values, np.ndarray | list | tuple):
-            return [sparse_key(values)]
-        return sparse_keys(values, n)
+        with _naming(name):
+            if values is None or not isinstance(values, np.ndarray | list | tuple):
+                return [sparse_key(values)]
+            return sparse_keys(values, n)
 
     def facet(self, facet: Facet | None, columns: Mapping[str, Column], n: int) -> np.ndarray | None:
         """``[n]`` facet value index per row, or None when the model has no such facet."""

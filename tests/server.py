@@ -54,6 +54,18 @@ TOY_ITEMS = [f"v{i}" for i in range(500)]
 TOY_AUTHORS = [f"a{i}" for i in range(60)]
 TOY_STORE_FIELDS = (("user_id", "user", TOY_USERS), ("item_id", "item", TOY_ITEMS), ("author_id", "item", TOY_AUTHORS))
 
+TOY_INPUTS = (
+    TensorInfo("request_index", "int64", ["batch"]),
+    TensorInfo("dense", "float32", ["batch", 2]),
+    TensorInfo("user_dense", "float32", ["requests", 2]),
+    TensorInfo("ids", "int64", ["batch", 1]),
+    TensorInfo("user_ids", "int64", ["requests", 1]),
+    TensorInfo("emb.user_id", "float32", ["requests", TOY_DIM]),
+    TensorInfo("emb.item_id", "float32", ["batch", TOY_DIM]),
+    TensorInfo("emb.author_id", "float32", ["batch", TOY_DIM]),
+)
+"""The toy graphs' inputs, as the feature kinds derive them from the toy manifest."""
+
 
 BUSY_DIM = 384
 
@@ -96,13 +108,16 @@ def _toy_graph(path: Path, seed: int, tasks: Sequence[str], busy_rounds: int = 0
     ]
     for k in range(len(tasks)):
         inits.append(numpy_helper.from_array(np.array(k, dtype=np.int64), f"k{k}"))
-    nodes = [
-        helper.make_node("Gather", ["ids", "i0"], ["id_device"], axis=1),
-        helper.make_node("Gather", ["ids", "i1"], ["id_cat"], axis=1),
+    nodes = [  # the user's side arrives once per request; request_index gathers it to the rows
+        helper.make_node("Gather", ["user_dense", "request_index"], ["ud"], axis=0),
+        helper.make_node("Gather", ["user_ids", "request_index"], ["uids"], axis=0),
+        helper.make_node("Gather", ["emb.user_id", "request_index"], ["e_user"], axis=0),
+        helper.make_node("Gather", ["uids", "i0"], ["id_device"], axis=1),
+        helper.make_node("Gather", ["ids", "i0"], ["id_cat"], axis=1),
         helper.make_node("Gather", ["t_device", "id_device"], ["e_device"], axis=0),
         helper.make_node("Gather", ["t_cat", "id_cat"], ["e_cat"], axis=0),
         helper.make_node(
-            "Concat", ["dense", "e_device", "e_cat"] + [f"emb.{f}" for f, _, _ in TOY_STORE_FIELDS], ["x"], axis=1
+            "Concat", ["ud", "dense", "e_device", "e_cat", "e_user", "emb.item_id", "emb.author_id"], ["x"], axis=1
         ),
         helper.make_node("MatMul", ["x", "w1"], ["h0"]),
         helper.make_node("Add", ["h0", "b1"], ["h1"]),
@@ -120,11 +135,8 @@ def _toy_graph(path: Path, seed: int, tasks: Sequence[str], busy_rounds: int = 0
     ]
     nodes += [helper.make_node("Gather", ["p", f"k{k}"], [t], axis=1) for k, t in enumerate(tasks)]
     inputs = [
-        helper.make_tensor_value_info("dense", TensorProto.FLOAT, ["batch", len(TOY_DENSE)]),
-        helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 2]),
-    ]
-    inputs += [
-        helper.make_tensor_value_info(f"emb.{f}", TensorProto.FLOAT, ["batch", TOY_DIM]) for f, _, _ in TOY_STORE_FIELDS
+        helper.make_tensor_value_info(t.name, TensorProto.FLOAT if t.dtype == "float32" else TensorProto.INT64, t.shape)
+        for t in TOY_INPUTS
     ]
     outputs = [helper.make_tensor_value_info(t, TensorProto.FLOAT, ["batch"]) for t in tasks]
     graph = helper.make_graph(nodes, "toy", inputs, outputs, inits)
@@ -143,8 +155,7 @@ def time_one_call(graph: Path, rows: int = 50, runs: int = 5) -> float:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
-    feed = {"dense": np.zeros((rows, len(TOY_DENSE)), np.float32), "ids": np.zeros((rows, 2), np.int64)}
-    feed |= {f"emb.{f}": np.zeros((rows, TOY_DIM), np.float32) for f, _, _ in TOY_STORE_FIELDS}
+    feed = {t.name: np.zeros((1 if t.shape[0] == "requests" else rows, *t.shape[1:]), t.dtype) for t in TOY_INPUTS}
     session.run(None, feed)
     times = []
     for _ in range(runs):
@@ -198,8 +209,7 @@ def build_toy_version(
         np.save(vdir / "tables" / f"{f}.npy", vectors)
         tables[f] = TableInfo(f, f"tables/{f}.ids", f"tables/{f}.npy", len(ids) + 1, TOY_DIM, ["shared"])
     task_names = [t for t, _ in tasks]
-    inputs = [TensorInfo("dense", "float32", ["batch", len(TOY_DENSE)]), TensorInfo("ids", "int64", ["batch", 2])]
-    inputs += [TensorInfo(f"emb.{f}", "float32", ["batch", TOY_DIM]) for f, _, _ in TOY_STORE_FIELDS]
+    inputs = list(TOY_INPUTS)
     graphs = {}
     for g, key in enumerate(TOY_GROUPS.values if grouped else ("all",)):
         (vdir / "graphs").mkdir(exist_ok=True)

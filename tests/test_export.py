@@ -18,7 +18,11 @@ from mtrank.export.exporter import ParityError, export_run
 from mtrank.manifest import (
     ALL_GROUPS,
     DENSE_INPUT,
+    EMB_PREFIX,
     IDS_INPUT,
+    REQUEST_INDEX_INPUT,
+    USER_DENSE_INPUT,
+    USER_IDS_INPUT,
     Manifest,
     ManifestError,
     emb_input,
@@ -37,16 +41,29 @@ MODELS = model_names()
 BATCH_SIZES = (1, 7, 1024)
 
 
-def serving_feeds(manifest: Manifest, vdir: Path, dense: np.ndarray, sparse: np.ndarray) -> dict[str, np.ndarray]:
-    """Graph inputs built the way the service does: from the manifest and the table files only."""
-    feeds = {DENSE_INPUT: dense}
-    graph_cols = [j for j, f in enumerate(manifest.sparse) if f.location == "graph"]
-    if graph_cols:
-        feeds[IDS_INPUT] = sparse[:, graph_cols]
-    for j, f in enumerate(manifest.sparse):
-        if f.location == "store":
-            vectors = np.asarray(open_vectors(vdir / manifest.tables[f.name].vectors_file))
-            feeds[emb_input(f.name)] = vectors[sparse[:, j]]
+def serving_feeds(manifest: Manifest, vdir: Path, dense: np.ndarray, sparse: np.ndarray,
+                  key: str | None = None) -> dict[str, np.ndarray]:
+    """Graph inputs of preprocessed rows, each its own request, built from the manifest and the
+    table files only (single-valued fields; list fields have their own tests)."""
+    n = len(dense)
+    graph = manifest.graphs[key or next(iter(manifest.graphs))]
+    dense_side = [d.side for d in manifest.dense]
+    graph_cols = [(j, f.side) for j, f in enumerate(manifest.sparse) if f.location == "graph"]
+    feeds = {}
+    for tensor in graph.inputs:
+        name = tensor.name
+        if name == REQUEST_INDEX_INPUT:
+            feeds[name] = np.arange(n, dtype=np.int64)
+        elif name in (DENSE_INPUT, USER_DENSE_INPUT):
+            side = "item" if name == DENSE_INPUT else "user"
+            feeds[name] = dense[:, [j for j, s in enumerate(dense_side) if s == side]]
+        elif name in (IDS_INPUT, USER_IDS_INPUT):
+            side = "item" if name == IDS_INPUT else "user"
+            feeds[name] = sparse[:, [j for j, s in graph_cols if s == side]]
+        elif name.startswith(EMB_PREFIX):
+            j = next(j for j, f in enumerate(manifest.sparse) if emb_input(f.name) == name)
+            vectors = np.asarray(open_vectors(vdir / manifest.tables[manifest.sparse[j].name].vectors_file))
+            feeds[name] = vectors[sparse[:, j]]
     return feeds
 
 
@@ -109,8 +126,10 @@ def test_graphs_have_the_manifest_interface_and_a_dynamic_batch_axis(model, trai
         # A group's graph computes that group's heads only.
         group = None if key == ALL_GROUPS else key
         assert graph.tasks == [h.task for h in torch_model.group_heads(group)]
+        axes = {t.name: t.shape[0] for t in [*graph.inputs, *graph.outputs]}
+        assert {a for n, a in axes.items() if n in graph.tasks} == {"batch"}
         for value in [*proto.graph.input, *proto.graph.output]:
-            assert value.type.tensor_type.shape.dim[0].dim_param == "batch", value.name
+            assert value.type.tensor_type.shape.dim[0].dim_param == axes[value.name], value.name
         np_dtype = onnx.helper.tensor_dtype_to_np_dtype
         assert {i.name: np_dtype(i.type.tensor_type.elem_type).name for i in proto.graph.input} == {
             t.name: t.dtype for t in graph.inputs
@@ -217,7 +236,7 @@ def test_a_model_without_graph_fields_has_no_ids_input(tmp_path):
     vdir = export_run(untrained_run(tmp_path / "run", graph_fields=False), tmp_path / "repo", progress=False)
     manifest = load_manifest(vdir)
     inputs = [t.name for t in manifest.graphs[ALL_GROUPS].inputs]
-    assert inputs == [DENSE_INPUT, emb_input("user_id"), emb_input("item_id")]
+    assert inputs == [REQUEST_INDEX_INPUT, DENSE_INPUT, USER_DENSE_INPUT, emb_input("user_id"), emb_input("item_id")]
     assert manifest.parity["rows"] == "random"  # the run's data directory no longer exists
 
 

@@ -400,7 +400,7 @@ def test_three_facet_mfh_trains_with_mtrank_train_and_exports_with_an_item_facet
         by_item = []
         for value in range(n_items):
             item = np.full(len(dense), value, dtype=np.int64)
-            feeds = {**serving_feeds(manifest, vdir, dense, sparse), ITEM_FACET_INPUT: item}
+            feeds = {**serving_feeds(manifest, vdir, dense, sparse, group), ITEM_FACET_INPUT: item}
             got = np.stack(session.run(graph.tasks, feeds), axis=1)
             with torch.no_grad():
                 logits = run.model(torch.from_numpy(dense), torch.from_numpy(sparse), group=group)

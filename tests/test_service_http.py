@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mtrank import kinds
 from mtrank.bench.server import RemoteServer, free_port
 from mtrank.fusion import BucketConfig, LengthFn, length_factor
-from mtrank.manifest import DENSE_INPUT, EMB_PREFIX, IDS_INPUT, emb_input, load_manifest, version_dir, write_manifest
+from mtrank.manifest import load_manifest, version_dir, write_manifest
 from mtrank.service.buckets import BucketTable
 from tests.server import ROOT, rank_body
 
@@ -664,25 +665,23 @@ def _direct_group_outputs(vdir: Path, body: dict, group: str) -> dict[str, np.nd
     m = load_manifest(vdir)
     transform = FeatureTransform.from_manifest(m)
     user, cands = body["user"], body["candidates"]
-    columns = {}
+    user_values, columns = {}, {}
     for f in (*transform.dense, *transform.sparse):
         if f.side == "user":
-            columns[f.name] = user["user_id"] if f.name == "user_id" else user["features"].get(f.name)
+            user_values[f.name] = user["user_id"] if f.name == "user_id" else user["features"].get(f.name)
         elif f.name in ("item_id", "video_len"):
             columns[f.name] = [c[f.name] for c in cands]
         else:
             columns[f.name] = [c["features"].get(f.name) for c in cands]
     info = m.graph_for(group)
     session = ort.InferenceSession(str(vdir / info.file), providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    n = len(cands)
-    feed = {DENSE_INPUT: transform.dense_matrix(columns, n)}
-    if IDS_INPUT in names:
-        feed[IDS_INPUT] = transform.graph_ids(columns, n)
-    for name in [x[len(EMB_PREFIX):] for x in names if x.startswith(EMB_PREFIX)]:
-        table = LocalTable(m.name, m.version, m.tables[name], vdir)
-        v = InProcessStore.lookup_sync(table, transform.store_keys(name, columns[name], n)).vectors
-        feed[emb_input(name)] = np.repeat(v, n, axis=0) if len(v) != n else v
+    wanted = {i.name for i in session.get_inputs()}
+    feed = kinds.feed(transform, kinds.Rows.one_request(user_values, columns, len(cands)), wanted)
+    found = {}
+    for need in feed.needs:
+        table = LocalTable(m.name, m.version, m.tables[need.table], vdir)
+        found[need.input] = InProcessStore.lookup_sync(table, need.keys).vectors
+    feed = feed.resolve(found)
     outputs = session.run([o.name for o in info.outputs], feed)
     return dict(zip(info.tasks, outputs, strict=True))
 

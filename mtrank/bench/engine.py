@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mtrank.manifest import Manifest
+from mtrank import kinds
+from mtrank.manifest import ITEM_FACET_INPUT, Manifest
 from mtrank.service.runner import CPU, CUDA, DeviceError, GraphRunner, InputSpec
+from mtrank.transform import FeatureTransform
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -47,16 +49,30 @@ class DefaultSession:
 
 def random_feed(runner: GraphRunner | DefaultSession, manifest: Manifest, rows: int,
                 rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Inputs of ``rows`` rows: normal floats, and in-vocabulary indices for the ``ids`` input."""
-    vocab_sizes = [len(s.vocab or []) + 1 for s in manifest.sparse if s.location == "graph"]
+    """Inputs of one request of ``rows`` candidates, as the feature kinds derive them: normal floats,
+    in-vocabulary indices, list lengths up to ``max_len`` (the user's side has one row)."""
+    transform = FeatureTransform.from_manifest(manifest)
+    facet = transform.item_facet
+    inputs = kinds.graph_inputs(transform, {f: t.width for f, t in manifest.tables.items()},
+                                item_facet=any(i.name == ITEM_FACET_INPUT for i in runner.inputs))
+    vocab = {s.name: len(s.vocabulary) + 1 for s in transform.sparse if s.vocabulary is not None}
+    vocab |= {f.name: len(f.vocabulary) + 1 for f in transform.lists if f.vocabulary is not None}
+    max_len = {f.name: f.max_len for f in transform.lists}
+    highs = {
+        "request_index": lambda i: [1],
+        "ids": lambda i: [vocab[f] for f in i.fields],
+        "list_ids": lambda i: [vocab[i.fields[0]]] * i.width[0],
+        "list_len": lambda i: [max_len[i.fields[0]] + 1],
+        "item_facet": lambda i: [len(facet.values) if facet else 1],
+    }
     feed = {}
-    for spec in runner.inputs:
-        shape = (rows, spec.width) if spec.width is not None else (rows,)
-        if np.issubdtype(spec.dtype, np.integer):
-            highs = vocab_sizes if spec.width == len(vocab_sizes) else [1] * (spec.width or 1)
-            feed[spec.name] = np.stack([rng.integers(0, h, rows) for h in highs], axis=1).astype(spec.dtype)
+    for i in inputs:
+        n = 1 if i.per_request else rows
+        if i.dtype == "int64":
+            columns = [rng.integers(0, h, n) for h in highs[i.role](i)]
+            feed[i.name] = (np.stack(columns, axis=1) if i.width else columns[0]).astype(np.int64)
         else:
-            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            feed[i.name] = rng.standard_normal((n, *i.width)).astype(np.float32)
     return feed
 
 

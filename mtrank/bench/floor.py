@@ -43,10 +43,11 @@ def _start() -> None:
     batches, threads = Settings.model_construct().concurrency()
     runner = GraphRunner(vdir / manifest.graphs[graph].file, "cpu", threads)
     batch_rows = best_batch_rows(runner.warm_up(BATCH_SIZES))  # as the service sizes its batches
+    per_request = frozenset(i.name for i in runner.inputs if i.per_request)
     _STATE.update(
         manifest=manifest, runner=runner, feeds={}, answers={}, rng=np.random.default_rng(0),
         batcher=Batcher(runner.run, runner.output_names, manifest.name, graph, "cpu", max_batch_rows=batch_rows,
-                        max_concurrent=batches),
+                        max_concurrent=batches, request_inputs=per_request),
     )
 
 

@@ -30,22 +30,24 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pandas as pd
 import torch
 from torch import nn
 
+from mtrank import kinds
 from mtrank.export.tables import write_table
+from mtrank.kinds.base import GraphInput
 from mtrank.manifest import (
     ALL_GROUPS,
-    DENSE_INPUT,
-    IDS_INPUT,
-    ITEM_FACET_INPUT,
+    BATCH_AXIS,
+    REQUEST_INDEX_INPUT,
     DenseInfo,
     GraphInfo,
+    ListInfo,
     Manifest,
     SparseInfo,
     TableInfo,
     TensorInfo,
-    emb_input,
     facet_dict,
     open_vectors,
     write_manifest,
@@ -53,6 +55,8 @@ from mtrank.manifest import (
 from mtrank.training.checkpoint import Run, fsync_dir, load_run
 from mtrank.training.models.base import MultiTaskModel
 from mtrank.training.outputs import OutputLayer
+from mtrank.training.streaming import facet_codes
+from mtrank.transform import Vocabulary
 
 FP32_TOLERANCE = 1e-5
 """Max abs difference between ONNX Runtime and PyTorch outputs (label units), fp32 graphs."""
@@ -76,42 +80,74 @@ class ParityError(ValueError):
 
 
 class ServingGraph(nn.Module):
-    """The served computation of one user group: inputs as the manifest names them, label units out.
+    """The served computation of one user group: inputs as :func:`mtrank.kinds.graph_inputs` lists
+    them, label units out.
 
-    ``forward(dense, [ids], *store_vectors, [item_facet])``: graph-held fields are looked up with the
-    model's own tables, store-held fields arrive as vectors; a three-facet model also takes each
-    row's item-facet value index and picks the head of the row's item value. One ``[B]`` output per
-    task, in spec task order: a probability for binary tasks, label units for regression tasks.
+    Each input is handled by its role: ``dense`` columns go back to spec order, graph-table ``ids``
+    are looked up with the model's own tables, store ``vectors`` arrive as they are, list fields
+    are embedded (or arrive as entry vectors) and pooled by the model's shared input layer. Inputs
+    on the ``requests`` axis are gathered to rows with ``request_index``; a user-side list pooled
+    without attention is pooled once per request before the gather. A three-facet model also takes
+    each row's item-facet index and picks the head of the row's item value. One ``[B]`` output per
+    task, in spec task order.
     """
 
-    def __init__(
-        self,
-        model: MultiTaskModel,
-        outputs: OutputLayer,
-        group: str | None,
-        graph_fields: list[int],
-        store_fields: list[int],
-    ):
+    def __init__(self, model: MultiTaskModel, outputs: OutputLayer, group: str | None, inputs: list[GraphInput]):
         super().__init__()
         self.model = model
         self.outputs = outputs
         self.group = group
-        self.graph_fields = graph_fields
-        self.store_fields = store_fields
+        self.inputs = inputs
+        spec = model.spec
+        dense_names = [d.name for d in spec.dense]
+        fed = [f for i in inputs if i.role == "dense" for f in i.fields]
+        self.register_buffer("dense_order", torch.tensor([fed.index(n) for n in dense_names], dtype=torch.int64),
+                             persistent=False)
+        self.sparse_index = {f.name: j for j, f in enumerate(spec.sparse)}
+        self.list_index = {f.name: k for k, f in enumerate(spec.lists)}
 
-    def forward(self, dense: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        vectors: list[torch.Tensor | None] = [None] * self.model.n_fields
-        item = None
-        if self.model.uses_item_facet:
-            *inputs, item = inputs
-        if self.graph_fields:
-            ids, *inputs = inputs
-            for col, j in enumerate(self.graph_fields):
-                vectors[j] = self.model.embeddings.tables[j](ids[:, col])
-        for j, v in zip(self.store_fields, inputs, strict=True):
-            vectors[j] = v
-        logits = self.model.forward_embedded(dense, vectors, group=self.group)
-        values = self.outputs(self.model.group_task_logits(logits, self.group, item))
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = {i.name: t for i, t in zip(self.inputs, tensors, strict=True)}
+        index = x.get(REQUEST_INDEX_INPUT)
+
+        def rows(i: GraphInput, t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, index) if i.per_request else t
+
+        model = self.model
+        dense_parts, item = [], None
+        vectors: list[torch.Tensor | None] = [None] * model.n_fields
+        lists: dict[int, tuple[GraphInput, torch.Tensor]] = {}
+        lengths: dict[int, torch.Tensor] = {}
+        for i in self.inputs:
+            t = x[i.name]
+            if i.role == "dense":
+                dense_parts.append(rows(i, t))
+            elif i.role == "ids":
+                for col, name in enumerate(i.fields):
+                    j = self.sparse_index[name]
+                    vectors[j] = rows(i, model.embeddings.tables[j](t[:, col]))
+            elif i.role == "vectors":
+                vectors[self.sparse_index[i.fields[0]]] = rows(i, t)
+            elif i.role in ("list_ids", "list_vectors"):
+                k = self.list_index[i.fields[0]]
+                lists[k] = (i, model.list_table(k)(t) if i.role == "list_ids" else t)
+            elif i.role == "list_len":
+                lengths[self.list_index[i.fields[0]]] = t
+            elif i.role == "item_facet":
+                item = t
+        if dense_parts:
+            dense = torch.cat(dense_parts, dim=1).index_select(1, self.dense_order)
+        else:
+            dense = torch.zeros(tensors[0].shape[0], 0)  # no dense field: the first input is per row
+        pooled = []
+        for k, x_list in enumerate(model.shape.lists):
+            i, entries = lists[k]
+            if i.per_request and x_list.pooling != "attention":
+                pooled.append(rows(i, model.pool_list(k, entries, lengths[k], [])))
+            else:
+                pooled.append(model.pool_list(k, rows(i, entries), rows(i, lengths[k]), vectors))
+        logits = model.forward_embedded(dense, vectors + pooled, group=self.group)
+        values = self.outputs(model.group_task_logits(logits, self.group, item))
         return tuple(values[:, k] for k in range(values.shape[1]))
 
 
@@ -141,34 +177,28 @@ def export_run(
 
 def _build_version(run: Run, run_dir: Path, name: str, out: Path, fp16: bool, progress: bool) -> Manifest:
     model, spec, pre = run.model, run.spec, run.preprocessor
-    graph_fields = [j for j, f in enumerate(spec.sparse) if f.location == "graph"]
-    store_fields = [j for j, f in enumerate(spec.sparse) if f.location == "store"]
-
     tables: dict[str, TableInfo] = {}
-    for j in store_fields:
-        field = spec.sparse[j].name
-        _check_name("store field", field)
-        weights = model.embeddings.tables[j].weight.detach().cpu().numpy()
-        views = model.field_view_names(j)
-        tables[field] = write_table(out, field, pre.vocabs[field], weights, model.embedding_dim, views)
+    for j, f in enumerate(spec.sparse):
+        if f.location == "store":
+            _check_name("store field", f.name)
+            weights = model.embeddings.tables[j].weight.detach().cpu().numpy()
+            tables[f.name] = write_table(out, f.name, pre.vocabs[f.name], weights, model.embedding_dim,
+                                         model.field_view_names(j))
     _say(progress, f"export: wrote {len(tables)} store tables ({', '.join(tables) or 'none'})")
 
-    dense, sparse, item, rows_source = _parity_rows(run)
-    feeds = {DENSE_INPUT: dense}
-    if graph_fields:
-        feeds[IDS_INPUT] = sparse[:, graph_fields]
-    for j in store_fields:
-        field = spec.sparse[j].name
-        feeds[emb_input(field)] = np.asarray(open_vectors(out / tables[field].vectors_file))[sparse[:, j]]
-    if model.uses_item_facet:
-        feeds[ITEM_FACET_INPUT] = item
+    transform = pre.feature_transform
+    inputs = kinds.graph_inputs(transform, {k: t.width for k, t in tables.items()}, model.uses_item_facet)
+    frame, grouped, rows_source = _parity_rows(run)
+    feeds = _feeds(transform, inputs, grouped, out, tables)
+    dense, sparse = pre.transform(frame)
+    item = facet_codes(frame, spec.item_facet) if spec.item_facet is not None else np.zeros(len(frame), np.int64)
 
     graphs: dict[str, GraphInfo] = {}
     parity: dict[str, Any] = {}
     for group in model.groups or [None]:
         key = group or ALL_GROUPS
-        module = ServingGraph(model, OutputLayer(run.outputs), group, graph_fields, store_fields).eval()
-        graphs[key], parity[key] = _export_graph(module, key, out, feeds, sparse, item, fp16)
+        module = ServingGraph(model, OutputLayer(run.outputs), group, inputs).eval()
+        graphs[key], parity[key] = _export_graph(module, key, out, feeds, (dense, sparse, item), fp16)
         worst = {p: max(d.values()) for p, d in parity[key].items()}
         _say(progress, f"export: graph {key!r} ok, max abs diff " + ", ".join(f"{p} {v:.2g}" for p, v in worst.items()))
 
@@ -194,6 +224,11 @@ def _build_version(run: Run, run_dir: Path, name: str, out: Path, fp16: bool, pr
         sparse=[
             SparseInfo(f.name, f.side, f.location, list(pre.vocabs[f.name]) if f.location == "graph" else None)
             for f in spec.sparse
+        ],
+        lists=[
+            ListInfo(f.name, f.kind, f.side, f.max_len, f.pooling, f.share, f.location,
+                     None if f.share else list(pre.vocabs[f.name]))
+            for f in transform.lists
         ],
         graphs=graphs,
         tables=tables,
@@ -222,16 +257,16 @@ def _export_graph(
     key: str,
     out: Path,
     feeds: dict[str, np.ndarray],
-    sparse: np.ndarray,
-    item: np.ndarray,
+    rows: tuple[np.ndarray, np.ndarray, np.ndarray],
     fp16: bool,
 ) -> tuple[GraphInfo, dict[str, dict[str, float]]]:
     """Write ``graph_<key>.onnx`` (and its fp16 variant) after checking them against PyTorch.
 
+    ``rows``: the parity rows as the model reads them (dense, packed ids, item-facet index).
     Returns the graph's manifest entry and its max abs diff per precision and output.
     """
     tasks = module.model.spec.task_names
-    reference = _torch_reference(module, feeds[DENSE_INPUT], sparse, item)
+    reference = _torch_reference(module, *rows)
     graph_file = f"graph_{key}.onnx"
     served = _optimise_offline(_to_onnx(module, feeds, tasks), out / graph_file)
     diffs = {"fp32": _check_parity(out / graph_file, feeds, reference, tasks, key, "fp32", FP32_TOLERANCE)}
@@ -242,37 +277,56 @@ def _export_graph(
         diffs["fp16"] = _check_parity(out / fp16_file, feeds, reference, tasks, key, "fp16", FP16_TOLERANCE)
     info = GraphInfo(
         file=graph_file,
-        inputs=[TensorInfo(n, str(a.dtype), ["batch", *a.shape[1:]]) for n, a in feeds.items()],
-        outputs=[TensorInfo(t, "float32", ["batch"]) for t in tasks],
+        inputs=[TensorInfo(i.name, i.dtype, i.shape) for i in module.inputs],
+        outputs=[TensorInfo(t, "float32", [BATCH_AXIS]) for t in tasks],
         tasks=tasks,
         fp16_file=fp16_file,
     )
     return info, diffs
 
 
-def _parity_rows(run: Run) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """``max(PARITY_BATCH_SIZES)`` preprocessed rows (dense, sparse, item-facet index): the run's
-    test split, or random valid inputs."""
+REQUEST_ROWS = 4
+"""Parity rows per request: rows ``4r .. 4r + 3`` share request ``r``'s user side, so the graphs'
+gather by ``request_index`` is checked on requests of several candidates."""
+
+
+def _parity_rows(run: Run) -> tuple[pd.DataFrame, kinds.Rows, str]:
+    """``max(PARITY_BATCH_SIZES)`` raw rows (the run's test split, or random valid values) with each
+    row's user side replaced by its request's (:data:`REQUEST_ROWS`), and the same rows as requests."""
     n = max(PARITY_BATCH_SIZES)
     spec = run.spec
-    n_items = len(spec.item_facet.values) if spec.item_facet is not None else 1
     data_dir = Path(run.meta["data"]) if run.meta.get("data") else None
+    frame, source = None, "random"
     if data_dir is not None and data_dir.is_dir():
-        from mtrank.training.streaming import facet_codes, load_split
+        from mtrank.training.streaming import load_split
 
-        frame = load_split(data_dir, "test", spec)
-        if len(frame):
-            rows = frame.iloc[:n]
-            dense, sparse = run.preprocessor.transform(rows)
-            item = facet_codes(rows, spec.item_facet) if spec.item_facet is not None else np.zeros(len(rows), np.int64)
-            take = np.arange(n) % len(dense)
-            return dense[take], sparse[take], item[take], f"test split of {data_dir}"
-    rng = np.random.default_rng(PARITY_SEED)
-    dense = rng.standard_normal((n, run.model.shape.n_dense)).astype(np.float32)
-    sparse = np.zeros((n, len(run.model.shape.vocab_sizes)), dtype=np.int64)
-    for j, vocab_size in enumerate(run.model.shape.vocab_sizes):
-        sparse[:, j] = rng.integers(0, vocab_size, n)
-    return dense, sparse, rng.integers(0, n_items, n).astype(np.int64), "random"
+        test = load_split(data_dir, "test", spec)
+        if len(test):
+            frame, source = test.iloc[np.arange(n) % len(test)].reset_index(drop=True), f"test split of {data_dir}"
+    if frame is None:
+        frame = run.preprocessor.random_rows(n, np.random.default_rng(PARITY_SEED))
+    index = np.arange(n, dtype=np.int64) // REQUEST_ROWS
+    user = [f.name for f in (*spec.dense, *spec.sparse, *spec.lists) if f.side == "user"]
+    frame[user] = frame[user].iloc[index * REQUEST_ROWS].reset_index(drop=True)
+    columns = {c: frame[c].to_numpy() for c in frame.columns}
+    first = {c: v[::REQUEST_ROWS] for c, v in columns.items()}
+    grouped = kinds.Rows(columns, first, n, len(first[next(iter(first))]), index)
+    return frame, grouped, source
+
+
+def _feeds(transform, inputs: list[kinds.GraphInput], rows: kinds.Rows, out: Path,
+           tables: dict[str, TableInfo]) -> dict[str, np.ndarray]:
+    """The graphs' inputs for ``rows`` through the shared transform, store vectors read from the
+    tables just written (as the in-process store reads them)."""
+    wanted = {i.name: i for i in inputs}
+    feed = kinds.feed(transform, rows, wanted)
+    found = {}
+    for need in feed.needs:
+        table = tables[need.table]
+        ids = (out / table.ids_file).read_text().splitlines()
+        found[need.input] = np.asarray(open_vectors(out / table.vectors_file))[Vocabulary(ids).indices(need.keys)]
+    arrays = feed.resolve(found)
+    return {i.name: np.ascontiguousarray(arrays[i.name]) for i in inputs}
 
 
 @torch.no_grad()
@@ -291,9 +345,11 @@ def _torch_reference(
 
 
 def _to_onnx(module: ServingGraph, feeds: dict[str, np.ndarray], output_names: list[str]) -> onnx.ModelProto:
-    # Four example rows: a batch of 1 could hide a broadcast that only works for one row.
-    example = tuple(torch.from_numpy(np.ascontiguousarray(a[:4])) for a in feeds.values())
-    names = list(feeds)
+    # Eight example rows of two requests: a batch of 1 could hide a broadcast that only works for one row.
+    inputs = module.inputs
+    example = tuple(torch.from_numpy(np.ascontiguousarray(feeds[i.name][:8])) for i in inputs)
+    names = [i.name for i in inputs]
+    axes = {i.name: i.axis for i in inputs} | dict.fromkeys(output_names, BATCH_AXIS)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated; this module's docstring says why it is used anyway.
@@ -306,14 +362,17 @@ def _to_onnx(module: ServingGraph, feeds: dict[str, np.ndarray], output_names: l
             dynamo=False,
             input_names=names,
             output_names=output_names,
-            dynamic_axes={n: {0: "batch"} for n in names + output_names},
+            dynamic_axes={n: {0: axis} for n, axis in axes.items()},
             opset_version=OPSET,
         )
     proto = onnx.load_from_string(buffer.getvalue())
     onnx.checker.check_model(proto, full_check=True)
+    kept = [value.name for value in proto.graph.input]
+    if kept != names:
+        raise ValueError(f"exported graph: inputs {kept}, expected {names} (an input the model does not use?)")
     for value in [*proto.graph.input, *proto.graph.output]:
-        if value.type.tensor_type.shape.dim[0].dim_param != "batch":
-            raise ValueError(f"exported graph: {value.name!r} lost its dynamic batch axis")
+        if value.type.tensor_type.shape.dim[0].dim_param != axes[value.name]:
+            raise ValueError(f"exported graph: {value.name!r} lost its dynamic {axes[value.name]} axis")
     return proto
 
 

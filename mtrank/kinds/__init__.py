@@ -22,11 +22,11 @@ __all__ = ["KINDS", "Feed", "GraphInput", "Rows", "StoreNeed", "graph_inputs", "
 
 
 def graph_inputs(t: FeatureTransform, widths: Mapping[str, int], item_facet: bool = False) -> list[GraphInput]:
-    """Every graph input of a model, in graph order: the row → request index, each kind's inputs,
-    and the item-facet index for models that pick heads by it."""
-    out = [GraphInput(REQUEST_INDEX_INPUT, "int64", BATCH_AXIS, (), "request_index")]
-    for kind in KINDS:
-        out += kind.inputs(t, widths)
+    """Every graph input of a model, in graph order: the row → request index (when some input is
+    per request), each kind's inputs, and the item-facet index for models that pick heads by it."""
+    out = [i for kind in KINDS for i in kind.inputs(t, widths)]
+    if any(i.per_request for i in out):
+        out.insert(0, GraphInput(REQUEST_INDEX_INPUT, "int64", BATCH_AXIS, (), "request_index"))
     if item_facet:
         out.append(GraphInput(ITEM_FACET_INPUT, "int64", BATCH_AXIS, (), "item_facet"))
     return out

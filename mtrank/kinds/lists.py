@@ -23,7 +23,7 @@ def feed(t: FeatureTransform, f: ListColumn, rows: Rows, out: Feed) -> None:
     columns, n = rows.side(f.side)
     values = columns.get(f.name)
     if f.location == "store":
-        batch = list_batch(values, n, f.max_len, f.name)
+        batch = list_batch(values, n, f.max_len, f.name, t.max_list_len)
         out.needs.append(StoreNeed(emb_input(f.name), f.table, batch.keys,
                                    lambda vectors: batch.matrix(vectors, f.max_len)))
         lengths, truncated = batch.lengths, batch.truncated

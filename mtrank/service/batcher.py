@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mtrank.manifest import REQUEST_INDEX_INPUT
 from mtrank.service import metrics, tracing
 from mtrank.service.errors import DeadlineExceeded, Overloaded
 
@@ -206,8 +207,12 @@ class Batcher:
         batching: bool = True,
         max_concurrent: int = 2,
         load: LoadEstimate | None = None,
+        request_inputs: frozenset[str] = frozenset(),
     ):
         self._run = run
+        self.request_inputs = request_inputs
+        """Inputs with a row per request (the user's side): whole in every chunk, and stacked with
+        ``request_index`` shifted when requests share a batch."""
         self.output_names = output_names
         self.max_batch_rows = max_batch_rows
         self.max_queue_delay_s = max_queue_delay_s
@@ -239,7 +244,7 @@ class Batcher:
         chunks of about equal size, one per free slot, that run at the same time; on a busy graph
         it runs whole (splitting would only add calls).
         """
-        rows = len(next(iter(inputs.values())))
+        rows = self._rows(inputs)
         self._admit(rows, deadline)
         if not self.batching:
             return await self._run_alone(inputs, rows)
@@ -248,11 +253,16 @@ class Batcher:
             return await self._submit_chunks(inputs, rows, min(free, math.ceil(rows / self.max_batch_rows)), deadline)
         return await self._enqueue(inputs, rows, deadline)
 
+    def _rows(self, inputs: dict[str, np.ndarray]) -> int:
+        return len(next(v for k, v in inputs.items() if k not in self.request_inputs))
+
     async def _submit_chunks(
         self, inputs: dict[str, np.ndarray], rows: int, n_chunks: int, deadline: float
     ) -> dict[str, np.ndarray]:
         bounds = np.linspace(0, rows, n_chunks + 1).round().astype(int).tolist()
-        tasks = [asyncio.ensure_future(self._enqueue({k: v[a:b] for k, v in inputs.items()}, b - a, deadline))
+        whole = self.request_inputs
+        tasks = [asyncio.ensure_future(self._enqueue({k: v if k in whole else v[a:b] for k, v in inputs.items()},
+                                                     b - a, deadline))
                  for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         try:
             results = await asyncio.gather(*tasks)
@@ -378,7 +388,7 @@ class Batcher:
                 if len(batch) == 1:
                     feed = batch[0].inputs
                 else:
-                    feed = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
+                    feed = merge_feeds([p.inputs for p in batch], self.request_inputs)
                 outputs = self._run(feed)
             except Exception as e:  # a runtime failure fails this batch's requests, not the worker
                 log.exception("inference failed for a batch of %d rows", rows)
@@ -424,6 +434,27 @@ class Batcher:
     def _join(self) -> None:
         for worker in self._workers:
             worker.join()
+
+
+def merge_feeds(feeds: list[dict[str, np.ndarray]], request_inputs: frozenset[str]) -> dict[str, np.ndarray]:
+    """One feed of several requests' feeds: rows stacked, per-request rows stacked, and each
+    feed's ``request_index`` shifted past the requests before it."""
+    merged = {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0] if name != REQUEST_INDEX_INPUT}
+    if REQUEST_INDEX_INPUT in feeds[0]:
+        shifted, offset = [], 0
+        for f in feeds:
+            shifted.append(f[REQUEST_INDEX_INPUT] + offset)
+            offset += _requests(f, request_inputs)
+        merged[REQUEST_INDEX_INPUT] = np.concatenate(shifted)
+    return merged
+
+
+def _requests(feed: dict[str, np.ndarray], request_inputs: frozenset[str]) -> int:
+    """How many requests a feed holds: the rows of a per-request input (1 for a graph without any)."""
+    for name in request_inputs:
+        if name in feed:
+            return len(feed[name])
+    return 1
 
 
 def _resolve(outcomes: list[tuple[_Pending, dict[str, np.ndarray] | BaseException]]) -> None:

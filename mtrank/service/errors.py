@@ -28,6 +28,10 @@ class TooManyCandidates(ValueError):
     """More candidates than ``MTRANK_MAX_CANDIDATES``: 413."""
 
 
+class ListTooLong(TooManyCandidates):
+    """A list feature longer than ``MTRANK_MAX_LIST_LEN``: 413."""
+
+
 class BodyTooLarge(ValueError):
     """Request body over ``MTRANK_MAX_BODY_BYTES``: 413."""
 

@@ -56,6 +56,9 @@ INVALID_VECTORS = Counter(
     "mtrank_embedding_invalid", "Store values with NaN or infinities, served the default vector (also counted "
     "in mtrank_embedding_missing_total)", ["table"],
 )
+LIST_TRUNCATED = Counter(
+    "mtrank_list_truncated", "Request rows whose list (multi or sequence) field held more than its max_len", ["field"]
+)
 REJECTED = Counter("mtrank_rejected", "Ranking requests refused or dropped, by reason", ["reason"])
 REFUSALS_PACED = Counter(
     "mtrank_refusals_paced", "503s held until their turn because refusals outran answers (clients that resend at "

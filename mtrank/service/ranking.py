@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mtrank import fusion
+from mtrank import fusion, kinds
 from mtrank.fusion import BucketConfig
-from mtrank.manifest import DENSE_INPUT, IDS_INPUT, ITEM_FACET_INPUT, emb_input
-from mtrank.service import metrics, tracing
+from mtrank.service import errors, metrics, tracing
 from mtrank.service.errors import NotReady, RequestError
 from mtrank.service.schemas import ModelRef, RankedItem, RankQuery, RankResponse, task_scores_type
 from mtrank.service.stores import EmbeddingStore
 from mtrank.service.version import GroupGraph, LoadedVersion
-from mtrank.transform import FeatureTransform, TransformError
+from mtrank.transform import FeatureTransform, ListTooLong, TransformError
 
 if TYPE_CHECKING:
     from mtrank.service.repository import Repository
@@ -97,42 +96,46 @@ class Ranker:
     async def _features(
         self, lv: LoadedVersion, graph: GroupGraph, query: RankQuery, ctx: RequestContext
     ) -> tuple[dict[str, np.ndarray], bool]:
-        """The graph's inputs for the query's rows, and whether the store answered degraded."""
-        n = query.n
+        """The graph's inputs for the query (its user's side once, its candidates' per row) through
+        the feature kinds, and whether the store answered degraded."""
         transform = lv.transform
-        columns = _columns(transform, query)
-        feed: dict[str, np.ndarray] = {}
         try:
-            if DENSE_INPUT in graph.input_names:
-                feed[DENSE_INPUT] = transform.dense_matrix(columns, n)
-            if IDS_INPUT in graph.input_names:
-                feed[IDS_INPUT] = transform.graph_ids(columns, n)
-            if ITEM_FACET_INPUT in graph.input_names:
-                rule_columns = {r.feature: query.item_column(r.feature) for r in transform.item_facet.rules}
-                feed[ITEM_FACET_INPUT] = transform.facet(transform.item_facet, rule_columns, n)
-            keys = [transform.store_keys(name, columns.get(name), n) for name in graph.store_fields]
+            feed = kinds.feed(transform, _rows(transform, query), graph.inputs)
+        except ListTooLong as e:
+            raise errors.ListTooLong(_located(transform, e)) from None
         except TransformError as e:
             raise RequestError(_located(transform, e)) from None
-        if not graph.store_fields:
-            return feed, False
+        for name, rows in feed.truncated.items():
+            metrics.LIST_TRUNCATED.labels(name).inc(rows)
+        if not feed.needs:
+            return feed.arrays, False
+        # One lookup per table: a history's ids ride with the candidates' own (one cache pass, one MGET).
+        keys: dict[str, list[str]] = {}
+        for need in feed.needs:
+            keys.setdefault(need.table, []).extend(need.keys)
         started = time.perf_counter()
-        tables = [lv.tables[name] for name in graph.store_fields]
-        with tracing.span("lookup", store=self.store.name, fields=len(tables)):
-            lookups, degraded = await self.store.lookup_many(list(zip(tables, keys, strict=True)))
+        with tracing.span("lookup", store=self.store.name, fields=len(keys)):
+            lookups, degraded = await self.store.lookup_many([(lv.tables[t], k) for t, k in keys.items()])
         self._lookup_seconds.observe(time.perf_counter() - started)
-        for name, result in zip(graph.store_fields, lookups, strict=True):
-            vectors = result.vectors
-            feed[emb_input(name)] = np.repeat(vectors, n, axis=0) if len(vectors) != n else vectors
-            ctx.missing_ids += result.missing
-        return feed, degraded
+        found, taken = {}, dict.fromkeys(keys, 0)
+        vectors = {t: r.vectors for t, r in zip(keys, lookups, strict=True)}
+        for need in feed.needs:
+            start = taken[need.table]
+            taken[need.table] = start + len(need.keys)
+            found[need.input] = vectors[need.table][start : taken[need.table]]
+        ctx.missing_ids += sum(r.missing for r in lookups)
+        return feed.resolve(found), degraded
 
 
-def _columns(transform: FeatureTransform, query: RankQuery) -> dict[str, Any]:
-    """Raw columns of the model's fields: a scalar for a user feature, a list for an item feature."""
-    return {
-        f.name: query.user_value(f.name) if f.side == "user" else query.item_column(f.name)
-        for f in (*transform.dense, *transform.sparse)
-    }
+def _rows(transform: FeatureTransform, query: RankQuery) -> kinds.Rows:
+    """The request's raw columns: the user's values once, a list per candidate feature."""
+    user = {f.name: query.user_value(f.name) for f in _fields(transform) if f.side == "user"}
+    item = {f.name: query.item_column(f.name) for f in _fields(transform) if f.side != "user"}
+    return kinds.Rows.one_request(user, item, query.n)
+
+
+def _fields(transform: FeatureTransform) -> tuple:
+    return (*transform.dense, *transform.sparse, *transform.lists)
 
 
 def _user_group(transform: FeatureTransform, query: RankQuery) -> str | None:
@@ -155,7 +158,7 @@ def _user_group(transform: FeatureTransform, query: RankQuery) -> str | None:
 
 def _located(transform: FeatureTransform, e: TransformError) -> str:
     """The transform's message with where the feature sits in the request."""
-    sides = {f.name: f.side for f in (*transform.dense, *transform.sparse)}
+    sides = {f.name: f.side for f in _fields(transform)}
     return f"user.features.{e}" if sides.get(e.feature) == "user" else f"candidates[].features.{e}"
 
 

@@ -341,10 +341,11 @@ class Repository:
         graphs: dict[str, GroupGraph] = {}
         try:
             transform = FeatureTransform.from_manifest(manifest)
+            transform.max_list_len = s.max_list_len
             for key, info in manifest.graphs.items():
                 batches, threads = s.concurrency()
                 runner = GraphRunner(vdir / info.file, s.device, threads)
-                check_graph(key, info, runner, transform, tables)
+                inputs = check_graph(key, info, runner, transform, tables)
                 sizes = BATCH_SIZES if not s.max_batch_rows else (1, s.max_batch_rows)
                 with warm_up_turn():
                     timings = runner.warm_up(tuple(n for n in sizes if n <= max(s.max_candidates, s.max_batch_rows)))
@@ -361,9 +362,9 @@ class Repository:
                     runner.run, runner.output_names, manifest.name, key, runner.device,
                     max_batch_rows=batch_rows, max_queue_delay_s=s.max_queue_delay_ms / 1000.0,
                     max_queue_rows=s.max_queue_rows, batching=s.batching, max_concurrent=batches,
-                    load=self.load,
+                    load=self.load, request_inputs=frozenset(n for n, i in inputs.items() if i.per_request),
                 )
-                graphs[key] = GroupGraph(key, info, runner, batcher)
+                graphs[key] = GroupGraph(key, info, runner, batcher, inputs)
         except BaseException as e:
             for graph in graphs.values():  # the graphs built before the failure: their workers end
                 graph.batcher.stop()

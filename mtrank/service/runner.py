@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from mtrank.manifest import REQUESTS_AXIS
+
 log = logging.getLogger("mtrank.runner")
 
 CUDA = "CUDAExecutionProvider"
@@ -31,6 +33,10 @@ class InputSpec:
     dtype: type
     width: int | None
     """Size of the second axis; None for a 1-D input."""
+    tail: tuple[int, ...] = ()
+    """Every size after the first axis (a history's entry vectors have two)."""
+    per_request: bool = False
+    """Its first axis is ``requests`` (a row per request), not ``batch``."""
 
 
 class GraphRunner:
@@ -66,10 +72,7 @@ class GraphRunner:
             log.warning("CUDA provider listed but not usable for %s; running on the CPU", path.name)
         self.device = "cuda" if CUDA in active else "cpu"
         self.provider = active[0]
-        self.inputs = [
-            InputSpec(i.name, _DTYPES[i.type], i.shape[1] if len(i.shape) > 1 and isinstance(i.shape[1], int) else None)
-            for i in self.session.get_inputs()
-        ]
+        self.inputs = [_input_spec(i) for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -81,10 +84,8 @@ class GraphRunner:
         ``repeats`` times more, timed: (rows, median seconds) per batch size — the service's cost
         model and its choice of batch size come from these."""
         timings = []
-        for n in batch_sizes:
-            feed = {
-                i.name: np.zeros((n, i.width) if i.width is not None else (n,), dtype=i.dtype) for i in self.inputs
-            }
+        for n in batch_sizes:  # n rows of one request
+            feed = {i.name: np.zeros((1 if i.per_request else n, *i.tail), dtype=i.dtype) for i in self.inputs}
             self.run(feed)
             seconds = []
             for _ in range(repeats):
@@ -93,6 +94,12 @@ class GraphRunner:
                 seconds.append(time.perf_counter() - started)
             timings.append((n, float(np.median(seconds))))
         return timings
+
+
+def _input_spec(i) -> InputSpec:
+    tail = tuple(d if isinstance(d, int) else 0 for d in i.shape[1:])
+    width = tail[0] if len(tail) == 1 and isinstance(i.shape[1], int) else None
+    return InputSpec(i.name, _DTYPES[i.type], width, tail, i.shape[0] == REQUESTS_AXIS)
 
 
 BATCH_SIZES = (1, 64, 128, 256, 512, 1024, 2048, 4096)

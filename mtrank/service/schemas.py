@@ -35,10 +35,14 @@ VALID_REQUEST_ID = re.compile(f"[!-~]{{1,{MAX_REQUEST_ID_CHARS}}}")
 echoed in a response header and written to logs, so no space, control or non-ASCII character."""
 
 Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS)]
-FeatureValue = Annotated[str, Meta(max_length=MAX_FEATURE_CHARS)] | int | float | bool
+Scalar = Annotated[str, Meta(max_length=MAX_FEATURE_CHARS)] | int | float | bool
+FeatureValue = Scalar | list[Scalar]
+"""A value, or a list of values (a ``multi`` or ``sequence`` feature; longer than
+``MTRANK_MAX_LIST_LEN`` is a 413, checked by the transform for the model's list fields)."""
 Features = Annotated[
     dict[Annotated[str, Meta(min_length=1, max_length=MAX_FEATURE_NAME_CHARS)], FeatureValue],
-    Meta(max_length=MAX_FEATURES, description="Feature name → a string, a finite number or a boolean."),
+    Meta(max_length=MAX_FEATURES, description=(
+        "Feature name → a string, a finite number, a boolean, or a list of those (a history, tags).")),
 ]
 
 
@@ -111,6 +115,7 @@ def task_scores_type(tasks: tuple[str, ...]) -> type[Struct]:
 
 _DECODER = msgspec.json.Decoder(RankRequest)
 _PATH = re.compile(r" - at `\$(.*)`$")
+_LIST_ENTRY = re.compile(r"features\[\.\.\.\]\[\d+\]$")
 
 
 @dataclass
@@ -194,7 +199,13 @@ def _explain(e: msgspec.ValidationError, body: bytes) -> str:
     what = text[: match.start()] if match else text
     if what == "Number out of range":
         what = "must be a finite number"
-    if path.endswith("features[...]"):
+    if _LIST_ENTRY.search(path):  # a list entry that is a list or an object
+        entry = path[path.rindex("[") :]
+        path = path[: path.rindex("[")]
+        name = _bad_feature(body, path)
+        path = path.removesuffix("[...]") + (f".{name}" if name else "") + entry
+        what = "list entries must be strings, numbers or booleans (no nested lists or objects)"
+    elif path.endswith("features[...]"):
         name = _bad_feature(body, path)
         path = path.removesuffix("[...]") + (f".{name}" if name else "")
     return f"invalid request: {path or 'body'}: {what}"
@@ -211,10 +222,16 @@ def _bad_feature(body: bytes, path: str) -> str | None:
     if not isinstance(node, dict):
         return None
     for name, v in node.items():
-        bad_string = isinstance(v, str) and len(v) > MAX_FEATURE_CHARS
-        if bad_string or not isinstance(v, str | int | float | bool) or not name or len(name) > MAX_FEATURE_NAME_CHARS:
+        if not name or len(name) > MAX_FEATURE_NAME_CHARS or not _acceptable(v, nested=True):
             return name
     return None
+
+
+def _acceptable(value: Any, nested: bool) -> bool:
+    if isinstance(value, list) and nested:
+        return all(_acceptable(v, nested=False) for v in value)
+    too_long = isinstance(value, str) and len(value) > MAX_FEATURE_CHARS
+    return isinstance(value, str | int | float | bool) and not too_long
 
 
 def openapi_schemas() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     over one per core; 20 candidates: within noise)."""
     max_candidates: int = Field(2000, ge=1, le=100_000)
     """Most candidates per request; more is a 413."""
+    max_list_len: int = Field(1000, ge=1, le=100_000)
+    """Longest list (``multi`` or ``sequence`` feature) in a request; longer is a 413. Lists longer
+    than their field's ``max_len`` but within this are cut to ``max_len`` (counted)."""
     request_timeout_ms: float = Field(1000.0, gt=0.0, le=600_000.0)
     """Deadline of a ranking request, milliseconds; past it the answer is 504."""
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=1 << 30)

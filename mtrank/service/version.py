@@ -8,15 +8,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from mtrank.manifest import (
-    DENSE_INPUT,
-    EMB_PREFIX,
-    IDS_INPUT,
-    ITEM_FACET_INPUT,
-    GraphInfo,
-    Manifest,
-    ManifestError,
-)
+import numpy as np
+
+from mtrank import kinds
+from mtrank.manifest import ITEM_FACET_INPUT, GraphInfo, Manifest, ManifestError
 from mtrank.service.batcher import Batcher
 from mtrank.service.errors import NotReady
 from mtrank.service.runner import GraphRunner
@@ -30,43 +25,42 @@ class GroupGraph:
     info: GraphInfo
     runner: GraphRunner
     batcher: Batcher
+    inputs: dict[str, kinds.GraphInput]
+    """The graph's inputs by name, as the feature kinds derive them (:func:`expected_inputs`)."""
 
     @cached_property
     def task_outputs(self) -> list[tuple[str, str]]:
         """(task, output name) in output order."""
         return [(task, out.name) for task, out in zip(self.info.tasks, self.info.outputs, strict=True)]
 
-    @cached_property
-    def store_fields(self) -> list[str]:
-        return [i.name[len(EMB_PREFIX):] for i in self.runner.inputs if i.name.startswith(EMB_PREFIX)]
 
-    @cached_property
-    def input_names(self) -> frozenset[str]:
-        return frozenset(i.name for i in self.runner.inputs)
+def expected_inputs(runner: GraphRunner, transform: FeatureTransform,
+                    tables: dict[str, LocalTable]) -> list[kinds.GraphInput]:
+    """The inputs the feature kinds derive for this model (the item-facet index where the graph
+    takes one)."""
+    item_facet = transform.item_facet is not None and any(i.name == ITEM_FACET_INPUT for i in runner.inputs)
+    return kinds.graph_inputs(transform, {f: t.width for f, t in tables.items()}, item_facet)
 
 
 def check_graph(key: str, info: GraphInfo, runner: GraphRunner, transform: FeatureTransform,
-                tables: dict[str, LocalTable]) -> None:
-    """The ONNX graph's inputs and outputs match the manifest, its transform and its tables."""
-    for spec in runner.inputs:
-        field_name = spec.name[len(EMB_PREFIX):] if spec.name.startswith(EMB_PREFIX) else None
-        if spec.name == DENSE_INPUT:
-            expected = len(transform.dense)
-        elif spec.name == IDS_INPUT:
-            expected = len(transform.graph_fields)
-        elif spec.name == ITEM_FACET_INPUT and transform.item_facet is not None:
-            expected = None
-        elif field_name is not None and field_name in transform.store_fields:
-            if field_name not in tables:
-                raise ValueError(f"store field {field_name!r} has no table in the manifest")
-            expected = tables[field_name].width
-        else:
-            raise ValueError(f"graph {key!r}: unexpected input {spec.name!r}")
-        if spec.width is not None and spec.width != expected:
-            raise ValueError(f"graph {key!r}: input {spec.name} has width {spec.width}, expected {expected}")
+                tables: dict[str, LocalTable]) -> dict[str, kinds.GraphInput]:
+    """The ONNX graph's inputs are those the feature kinds derive from the manifest (names, axes,
+    widths, dtypes) and its outputs the manifest's; the derived inputs by name."""
+    expected = expected_inputs(runner, transform, tables)
+    got = [i.name for i in runner.inputs]
+    if got != [i.name for i in expected]:
+        raise ValueError(f"graph {key!r}: inputs {got}, the manifest's features need {[i.name for i in expected]}")
+    for spec, want in zip(runner.inputs, expected, strict=True):
+        sizes_differ = len(spec.tail) != len(want.width) or any(
+            a and a != b for a, b in zip(spec.tail, want.width, strict=False))
+        if spec.per_request != want.per_request or sizes_differ or spec.dtype != np.dtype(want.dtype):
+            axis = "requests" if spec.per_request else "batch"
+            raise ValueError(f"graph {key!r}: input {spec.name} is {np.dtype(spec.dtype).name} "
+                             f"[{', '.join(map(str, (axis, *spec.tail)))}], expected {want.dtype} {want.shape}")
     declared = [o.name for o in info.outputs]
     if sorted(runner.output_names) != sorted(declared) or len(info.tasks) != len(declared):
         raise ValueError(f"graph {key!r}: outputs {runner.output_names} do not match the manifest's {declared}")
+    return {i.name: i for i in expected}
 
 
 @dataclass

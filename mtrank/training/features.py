@@ -140,6 +140,26 @@ class Preprocessor:
             ids = np.concatenate(parts, axis=1)
         return t.dense_matrix(columns, n), ids
 
+    def random_rows(self, n: int, rng: np.random.Generator) -> pd.DataFrame:
+        """``n`` raw rows of plausible values: dense around the train statistics, sparse and list
+        entries from the vocabularies (with an unknown key now and then), lists of every length
+        from empty to beyond ``max_len``."""
+
+        def keys(vocab: list[str], size: int) -> list[str]:
+            pool = np.array([*vocab, "unseen-key"], dtype=object)
+            return pool[rng.integers(0, len(pool), size)].tolist()
+
+        frame: dict[str, object] = {}
+        for f in self.spec.dense:
+            x = self.dense_stats[f.name].mean + self.dense_stats[f.name].std * rng.standard_normal(n)
+            frame[f.name] = np.expm1(x) if f.transform == "log1p" else x
+        for f in self.spec.sparse:
+            frame[f.name] = keys(self.vocabs[f.name], n)
+        for f in self.spec.lists:
+            lengths = rng.integers(0, f.max_len + 3, n)
+            frame[f.name] = [keys(self.vocabs[f.share or f.name], k) for k in lengths]
+        return pd.DataFrame(frame)
+
     def save(self, run_dir: Path) -> None:
         vocab_dir = run_dir / "vocab"
         vocab_dir.mkdir(parents=True, exist_ok=True)

@@ -156,9 +156,9 @@ class MultiTaskModel(nn.Module):
         self, k: int, entries: torch.Tensor, lengths: torch.Tensor, vectors: list[torch.Tensor]
     ) -> torch.Tensor:
         """List field ``k`` pooled: ``entries`` ``[B, L, W]``, ``lengths`` ``[B]``; ``vectors`` are the
-        rows' sparse field vectors (the attention target is the shared field's)."""
+        rows' sparse field vectors (read for attention only: its target is the shared field's)."""
         x = self.shape.lists[k]
-        return self.pools[k](entries, lengths, vectors[x.share] if x.share is not None else None)
+        return self.pools[k](entries, lengths, vectors[x.share] if x.pooling == "attention" else None)
 
     def view(self, dense: torch.Tensor, field_vectors: list[torch.Tensor], view: int = 0) -> torch.Tensor:
         """``concat(dense, view ``view`` of every field)``: ``[B, input_dim]``.
