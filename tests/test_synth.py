@@ -322,15 +322,18 @@ def test_generate_with_history_is_byte_identical_for_a_seed(history_written: Pat
 
 
 def test_the_spec_names_the_lists_and_records_the_history_parameters(history_written: Path) -> None:
-    spec = yaml.safe_load((history_written / "spec.yaml").read_text())
-    assert spec["multi"] == [{"name": "tags", "side": "item", "pooling": "mean", "max_len": 8}]
-    assert spec["sequence"] == [
+    raw = yaml.safe_load((history_written / "spec.yaml").read_text())
+    assert [{k: f[k] for k in ("name", "side", "pooling", "max_len")} for f in raw["multi"]] == [
+        {"name": "tags", "side": "item", "pooling": "mean", "max_len": 8}]
+    assert [{k: f[k] for k in ("name", "share", "max_len", "pooling")} for f in raw["sequence"]] == [
         {"name": "hist_item_id", "share": "item_id", "max_len": 50, "pooling": "attention"},
         {"name": "hist_category", "share": "category", "max_len": 50, "pooling": "attention"},
     ]
-    assert HistoryParams(**spec["extra"]["history"]) == HistoryParams()
-    world = build_world(5_000, seed=7, history=HistoryParams(**spec["extra"]["history"]))
-    assert {k: round(v, 6) for k, v in world.intercepts.items()} == spec["extra"]["intercepts"]
+    spec = FeatureSpec.load(history_written / "spec.yaml")
+    assert [f.name for f in spec.lists] == list(LISTS)
+    assert HistoryParams(**spec.extra["history"]) == HistoryParams()
+    world = build_world(5_000, seed=7, history=HistoryParams(**spec.extra["history"]))
+    assert {k: round(v, 6) for k, v in world.intercepts.items()} == spec.extra["intercepts"]
 
 
 def test_cli_synth_history_writes_the_lists(tmp_path: Path) -> None:

@@ -134,7 +134,7 @@ def feature_spec(
     """The feature spec of the synthetic data; ``extra`` documents the generator.
 
     ``intercepts`` are the logit intercepts ``generate`` solved for the target rates; ``history``
-    is saved as ``extra["history"]``.
+    adds the list fields and is saved as ``extra["history"]``.
     """
     params = params or SynthParams()
     extra: dict[str, Any] = {
@@ -149,6 +149,7 @@ def feature_spec(
             "included) and E[vcr | played] for vcr; skip = 1 on unplayed rows; see docs/data.md"
         ),
     }
+    multi, sequence = ((), ()) if history is None else synth_history.list_fields(history)
     if history is not None:
         extra["history"] = asdict(history)
     return FeatureSpec(
@@ -189,6 +190,8 @@ def feature_spec(
             rules=(FacetRule("cold", "item_age_days", "lt", 2.0),),
             default="warm",
         ),
+        multi=multi,
+        sequence=sequence,
         extra=extra,
     )
 
@@ -569,10 +572,7 @@ def generate(out_dir: Path, rows: int, seed: int, progress: bool = True, shards:
             part.iloc[c0:c1].to_parquet(split_dir / f"part-{k:05d}.parquet", index=False,
                                         row_group_size=ROW_GROUP_ROWS)
     spec = feature_spec(params, rows=rows, seed=seed, intercepts=intercepts, history=hp)
-    if hp is None:
-        spec.save(out_dir / "spec.yaml")
-    else:
-        synth_history.save_spec(spec.to_dict(), hp, out_dir / "spec.yaml")
+    spec.save(out_dir / "spec.yaml")
     if progress:
         print(f"synth: {rows} rows -> {out_dir} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return spec

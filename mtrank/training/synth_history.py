@@ -26,15 +26,13 @@ The generative model (every number is a field of ``HistoryParams``, saved in ``s
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import yaml
+
+from mtrank.spec import MultiField, SequenceField
 
 LIST_TYPE = pa.list_(pa.string())
 """Arrow type of every list column: ``list<string>``."""
@@ -266,22 +264,14 @@ def list_columns(taste: Taste, i: np.ndarray, hist: Histories, item_ids: np.ndar
     }
 
 
-def spec_sections(hp: HistoryParams) -> dict[str, list[dict]]:
-    """The ``multi`` and ``sequence`` sections of the data set's spec."""
-    return {
-        "multi": [{"name": "tags", "side": "item", "pooling": "mean", "max_len": 8}],
-        "sequence": [
-            {"name": "hist_item_id", "share": "item_id", "max_len": hp.max_len, "pooling": "attention"},
-            {"name": "hist_category", "share": "category", "max_len": hp.max_len, "pooling": "attention"},
-        ],
-    }
-
-
-def save_spec(spec: dict[str, Any], hp: HistoryParams, path: Path) -> None:
-    """Write a spec's plain values (``FeatureSpec.to_dict()``) with the list sections before ``extra``."""
-    plain = json.loads(json.dumps(spec))  # tuples -> lists
-    extra = plain.pop("extra")
-    Path(path).write_text(yaml.safe_dump({**plain, **spec_sections(hp), "extra": extra}, sort_keys=False))
+def list_fields(hp: HistoryParams) -> tuple[tuple[MultiField, ...], tuple[SequenceField, ...]]:
+    """The spec's ``multi`` field (the items' tags) and ``sequence`` fields (the histories, whose
+    entries use the candidates' ``item_id`` and ``category`` tables and attend to the candidate)."""
+    return (
+        (MultiField("tags", side="item", pooling="mean", max_len=8),),
+        (SequenceField("hist_item_id", share="item_id", max_len=hp.max_len, pooling="attention"),
+         SequenceField("hist_category", share="category", max_len=hp.max_len, pooling="attention")),
+    )
 
 
 def histories_from_frame(frame: pd.DataFrame, interest: np.ndarray | None = None) -> Histories:
