@@ -37,7 +37,10 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise SpecError(f"data file not found: {path}")
     if _has_suffix(path, (".parquet",)):
-        return pd.read_parquet(path)
+        import pyarrow.parquet as pq
+
+        # Without the pandas metadata (see streaming.SplitSource._raw): list columns read as arrays.
+        return pq.read_table(path).to_pandas(ignore_metadata=True)
     if _has_suffix(path, _CSV_SUFFIXES):
         return pd.read_csv(path)
     if _has_suffix(path, _TAB_SUFFIXES):

@@ -235,7 +235,9 @@ class SplitSource:
                                    memory_pool=pa.system_memory_pool())
         for batch in batches:
             if batch.num_rows:
-                yield batch.to_pandas()
+                # Without the pandas metadata: a writer's extension dtypes (``list<string>[pyarrow]``
+                # for a list column) are names this pandas may not parse; list cells become arrays.
+                yield batch.to_pandas(ignore_metadata=True)
 
     def frames(self, validate: bool = False, units: Sequence[Unit] | None = None,
                columns: Sequence[str] | None = None) -> Iterator[pd.DataFrame]:
