@@ -98,6 +98,10 @@ class RequestFactory:
         self._item_values = {s.name: catalog.ids(s.name) or ["x"] for s in self.item_sparse}
         self._user_values = {s.name: catalog.ids(s.name) or ["x"] for s in self.user_sparse}
         self._item_features: dict[str, dict[str, Any]] = {}
+        self.user_lists = [f for f in m.lists if f.side == "user"]
+        self.item_lists = [f for f in m.lists if f.side == "item"]
+        self._list_values = {f.name: (catalog.ids(f.share) if f.share else list(f.vocab or [])) or ["x"]
+                             for f in m.lists}
 
     def user(self, rng: np.random.Generator, new: bool = False) -> dict[str, Any]:
         """A known user drawn by Zipf weight, or (``new``) an id the store has never seen."""
@@ -115,6 +119,10 @@ class RequestFactory:
                     features[name] = round(float(rng.uniform(0, 5)), 3)
         for s in self.user_sparse:
             features[s.name] = _stable_pick(self._user_values[s.name], user_id, s.name)
+        for f in self.user_lists:  # a full history (the most entries a model keeps), Zipf-drawn
+            values = self._list_values[f.name]
+            picks = zipf_indices(rng, len(values), f.max_len, self.zipf_exponent).tolist()
+            features[f.name] = [values[k] for k in picks]
         return {"user_id": user_id, "features": features}
 
     def candidates(self, rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
@@ -137,6 +145,10 @@ class RequestFactory:
         features = self._item_features.get(item_id)
         if features is None:
             features = {s.name: _stable_pick(self._item_values[s.name], item_id, s.name) for s in self.item_sparse}
+            for f in self.item_lists:  # an item's tags: a few, fixed by its id
+                values = self._list_values[f.name]
+                features[f.name] = [_stable_pick(values, item_id, f"{f.name}{j}")
+                                    for j in range(1 + zlib.crc32(item_id.encode()) % f.max_len)]
             self._item_features[item_id] = features
         return features
 
