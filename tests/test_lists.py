@@ -128,7 +128,7 @@ def _requests(rows: pd.DataFrame) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["ple", "mfh"])
+@pytest.mark.parametrize("model", ["ple", "mfh", "stem"])
 def test_lists_from_the_request_rank_like_pytorch(model, list_runs, list_data):
     run_dir, repo = list_runs(model)
     rows = _rows(list_data)
