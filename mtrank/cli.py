@@ -256,6 +256,27 @@ def _add_load_embeddings(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_load_embeddings)
 
 
+def _add_load_histories(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("load-histories", help="load per-user history records (sequence fields a request leaves out)")
+    s.add_argument("--repo", type=Path, required=True, help="model repository root")
+    s.add_argument("--model", required=True, help="model name in the repository")
+    s.add_argument("--version", type=int, help="version to load (default: the newest)")
+    s.add_argument("--table", type=Path, required=True,
+                   help="Parquet or CSV file: a user id column and a list column per sequence field "
+                        "(CSV: each list a JSON array), most recent first")
+    s.add_argument("--user-column", default="user_id", help="the table's user id column (default user_id)")
+    s.add_argument("--store", help="embedding store URL (default MTRANK_STORE_URL; unset or inprocess://: the "
+                                   "in-process store's file REPO/<model>/<version>.histories)")
+
+    def load(a: argparse.Namespace) -> None:
+        from mtrank.export.history_loader import load_histories
+
+        url = a.store or os.environ.get("MTRANK_STORE_URL") or os.environ.get("MTRANK_REDIS_URL")
+        load_histories(a.repo, a.model, a.table, version=a.version, user_column=a.user_column, store_url=url)
+
+    s.set_defaults(func=load)
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="serve the model repository over HTTP")
     s.add_argument("--repo", type=Path, help="model repository root (default MTRANK_MODEL_REPO)")
@@ -422,8 +443,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtrank", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_synth, _add_train, _add_evaluate, _add_export, _add_load_embeddings, _add_serve, _add_bench,
-                _add_tune_fusion, _add_demo, _add_join_log, _add_ab_report, _add_simulate):
+    for add in (_add_synth, _add_train, _add_evaluate, _add_export, _add_load_embeddings, _add_load_histories,
+                _add_serve, _add_bench, _add_tune_fusion, _add_demo, _add_join_log, _add_ab_report, _add_simulate):
         add(sub)
     return p
 

@@ -17,6 +17,10 @@ several tables still sends at most one ``MGET`` per Cluster node:
   key exists, a version when all its tables' are. Every table's meta carries the same version
   layout (:class:`VersionLayout`); the service reads it from there.
 - ``{prefix}:ptr:<model>`` → the version the loader flipped to last (an integer as text).
+- History records (:mod:`mtrank.histories`): ``{prefix}:<tag>:@hist:<user_id>`` under the tag
+  of the user's shard (``shard_of(user_id)``, as any id), and per tag the load's meta key
+  ``{prefix}:meta:<tag>:@hist`` (:func:`history_key_prefixes`, :func:`history_meta_keys`): a
+  request's record and its shard's meta share a slot with its embeddings.
 
 A URL with the scheme ``redis+cluster://`` (or ``rediss+cluster://``) selects Redis Cluster.
 """
@@ -55,6 +59,20 @@ def id_key_prefix(prefix: str, model: str, version: int, field: str) -> str:
 
 def meta_key(prefix: str, model: str, version: int, field: str) -> str:
     return f"{prefix}:meta:{version_tag(model, version)}:{field}"
+
+
+HISTORY_SEGMENT = "@hist"
+"""Where a table's field name stands in a key, the history records' segment (no spec field uses it)."""
+
+
+def history_key_prefixes(prefix: str, model: str, version: int, layout: VersionLayout) -> list[str]:
+    """Per shard of ``layout``, the string to prepend to a user id to get its history record's key."""
+    return layout.key_prefixes(prefix, model, version, HISTORY_SEGMENT)
+
+
+def history_meta_keys(prefix: str, model: str, version: int, layout: VersionLayout) -> list[str]:
+    """Per shard of ``layout``, the meta key of a history load (one per hash tag, beside its records)."""
+    return [f"{prefix}:meta:{tag}:{HISTORY_SEGMENT}" for tag in layout.tags(model, version)]
 
 
 def pointer_key(prefix: str, model: str) -> str:

@@ -7,6 +7,7 @@ request's columns; the only per-candidate Python work is building key lists and 
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -15,15 +16,20 @@ import numpy as np
 
 from mtrank import fusion, kinds
 from mtrank.fusion import BucketConfig
+from mtrank.histories import HistoryFields
 from mtrank.service import errors, metrics, tracing
 from mtrank.service.errors import NotReady, RequestError
 from mtrank.service.schemas import ModelRef, RankedItem, RankQuery, RankResponse, task_scores_type
-from mtrank.service.stores import EmbeddingStore
+from mtrank.service.stores import EmbeddingStore, HistoryAnswer, HistoryQuery
+from mtrank.service.stores.histories import FOUND, MISSING
 from mtrank.service.version import GroupGraph, LoadedVersion
 from mtrank.transform import FeatureTransform, ListTooLong, TransformError
 
 if TYPE_CHECKING:
     from mtrank.service.repository import Repository
+
+HISTORY_TABLE = "histories"
+"""The ``table`` label of ``mtrank_embedding_missing_total`` for requests whose user has no history record."""
 
 
 @dataclass
@@ -97,25 +103,48 @@ class Ranker:
         self, lv: LoadedVersion, graph: GroupGraph, query: RankQuery, ctx: RequestContext
     ) -> tuple[dict[str, np.ndarray], bool]:
         """The graph's inputs for the query (its user's side once, its candidates' per row) through
-        the feature kinds, and whether the store answered degraded."""
+        the feature kinds, and whether the store answered degraded. Sequence fields the request
+        leaves out come from the user's history record, read with the embeddings."""
         transform = lv.transform
-        try:
-            feed = kinds.feed(transform, _rows(transform, query), graph.inputs)
-        except ListTooLong as e:
-            raise errors.ListTooLong(_located(transform, e)) from None
-        except TransformError as e:
-            raise RequestError(_located(transform, e)) from None
-        for name, rows in feed.truncated.items():
-            metrics.LIST_TRUNCATED.labels(name).inc(rows)
-        if not feed.needs:
+        feed = _feed(transform, _rows(transform, query), graph.inputs)
+        fields = _history_fields(transform)
+        absent = [name for name in fields.names if query.user_features.get(name) is None] if fields else []
+        history = HistoryQuery(lv.name, lv.version, lv.dir, query.user_id, fields) if absent else None
+        if not feed.needs and history is None:
             return feed.arrays, False
+        found, record, degraded = await self._lookup(lv, feed, ctx, history)
+        arrays = feed.resolve(found)
+        if record is None:
+            return arrays, degraded
+        if record.status == MISSING:
+            metrics.MISSING.labels(HISTORY_TABLE).inc()
+        if record.status != FOUND:
+            return arrays, degraded  # empty histories (what the request's feed already holds)
+        # The entries' own vectors (a history sharing a store table) can only be asked for now:
+        # a second lookup, which the in-process cache mostly answers.
+        user = {name: [record.lists[j]] for j, name in enumerate(fields.names) if name in absent}
+        wanted = {name: i for name, i in graph.inputs.items() if user.keys() & set(i.fields)}
+        history_feed = _feed(transform, kinds.Rows({}, user, 0, 1, np.zeros(0, dtype=np.int64)), wanted)
+        more_degraded = False
+        if history_feed.needs:
+            history_found, _, more_degraded = await self._lookup(lv, history_feed, ctx, None)
+            arrays.update(history_feed.resolve(history_found))
+        else:
+            arrays.update(history_feed.arrays)
+        return arrays, degraded or more_degraded
+
+    async def _lookup(
+        self, lv: LoadedVersion, feed: kinds.Feed, ctx: RequestContext, history: HistoryQuery | None
+    ) -> tuple[dict[str, np.ndarray], HistoryAnswer | None, bool]:
+        """The vectors of ``feed``'s store needs by input (and ``history``'s record) in one store call."""
         # One lookup per table: a history's ids ride with the candidates' own (one cache pass, one MGET).
         keys: dict[str, list[str]] = {}
         for need in feed.needs:
             keys.setdefault(need.table, []).extend(need.keys)
         started = time.perf_counter()
         with tracing.span("lookup", store=self.store.name, fields=len(keys)):
-            lookups, degraded = await self.store.lookup_many([(lv.tables[t], k) for t, k in keys.items()])
+            lookups, record, degraded = await self.store.lookup_with_history(
+                [(lv.tables[t], k) for t, k in keys.items()], history)
         self._lookup_seconds.observe(time.perf_counter() - started)
         found, taken = {}, dict.fromkeys(keys, 0)
         vectors = {t: r.vectors for t, r in zip(keys, lookups, strict=True)}
@@ -124,7 +153,26 @@ class Ranker:
             taken[need.table] = start + len(need.keys)
             found[need.input] = vectors[need.table][start : taken[need.table]]
         ctx.missing_ids += sum(r.missing for r in lookups)
-        return feed.resolve(found), degraded
+        return found, record, degraded
+
+
+def _feed(transform: FeatureTransform, rows: kinds.Rows, wanted: dict[str, kinds.GraphInput]) -> kinds.Feed:
+    """The kinds' feed of ``rows``; a bad value is the request's error (422, or 413 for a list too long)."""
+    try:
+        feed = kinds.feed(transform, rows, wanted)
+    except ListTooLong as e:
+        raise errors.ListTooLong(_located(transform, e)) from None
+    except TransformError as e:
+        raise RequestError(_located(transform, e)) from None
+    for name, rows_cut in feed.truncated.items():
+        metrics.LIST_TRUNCATED.labels(name).inc(rows_cut)
+    return feed
+
+
+@functools.lru_cache(maxsize=64)
+def _history_fields(transform: FeatureTransform) -> HistoryFields:
+    """The version's sequence fields: what its history records hold."""
+    return HistoryFields.of(transform.lists)
 
 
 def _rows(transform: FeatureTransform, query: RankQuery) -> kinds.Rows:

@@ -13,9 +13,11 @@ could not be asked).
 
 from mtrank.service.stores.cache import TTLCache
 from mtrank.service.stores.factory import open_store, open_url
+from mtrank.service.stores.histories import HistoryAnswer, HistoryQuery
 from mtrank.service.stores.inprocess import InProcessStore
 from mtrank.service.stores.kv import KeyValueStore
 from mtrank.service.stores.tables import EmbeddingStore, LocalTable, Lookup, lookup, unique_ids
 
-__all__ = ["EmbeddingStore", "InProcessStore", "KeyValueStore", "LocalTable", "Lookup", "TTLCache", "lookup",
+__all__ = ["EmbeddingStore", "HistoryAnswer", "HistoryQuery",
+           "InProcessStore", "KeyValueStore", "LocalTable", "Lookup", "TTLCache", "lookup",
            "open_store", "open_url", "unique_ids"]

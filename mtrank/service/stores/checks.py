@@ -55,6 +55,9 @@ class TableState:
         return [prefixes[s] + i for s, i in zip(store_keys.shard_of(ids, len(prefixes)), ids, strict=True)]
 
 
+_ONE_SHARD = store_keys.VersionLayout()
+
+
 class TableChecks:
     """Per table of every version served, its layout in the store and whether it is complete."""
 
@@ -66,6 +69,7 @@ class TableChecks:
         """Seconds a table's meta key check stays valid for caching misses."""
         self._tables: dict[tuple[str, int, str], TableState] = {}
         self._to_verify: set[tuple[str, int, str]] = set()
+        self._layouts: dict[tuple[str, int], store_keys.VersionLayout] = {}
         self._verify_task: asyncio.Task | None = None
         # The store may have come back empty: misses are not cached until each table's meta key
         # has been read again.
@@ -141,7 +145,13 @@ class TableChecks:
         now = time.monotonic()
         for t, raw in zip(tables, metas, strict=True):
             self.check_meta(self._register(t, layouts[(t.model, t.version)][1]), raw, now)
+        self._layouts.update({version: layout for version, (_, layout) in layouts.items()})
         return None
+
+    def layout(self, model: str, version: int) -> store_keys.VersionLayout:
+        """The shard layout the version's tables were loaded with (one shard for a version without
+        store tables): its history records use the same hash tags."""
+        return self._layouts.get((model, version), _ONE_SHARD)
 
     def check_meta(self, state: TableState, raw: bytes | None, now: float) -> str | None:
         """Record the state of ``state``'s meta value ``raw``; returns why it is not complete, or None."""

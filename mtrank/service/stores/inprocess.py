@@ -1,5 +1,6 @@
-"""The in-process store: the repository's own tables, ids file → dict, vectors memory-mapped;
-the embedded default (``MTRANK_STORE_URL`` unset or ``inprocess://``). Nothing to break or cache."""
+"""The in-process store: the repository's own tables, ids file → dict, vectors memory-mapped, and
+the history records file beside each version; the embedded default (``MTRANK_STORE_URL`` unset or
+``inprocess://``). Nothing to break or cache."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mtrank.service import metrics
+from mtrank.service.stores.histories import HistoryAnswer, HistoryQuery, LocalHistories
 from mtrank.service.stores.tables import LocalTable, Lookup
 
 
@@ -16,8 +18,18 @@ class InProcessStore:
     name = "inprocess"
     degraded = False
 
+    def __init__(self) -> None:
+        self.histories = LocalHistories()
+        """History records from ``REPO/<model>/<version>.histories`` (``mtrank load-histories``)."""
+
     async def lookup_many(self, requests: Sequence[tuple[LocalTable, list[str]]]) -> tuple[list[Lookup], bool]:
         return [self.lookup_sync(table, ids) for table, ids in requests], False
+
+    async def lookup_with_history(
+        self, requests: Sequence[tuple[LocalTable, list[str]]], history: HistoryQuery | None
+    ) -> tuple[list[Lookup], HistoryAnswer | None, bool]:
+        found = await self.histories.read(history) if history is not None else None
+        return [self.lookup_sync(table, ids) for table, ids in requests], found, False
 
     @staticmethod
     def lookup_sync(table: LocalTable, ids: list[str]) -> Lookup:

@@ -25,6 +25,8 @@ from mtrank.service import metrics
 from mtrank.service.stores.breaker import OPEN, PROBE, CircuitBreaker
 from mtrank.service.stores.cache import NOT_CACHED, TTLCache
 from mtrank.service.stores.checks import TableChecks, TableState
+from mtrank.service.stores.histories import UNSERVED_ANSWER, HistoryAnswer, HistoryQuery
+from mtrank.service.stores.histories import answer as history_answer
 from mtrank.service.stores.tables import LocalTable, Lookup, unique_ids
 from mtrank.stores import StoreBackend
 
@@ -52,6 +54,17 @@ class _Plan:
         return self.keys if isinstance(self.fetch, range) else [self.keys[j] for j in self.fetch]
 
 
+@dataclass
+class _RecordRead:
+    """A user's history record and its shard's meta key, read with a lookup's keys."""
+
+    route: int
+    keys: list[str]
+    """``[meta key, record key]``."""
+    values: list | None = None
+    """Their values once read (None: not read)."""
+
+
 class KeyValueStore:
     """An :class:`~mtrank.service.stores.tables.EmbeddingStore` over ``backend``, with a TTL cache
     of ``cache_size`` entries (0: none), a breaker retrying after ``retry_s`` and the table checks."""
@@ -64,6 +77,7 @@ class KeyValueStore:
         self.cache = TTLCache(cache_size, cache_ttl_s)
         self.breaker = CircuitBreaker(backend, retry_s)
         self.checks = TableChecks(backend, self.breaker, prefix, verify_s=retry_s)
+        self._history_keys: dict[tuple[str, int, store_keys.VersionLayout], list[tuple[int, str, str]]] = {}
 
     @property
     def degraded(self) -> bool:
@@ -79,6 +93,15 @@ class KeyValueStore:
     # -- lookups ------------------------------------------------------------------------------
 
     async def lookup_many(self, requests: Sequence[tuple[LocalTable, list[str]]]) -> tuple[list[Lookup], bool]:
+        results, _, degraded = await self.lookup_with_history(requests, None)
+        return results, degraded
+
+    async def lookup_with_history(
+        self, requests: Sequence[tuple[LocalTable, list[str]]], history: HistoryQuery | None
+    ) -> tuple[list[Lookup], HistoryAnswer | None, bool]:
+        """:meth:`lookup_many`, and the user's history record (with its shard's meta key) read in
+        the same back-end call as the ids the cache does not hold. Records are not cached: a
+        re-load is seen at once."""
         now = time.monotonic()
         plans: list[_Plan] = []
         hits = 0
@@ -99,28 +122,46 @@ class KeyValueStore:
 
         degraded = False
         to_fetch = [p for p in plans if p.fetch]
-        if to_fetch:
+        record = self._record_read(history) if history is not None else None
+        if to_fetch or record is not None:
             gate = self.breaker.admit(now)
             if gate == OPEN:
                 degraded = True
             else:
                 metrics.CACHE_MISSES.inc(sum(len(p.fetch) for p in to_fetch))
-                degraded = not await self._fetch(to_fetch, probe=gate == PROBE)
+                degraded = not await self._fetch(to_fetch, probe=gate == PROBE, record=record)
                 self._cache(to_fetch, cache_misses=not degraded, now=now)
         results = [_assemble(p) for p in plans]
         incomplete = [p.state for p, r in zip(plans, results, strict=True) if r.incomplete]
         if incomplete and not self.breaker.degraded:
             self.checks.schedule_verify(incomplete, now)  # until the load completes
-        return results, degraded or bool(incomplete)
+        found = None
+        if history is not None:
+            values = record.values
+            found = UNSERVED_ANSWER if values is None else history_answer(values[0], values[1], history)
+        return results, found, degraded or bool(incomplete)
 
-    async def _fetch(self, plans: list[_Plan], probe: bool) -> bool:
-        """Fill the plans' fetched values from the back-end; False when some could not be asked."""
+    def _record_read(self, history: HistoryQuery) -> _RecordRead:
+        """The keys of ``history``'s record and of its shard's meta value, and where they live."""
+        layout = self.checks.layout(history.model, history.version)
+        where = self._history_keys.get((history.model, history.version, layout))
+        if where is None:
+            prefixes = store_keys.history_key_prefixes(self.prefix, history.model, history.version, layout)
+            metas = store_keys.history_meta_keys(self.prefix, history.model, history.version, layout)
+            where = [(self.backend.route(p), m, p) for p, m in zip(prefixes, metas, strict=True)]
+            self._history_keys[(history.model, history.version, layout)] = where
+        route, meta_key, key_prefix = where[store_keys.shard_of([history.user_id], len(where))[0]]
+        return _RecordRead(route, [meta_key, key_prefix + history.user_id])
+
+    async def _fetch(self, plans: list[_Plan], probe: bool, record: _RecordRead | None = None) -> bool:
+        """Fill the plans' fetched values (and ``record``'s) from the back-end; False when some
+        could not be asked."""
         error: BaseException | None = None
         try:
             async with asyncio.timeout(self.backend.timeout_s * (4 if probe else 2)):
                 if probe:
                     await self.breaker.start_probe()
-                error = await self._read(plans)
+                error = await self._read(plans, record)
                 if probe and error is None:
                     # The store may be back empty: this answer already says whether its tables are complete.
                     await self.checks.read_metas(list({id(p.state): p.state for p in plans}.values()))
@@ -135,10 +176,14 @@ class KeyValueStore:
         self.breaker.succeeded()
         return True
 
-    async def _read(self, plans: list[_Plan]) -> BaseException | None:
-        """One back-end read of the plans' keys grouped by route; returns a failure, if any (the
-        values of a failed group stay ``NOT_CACHED``)."""
+    async def _read(self, plans: list[_Plan], record: _RecordRead | None = None) -> BaseException | None:
+        """One back-end read of the plans' keys (and ``record``'s) grouped by route; returns a
+        failure, if any (the values of a failed group stay ``NOT_CACHED``, ``record.values`` None)."""
         groups: dict[int, tuple[list[str], list[tuple[_Plan, list[int]]]]] = {}
+        if record is not None:
+            keys, where = groups.setdefault(record.route, ([], []))
+            keys.extend(record.keys)
+            where.append((record, []))
         for plan in plans:
             state = plan.state
             positions = list(plan.fetch)
@@ -163,6 +208,10 @@ class KeyValueStore:
                 continue
             start = 0
             for plan, js in where:
+                if isinstance(plan, _RecordRead):
+                    plan.values = outcome[start : start + len(plan.keys)]
+                    start += len(plan.keys)
+                    continue
                 if isinstance(plan.fetch, range) and len(js) == len(plan.values):
                     plan.values[:] = outcome[start : start + len(js)]
                 else:

@@ -8,11 +8,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from mtrank.manifest import TableInfo, open_vectors, read_ids
+
+if TYPE_CHECKING:
+    from mtrank.service.stores.histories import HistoryAnswer, HistoryQuery
 
 
 @dataclass
@@ -93,6 +96,13 @@ class EmbeddingStore(Protocol):
     async def lookup_many(self, requests: Sequence[tuple[LocalTable, list[str]]]) -> tuple[list[Lookup], bool]:
         """Vectors of ``ids`` in each table, in one round trip; and whether the answer is degraded
         (some ids unserved, or a table not completely loaded)."""
+        ...
+
+    async def lookup_with_history(
+        self, requests: Sequence[tuple[LocalTable, list[str]]], history: HistoryQuery | None
+    ) -> tuple[list[Lookup], HistoryAnswer | None, bool]:
+        """:meth:`lookup_many`, and the user's history record (None when ``history`` is None) in
+        the same round trip."""
         ...
 
     async def version_problem(self, tables: Sequence[LocalTable]) -> str | None:
