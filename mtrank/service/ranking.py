@@ -179,6 +179,8 @@ def _rows(transform: FeatureTransform, query: RankQuery) -> kinds.Rows:
     """The request's raw columns: the user's values once, a list per candidate feature."""
     user = {f.name: query.user_value(f.name) for f in _fields(transform) if f.side == "user"}
     item = {f.name: query.item_column(f.name) for f in _fields(transform) if f.side != "user"}
+    if transform.item_facet is not None:  # its rules may read features the model does not take
+        item |= {r.feature: query.item_column(r.feature) for r in transform.item_facet.rules if r.feature not in item}
     return kinds.Rows.one_request(user, item, query.n)
 
 
