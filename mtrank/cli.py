@@ -267,12 +267,16 @@ def _add_load_histories(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--user-column", default="user_id", help="the table's user id column (default user_id)")
     s.add_argument("--store", help="embedding store URL (default MTRANK_STORE_URL; unset or inprocess://: the "
                                    "in-process store's file REPO/<model>/<version>.histories)")
+    s.add_argument("--prefix", help="key prefix in the store, as the service's MTRANK_STORE_PREFIX "
+                                    "(default MTRANK_STORE_PREFIX, else mtrank)")
 
     def load(a: argparse.Namespace) -> None:
         from mtrank.export.history_loader import load_histories
 
         url = a.store or os.environ.get("MTRANK_STORE_URL") or os.environ.get("MTRANK_REDIS_URL")
-        load_histories(a.repo, a.model, a.table, version=a.version, user_column=a.user_column, store_url=url)
+        prefix = a.prefix or os.environ.get("MTRANK_STORE_PREFIX") or os.environ.get("MTRANK_REDIS_PREFIX") or "mtrank"
+        load_histories(a.repo, a.model, a.table, version=a.version, user_column=a.user_column, store_url=url,
+                       prefix=prefix)
 
     s.set_defaults(func=load)
 
