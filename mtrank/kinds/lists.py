@@ -9,6 +9,18 @@ from mtrank.manifest import LEN_PREFIX, LIST_PREFIX, emb_input
 from mtrank.transform import FeatureTransform, ListColumn, list_batch
 
 
+def kind_inputs(kind: str, t: FeatureTransform, widths: Mapping[str, int]) -> list[GraphInput]:
+    """The graph inputs of every list field of ``kind`` (``multi`` or ``sequence``)."""
+    return [i for f in t.lists if f.kind == kind for i in inputs(f, widths)]
+
+
+def kind_feed(kind: str, t: FeatureTransform, rows: Rows, out: Feed) -> None:
+    """Add the arrays (and store needs) of every list field of ``kind`` for ``rows`` to ``out``."""
+    for f in t.lists:
+        if f.kind == kind:
+            feed(t, f, rows, out)
+
+
 def inputs(f: ListColumn, widths: Mapping[str, int]) -> list[GraphInput]:
     axis = axis_of(f.side)
     if f.location == "store":

@@ -10,18 +10,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from mtrank.kinds.base import Feed, GraphInput, Rows
-from mtrank.kinds.lists import feed as feed_list
-from mtrank.kinds.lists import inputs as list_inputs
+from mtrank.kinds.lists import kind_feed, kind_inputs
 from mtrank.transform import FeatureTransform
 
 key = "multi"
 
 
 def inputs(t: FeatureTransform, widths: Mapping[str, int]) -> list[GraphInput]:
-    return [i for f in t.lists if f.kind == key for i in list_inputs(f, widths)]
+    return kind_inputs(key, t, widths)
 
 
 def feed(t: FeatureTransform, rows: Rows, out: Feed) -> None:
-    for f in t.lists:
-        if f.kind == key:
-            feed_list(t, f, rows, out)
+    kind_feed(key, t, rows, out)
