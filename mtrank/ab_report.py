@@ -102,6 +102,38 @@ def srm_test(counts: dict[str, int], shares: dict[str, float]) -> dict[str, Any]
             "chi2": chi2, "p_value": p, "alpha": SRM_ALPHA, "flagged": bool(p < SRM_ALPHA)}
 
 
+def srm_requests_test(requests_per_user: dict[str, np.ndarray], shares: dict[str, float]) -> dict[str, Any]:
+    """Sample-ratio test of the *requests* per bucket, clustered by user: ``requests_per_user[b]``
+    holds the request count of each of bucket b's users. Buckets split users, so under the
+    configured shares ``s`` a bucket's requests ``X_b = Σ_u n_u·[u in b]`` have mean ``s_b T`` and
+    covariance ``S2 (diag(s) − s sᵀ)`` (``T = Σ n_u``, ``S2 = Σ n_u²``): Pearson's statistic with
+    ``S2`` in place of ``T``, ``Σ_b (X_b − s_b T)² / (s_b S2)``, is χ² with (buckets − 1) degrees of
+    freedom. It sees requests lost within users (timeouts, a logging gap), which the users' test
+    misses when users send several requests each; ``S2 / T`` is the variance inflation over
+    independent requests."""
+    names = list(shares)
+    share = np.array([shares[b] for b in names], dtype=np.float64)
+    share /= share.sum()
+    counts = [np.asarray(requests_per_user.get(b, np.zeros(0)), dtype=np.float64) for b in names]
+    observed = np.array([c.sum() for c in counts])
+    total, squares = float(observed.sum()), float(sum((c ** 2).sum() for c in counts))
+    expected = total * share
+    chi2 = float(((observed - expected) ** 2 / (share * squares)).sum()) if squares > 0 else 0.0
+    p = chi2_sf(chi2, len(names) - 1) if len(names) > 1 else 1.0
+    return {"unit": "requests, clustered by user",
+            "observed": {b: int(o) for b, o in zip(names, observed, strict=True)},
+            "expected": {b: float(e) for b, e in zip(names, expected, strict=True)},
+            "design_effect": squares / total if total else math.nan,
+            "chi2": chi2, "p_value": p, "alpha": SRM_ALPHA, "flagged": bool(p < SRM_ALPHA)}
+
+
+def requests_per_user(user_id: np.ndarray, request_id: np.ndarray) -> np.ndarray:
+    """The number of distinct requests of each user among rows (one row per shown item; a request
+    belongs to one user)."""
+    _, first = np.unique(np.asarray(request_id).astype(str), return_index=True)
+    return np.unique(np.asarray(user_id)[first].astype(str), return_counts=True)[1]
+
+
 def calibration(predicted: np.ndarray, observed: np.ndarray, binary: bool, bins: int = BINS) -> dict[str, Any]:
     """Observed against mean predicted, overall and in ``bins`` equal-width bins of the prediction
     ([0, 1] for a binary task, [min, max] of the predictions otherwise; the upper edge belongs to the
@@ -134,8 +166,9 @@ def _mean(x: np.ndarray) -> float:
 @dataclass
 class Shown:
     """One row per shown item in the top k, joined with its feedback: ``bucket``, ``user_id``,
-    ``request_id`` and ``item_id`` (object arrays), ``rank`` (1 = first), ``predicted[task]`` (the
-    served prediction, task units) and ``label[task]`` (the feedback value; NaN without one)."""
+    ``request_id`` and ``item_id`` (object arrays; ``item_id`` None when not read), ``rank``
+    (1 = first), ``predicted[task]`` (the served prediction, task units) and ``label[task]`` (the
+    feedback value; NaN without one); ``requests`` per bucket."""
 
     bucket: np.ndarray
     user_id: np.ndarray
@@ -144,6 +177,7 @@ class Shown:
     predicted: dict[str, np.ndarray]
     label: dict[str, np.ndarray]
     requests: dict[str, int]
+    item_id: np.ndarray | None = None
 
 
 def read_shown(impressions: Path, feedback: Path, k: int) -> Shown:
@@ -186,7 +220,8 @@ def read_shown(impressions: Path, feedback: Path, k: int) -> Shown:
                  request_id=col("request_id").astype(object), rank=col("rank").astype(np.int64),
                  predicted={t: np.asarray(pc.cast(joined[f"pred:{t}"], pa.float64()).fill_null(math.nan)
                                           .to_numpy(zero_copy_only=False)) for t in labels},
-                 label=labels, requests={str(b): int(c) for b, c in requests.items()})
+                 label=labels, requests={str(b): int(c) for b, c in requests.items()},
+                 item_id=col("item_id").astype(object))
 
 
 def _read_feedback(path: Path, tasks: list[str]) -> Any:
@@ -264,12 +299,23 @@ def ab_report(shown: Shown, value: dict[str, float], k: int, control: str | None
                                                              _is_binary(shown, task))
     differences = {b: {_name(m): difference_ci(totals[control][_name(m)], totals[b][_name(m)]) for m in metrics}
                    for b in buckets if b != control}
-    counts = {b: per_bucket[b]["users"] for b in buckets}
-    srm = srm_test(counts, shares or dict.fromkeys(buckets, 100 / len(buckets)))
+    srm = _srm(shown, per_bucket, shares or dict.fromkeys(buckets, 100 / len(buckets)))
     srm["shares_configured"] = shares is not None
     return {"k": k, "value": value, "control": control, "buckets": per_bucket, "differences": differences,
             "srm": srm, "tasks": {t: "binary" if _is_binary(shown, t) else "regression" for t in shown.label},
             "ci": {"level": 0.95, "method": "delta method on per-user sums (users are the independent units)"}}
+
+
+def _srm(shown: Shown, per_bucket: dict[str, Any], shares: dict[str, float]) -> dict[str, Any]:
+    """The users' test (the top-level keys), the requests' test (``requests``), and ``flagged``
+    when either flags the experiment (``users_flagged`` for the users' test alone)."""
+    srm = srm_test({b: per_bucket[b]["users"] for b in shares}, shares)
+    per_user = {b: requests_per_user(shown.user_id[shown.bucket == b], shown.request_id[shown.bucket == b])
+                for b in shares}
+    srm["requests"] = srm_requests_test(per_user, shares)
+    srm["users_flagged"] = srm["flagged"]
+    srm["flagged"] = bool(srm["users_flagged"] or srm["requests"]["flagged"])
+    return srm
 
 
 def _name(metric: str | None) -> str:
@@ -379,7 +425,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "![differences](value.png)", "", "## Sample ratio", "",
               f"Users per bucket {srm['observed']} against shares {srm['shares']}"
               f"{'' if srm['shares_configured'] else ' (not configured: equal shares assumed)'}: "
-              f"χ² = {srm['chi2']:.2f}, p = {srm['p_value']:.3g} → {verdict} (p < {srm['alpha']}).", "",
+              f"χ² = {srm['chi2']:.2f}, p = {srm['p_value']:.3g}; requests per bucket "
+              f"{srm['requests']['observed']}, clustered by user (design effect "
+              f"{srm['requests']['design_effect']:.2f}): χ² = {srm['requests']['chi2']:.2f}, "
+              f"p = {srm['requests']['p_value']:.3g} → {verdict} (either p < {srm['alpha']}).", "",
               "## Calibration", "", "| bucket | task | impressions | mean predicted | observed |",
               "| --- | --- | ---: | ---: | ---: |"]
     for b, s in report["buckets"].items():

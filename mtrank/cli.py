@@ -431,6 +431,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed of the traffic and the feedback draws (default 0)")
     s.add_argument("--position-discount", default="log2",
                    help="P(seen) at rank r: log2 (1/log2(r+1), default), none, geometric:G, power:A")
+    s.add_argument("--concurrency", type=int, default=1,
+                   help="requests in flight at once (default 1); the feedback is the same for a seed at any value")
 
     def simulate(a: argparse.Namespace) -> None:
         import json
@@ -438,7 +440,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         from mtrank.training.simulate import run_simulation
 
         summary = run_simulation(a.url, a.data, a.requests, a.candidates, a.out, seed=a.seed,
-                                 discount=a.position_discount)
+                                 discount=a.position_discount, concurrency=a.concurrency)
         print(json.dumps(summary))
 
     s.set_defaults(func=simulate)

@@ -21,6 +21,8 @@ from mtrank.ab_report import (
     jsonable,
     ratio_and_variance,
     read_shown,
+    requests_per_user,
+    srm_requests_test,
     srm_test,
     user_sums,
 )
@@ -119,6 +121,44 @@ def test_sample_ratio_mismatch() -> None:
     assert hand["chi2"] == pytest.approx(1.6)
     assert hand["p_value"] == pytest.approx(math.erfc(math.sqrt(0.8)))
     assert srm_test({"a": 300, "b": 700}, {"a": 30, "b": 70})["chi2"] == pytest.approx(0.0)
+
+
+def test_requests_srm_by_hand() -> None:
+    # Requests per user: a = (1, 3), b = (2): T = 6, S2 = 1 + 9 + 4 = 14, X = (4, 2) against (3, 3):
+    # χ² = 1 / (0.5 · 14) + 1 / (0.5 · 14) = 2 / 7, one degree of freedom.
+    got = srm_requests_test({"a": np.array([1, 3]), "b": np.array([2])}, {"a": 50, "b": 50})
+    assert got["chi2"] == pytest.approx(2 / 7) and got["p_value"] == pytest.approx(math.erfc(math.sqrt(1 / 7)))
+    assert got["observed"] == {"a": 4, "b": 2} and got["design_effect"] == pytest.approx(14 / 6)
+    # One request per user: the users' test.
+    ones = srm_requests_test({"a": np.ones(520), "b": np.ones(480)}, {"a": 50, "b": 50})
+    assert ones["chi2"] == pytest.approx(srm_test({"a": 520, "b": 480}, {"a": 50, "b": 50})["chi2"])
+    users = np.array(["u1", "u2", "u1", "u1", "u2"], dtype=object)
+    assert list(requests_per_user(users, np.array(["r1", "r2", "r1", "r3", "r2"], dtype=object))) == [2, 1]
+
+
+def test_requests_srm_holds_its_level_and_sees_lost_requests_that_the_users_test_misses() -> None:
+    """Users with 1 + Poisson(15) requests each (a heavy tail: a tenth send 5× as many), 50/50.
+    A/A (2000 users): the requests' test rejects at 5 % about 5 % of the time (a naive per-request
+    χ² far more often). 20 000 users, 10 % of one bucket's requests lost: the requests' test flags it,
+    the users' test cannot (a user loses all of 16 requests with probability 1e-16)."""
+    rng = np.random.default_rng(11)
+    shares = {"a": 50.0, "b": 50.0}
+    rejected = naive = 0
+    for _ in range(300):
+        n = 1 + rng.poisson(15 * np.where(rng.random(2000) < 0.1, 5.0, 1.0))
+        in_b = rng.random(2000) < 0.5
+        rejected += srm_requests_test({"a": n[~in_b], "b": n[in_b]}, shares)["p_value"] < 0.05
+        naive += srm_test({"a": int(n[~in_b].sum()), "b": int(n[in_b].sum())}, shares)["p_value"] < 0.05
+    print(f"requests' SRM test at 5 % over 300 A/A: clustered {rejected / 300:.3f}, naive {naive / 300:.3f}")
+    assert 0.02 <= rejected / 300 <= 0.09 and naive / 300 > 0.3
+    n = 1 + rng.poisson(15 * np.where(rng.random(20000) < 0.1, 5.0, 1.0))
+    in_b = rng.random(20000) < 0.5
+    kept_b = rng.binomial(n[in_b], 0.9)  # each of b's requests lost with probability 0.1
+    lost = srm_requests_test({"a": n[~in_b], "b": kept_b[kept_b > 0]}, shares)
+    users = srm_test({"a": int((~in_b).sum()), "b": int((kept_b > 0).sum())}, shares)
+    print(f"10 % of b's requests lost: requests' test p = {lost['p_value']:.3g}, users' test p = "
+          f"{users['p_value']:.3g}")
+    assert lost["flagged"] and not users["flagged"]
 
 
 def test_delta_method_by_hand() -> None:

@@ -131,3 +131,18 @@ def test_simulated_traffic_gives_feedback_of_shown_items_discounted_by_rank(expo
                  "--out", str(tmp_path / "ab"), "--value", "vtr=1,finish=2"]) == 0
     report = json.loads((tmp_path / "ab" / "report.json").read_text())
     assert "default" in json.dumps(report)
+
+
+def test_simulated_feedback_is_the_same_at_any_concurrency(exported_repo, synth_dir, tmp_path, capsys):
+    with RemoteServer(exported_repo("ple")) as server:
+        for concurrency in (1, 6):
+            assert main(["simulate", "--url", server.url, "--data", str(synth_dir), "--requests", "300",
+                         "--candidates", "8", "--out", str(tmp_path / f"fb{concurrency}.parquet"), "--seed", "9",
+                         "--concurrency", str(concurrency)]) == 0
+        capsys.readouterr()
+        assert main(["simulate", "--url", server.url, "--data", str(synth_dir), "--requests", "3",
+                     "--out", str(tmp_path / "x.parquet"), "--concurrency", "0"]) == 2
+        assert "--concurrency must be at least 1" in capsys.readouterr().err
+    one, six = (pd.read_parquet(tmp_path / f"fb{c}.parquet") for c in (1, 6))
+    assert len(one) > 300
+    pd.testing.assert_frame_equal(one, six)

@@ -12,11 +12,14 @@ unseen item gets no feedback row, so it counts as no event: ranking matters beca
 items shown first are seen more often.
 
 The feedback table has one row per seen item: ``request_id``, ``item_id``, ``rank``, ``played`` and
-the task columns — the format ``mtrank join-log`` and ``mtrank ab-report`` read.
+the task columns — the format ``mtrank join-log`` and ``mtrank ab-report`` read. Every request is
+drawn before the first is sent (``concurrency`` at a time) and the feedback after the last answer,
+in request order, so a seed gives the same table at any concurrency.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from mtrank.spec import FeatureSpec
-from mtrank.training.synth import DEVICES, TASKS, World, build_world, draw_labels, exposure
+from mtrank.training.synth import BINARY_TASKS, DEVICES, TASKS, World, build_world, draw_labels, exposure
 
 DISCOUNTS = "log2 (1/log2(r+1)), none (1), geometric:G (G^(r-1)), power:A (r^-A)"
 
@@ -104,19 +107,48 @@ def draw_requests(world: World, rng: np.random.Generator, n: int, candidates: in
     return out
 
 
-def send(url: str, bodies: list[dict[str, Any]], timeout_s: float = 30.0) -> list[dict[str, Any]]:
-    """POST each body to ``URL/v1/rank`` in order; a refused request or a non-200 answer is an error."""
-    answers = []
-    with httpx.Client(base_url=url, timeout=timeout_s) as client:
-        for body in bodies:
-            try:
-                r = client.post("/v1/rank", json=body)
-            except httpx.HTTPError as e:
-                raise ValueError(f"{url}/v1/rank: {e!r}") from None
-            if r.status_code != 200:
-                raise ValueError(f"{url}/v1/rank answered {r.status_code}: {r.text[:200]}")
-            answers.append(r.json())
+def send(url: str, bodies: list[dict[str, Any]], timeout_s: float = 30.0,
+         concurrency: int = 1) -> list[dict[str, Any]]:
+    """POST each body to ``URL/v1/rank``, at most ``concurrency`` at a time; the answers in the
+    bodies' order, so that what is drawn from them does not depend on ``concurrency`` (the service's
+    answer to a request does not depend on the requests batched with it). A refused request or a
+    non-200 answer is an error."""
+    if concurrency < 1:
+        raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
+    if concurrency == 1:
+        with httpx.Client(base_url=url, timeout=timeout_s) as client:
+            answers = []
+            for body in bodies:
+                try:
+                    answers.append(_checked(url, client.post("/v1/rank", json=body)))
+                except httpx.HTTPError as e:
+                    raise ValueError(f"{url}/v1/rank: {e!r}") from None
+            return answers
+    return asyncio.run(_send_concurrently(url, bodies, timeout_s, concurrency))
+
+
+async def _send_concurrently(url: str, bodies: list[dict[str, Any]], timeout_s: float,
+                             concurrency: int) -> list[dict[str, Any]]:
+    answers: list[dict[str, Any]] = [{} for _ in bodies]
+    next_index = iter(range(len(bodies)))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+
+        async def worker() -> None:
+            for k in next_index:  # one iterator shared by the workers: each index is sent once
+                try:
+                    answers[k] = _checked(url, await client.post("/v1/rank", json=bodies[k]))
+                except httpx.HTTPError as e:
+                    raise ValueError(f"{url}/v1/rank: {e!r}") from None
+
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(bodies)))))
     return answers
+
+
+def _checked(url: str, r: httpx.Response) -> dict[str, Any]:
+    if r.status_code != 200:
+        raise ValueError(f"{url}/v1/rank answered {r.status_code}: {r.text[:200]}")
+    return r.json()
 
 
 def feedback(world: World, rng: np.random.Generator, shown: pd.DataFrame,
@@ -131,9 +163,20 @@ def feedback(world: World, rng: np.random.Generator, shown: pd.DataFrame,
                          "rank": rows["rank"].astype(np.int32), **labels}), seen
 
 
+def expected_feedback(world: World, users: np.ndarray, items: np.ndarray, ranks: np.ndarray,
+                      discount: str = "log2") -> dict[str, np.ndarray]:
+    """Each binary task's expected label of the items ``items`` shown to ``users`` at ``ranks`` (the
+    world's indices; rank 1 = first), as :func:`feedback` draws it: P(seen at the rank) × the
+    oracle (an unseen item has no feedback row, which counts as no event)."""
+    seen = position_discount(discount)(np.asarray(ranks))
+    oracles = world.oracles(np.asarray(users), np.asarray(items))
+    return {t: seen * oracles[t] for t in BINARY_TASKS}
+
+
 def run_simulation(url: str, data: Path, requests: int, candidates: int, out: Path, seed: int = 0,
-                   discount: str = "log2", progress: bool = True) -> dict[str, Any]:
-    """Send the traffic, write the feedback table to ``out`` (.parquet or .csv); a summary."""
+                   discount: str = "log2", progress: bool = True, concurrency: int = 1) -> dict[str, Any]:
+    """Send the traffic (``concurrency`` requests at a time), write the feedback table to ``out``
+    (.parquet or .csv); a summary. The same ``seed`` gives the same table at any ``concurrency``."""
     curve = position_discount(discount)
     out = Path(out)
     if out.suffix not in (".parquet", ".csv"):
@@ -144,7 +187,7 @@ def run_simulation(url: str, data: Path, requests: int, candidates: int, out: Pa
     world = load_world(data)
     rng = np.random.default_rng([seed, 30])
     drawn = draw_requests(world, rng, requests, candidates, prefix=f"sim{seed}")
-    answers = send(url, [body for _, body in drawn])
+    answers = send(url, [body for _, body in drawn], concurrency=concurrency)
     shown = pd.DataFrame(
         [(body["request_id"], it["item_id"], it["rank"], u, int(it["item_id"][1:]))
          for (u, body), answer in zip(drawn, answers, strict=True) for it in answer["items"]],
