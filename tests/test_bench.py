@@ -342,7 +342,7 @@ def test_the_run_of_record_reads_back_as_it_was_written():
     written = json.loads(json.dumps(to_json(from_json(Report, recorded))))
     added = [k for k in written["config"] if k not in recorded["config"]]
     assert added == ["floor_points", "c1_pairs", "impressions_size", "impressions_concurrency", "impressions_rounds",
-                     "impressions_sample"]
+                     "impressions_sample", "history_sizes", "history_concurrency", "history_requests"]
     assert {k: v for k, v in written["config"].items() if k not in added} == recorded["config"]
     assert {**written, "config": recorded["config"]} == recorded
     assert list(written) == list(recorded)
@@ -416,3 +416,83 @@ def test_an_answer_later_than_the_timeout_counts_as_a_failure(plain_server, tmp_
     result = run_point(_spec(plain_server, tmp_path, concurrency=2, path="/slow", timeout_s=0.2, min_requests=1))
     assert result.requests == 0 and result.errors > 0 and set(result.statuses) == {"0"}, result
     assert 150 <= result.non_200["0"]["p50_ms"] <= 400, result
+
+
+# -- the history workload ------------------------------------------------------------------------
+
+HISTORY_LEN = 50
+
+
+@pytest.fixture(scope="module")
+def history_bench_repo(tmp_path_factory) -> Path:
+    """A bench repository path whose history repository beside it holds a small history model (PLE on
+    ``mtrank synth --history`` data, made as ``--prepare`` makes it)."""
+    from mtrank.bench.prepare import ensure_history_model
+
+    repo = tmp_path_factory.mktemp("bench") / "repo"
+    ensure_history_model(repo, rows=3000, seed=5)
+    return repo
+
+
+def test_history_workload_requests_carry_full_50_entry_histories(history_bench_repo, tmp_path):
+    from mtrank.bench.history import history_bodies
+    from mtrank.bench.loadgen import read_bodies
+    from mtrank.bench.prepare import HISTORY_MODEL, history_repo_for
+    from mtrank.bench.workload import Catalog, RequestFactory
+
+    catalog = Catalog.from_repo(history_repo_for(history_bench_repo), HISTORY_MODEL)
+    files, lengths = history_bodies(RequestFactory(catalog), [3, 7], 5, tmp_path)
+    assert lengths == {"hist_item_id": [HISTORY_LEN, HISTORY_LEN], "hist_category": [HISTORY_LEN, HISTORY_LEN]}
+    items, categories = set(catalog.items), set(catalog.ids("category"))
+    for size, path in files.items():
+        bodies = [json.loads(b) for b in read_bodies(path)]
+        assert len(bodies) == 5
+        for body in bodies:
+            user = body["user"]["features"]
+            assert len(user["hist_item_id"]) == len(user["hist_category"]) == HISTORY_LEN
+            assert set(user["hist_item_id"]) <= items and set(user["hist_category"]) <= categories
+            assert len(body["candidates"]) == size
+            assert all(1 <= len(c["features"]["tags"]) <= 8 for c in body["candidates"])
+
+
+def test_the_history_section_runs_alone_and_reports_its_keys(history_bench_repo, tmp_path):
+    out = tmp_path / "history"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtrank.bench.run_history", "--repo", str(history_bench_repo), "--out", str(out),
+         "--redis", "none", "--quick", "--sizes", "20,500"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["mode"] == "history" and list(report["sections"]) == ["history"]
+    assert len(report["sections"]["history"]["load_before"]) == 3
+    h = report["history"]
+    assert h["model"]["name"] == "ple_history" and h["concurrency"] == 16
+    assert h["history_lengths"] == {"hist_item_id": [HISTORY_LEN] * 2, "hist_category": [HISTORY_LEN] * 2}
+    assert [(p["size"], p["concurrency"], p["errors"]) for p in h["service"]] == [(20, 16, 0), (500, 16, 0)]
+    for p in h["service"]:
+        _finite_positive(p["rows_per_s"], f"history service rows/s at {p['size']}")
+    # The engine before and after the service's points, each size on batches of 1 and 4 whole requests.
+    assert [c["candidates"] for c in h["engine"]] == [20, 500, 20, 500]
+    for c in h["engine"]:
+        assert [(p["requests"], p["batch"]) for p in c["curve"]] == [(k, k * c["candidates"]) for k in (1, 4)]
+        assert c["peak"]["rows_per_s"] == max(p["rows_per_s"] for p in c["curve"])
+    assert report["servers"]["history"]["provider"] == "CPUExecutionProvider"
+    assert report["servers"]["history"]["error_lines"] == 0
+    assert list(report["ratios"]) == report["target_names"] == ["history_service_over_engine_500"]
+    assert list(report["informational"]) == ["history_service_over_engine_20"]
+    for size, r in ((500, report["ratios"]["history_service_over_engine_500"]),
+                    (20, report["informational"]["history_service_over_engine_20"])):
+        engine = max(c["peak"]["rows_per_s"] for c in h["engine"] if c["candidates"] == size)
+        service = next(p["rows_per_s"] for p in h["service"] if p["size"] == size)
+        assert r["engine_rows_per_s"] == engine and r["service_rows_per_s"] == service
+        assert r["value"] == round(service / engine, 3) and r["target"] == 0.8 and isinstance(r["met"], bool)
+    assert "## History workload" in (out / "bench.md").read_text()
+    # In a full run's report the history target comes after the others, scored the same way.
+    full = from_json(Report, json.loads((ROOT / "docs" / "bench" / "bench.json").read_text()))
+    full.history, full.config.history_sizes = read_report(out / "bench.json").history, [20, 500]
+    ratios = compute_ratios(full)
+    assert list(ratios)[-1] == "history_service_over_engine_500" and list(ratios) == target_names(
+        full.config.sizes, impressions=False, history=True)
+    assert ratios["history_service_over_engine_500"].value == report["ratios"]["history_service_over_engine_500"][
+        "value"]

@@ -88,15 +88,27 @@ IMPRESSION_TARGETS: dict[str, TargetSpec] = {
 }
 """The "Done when" of issue 30 on the impression log, for runs that measure it (:mod:`mtrank.bench.impressions`)."""
 
+HISTORY_RATIO = "history_service_over_engine_{size}"
+HISTORY_SPEC = TargetSpec(">=", 0.8, "history workload (a 50-entry history per request under target attention): "
+                                     "service rows/s ÷ the engine's best rows/s on batches of {size}-candidate "
+                                     "requests of the same graph, {size} candidates at the workload's concurrency")
+HISTORY_TARGET_SIZE = 500
+"""The history workload's target is at this size (issue 29); its other sizes are informational."""
+
 ENGINE_POINTS: tuple[tuple[int, int], ...] = ((20, 32), (500, 16))
 """(candidates, concurrency) of the two engine targets, where the serving floor is measured too."""
 
 
-def target_names(sizes: list[int], impressions: bool = True) -> list[str]:
+def target_names(sizes: list[int], impressions: bool = True, history: bool = False) -> list[str]:
     """Every target a run over request ``sizes`` reports; ``impressions``: with the impression log's
-    (runs before it was measured have none)."""
+    (runs before it was measured have none); ``history``: with the history workload's."""
     return [*TARGETS, *(name.format(size=n) for n in sorted(sizes) for name in PER_SIZE_TARGETS),
-            *(IMPRESSION_TARGETS if impressions else ())]
+            *(IMPRESSION_TARGETS if impressions else ()), *history_target_names(history)]
+
+
+def history_target_names(history: bool = True) -> list[str]:
+    """The history workload's targets (none when the run has no history workload)."""
+    return [HISTORY_RATIO.format(size=HISTORY_TARGET_SIZE)] if history else []
 
 
 @dataclass
@@ -180,6 +192,13 @@ class BenchConfig:
     read-only), the order rotating; the target takes the median round."""
     impressions_sample: float = 1.0
     """MTRANK_IMPRESSION_SAMPLE of the servers with the log: every request, the most it can cost."""
+    history_sizes: list[int] = field(default_factory=lambda: [100, HISTORY_TARGET_SIZE])
+    """Candidates per request of the history workload (:mod:`mtrank.bench.history`)."""
+    history_concurrency: int = 16
+    """Closed-loop connections of the history workload's service points (the engine target's at 500)."""
+    history_requests: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    """Requests per batch at which the engine runs the history graph (the batcher stacks up to
+    ``max_batch_rows`` rows of whole requests; the reference is the best of these)."""
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -189,7 +208,7 @@ class BenchConfig:
             max_windows=3, min_requests_per_window=8, engine_min_time_s=0.03, engine_service_threads=False,
             engine_twice=False, c1_pairs=1,
             lookup_calls=200, lookup_rounds=1, overload_s=3.0, overload_warmup_s=0.5, tail_repeats=1,
-            overload_repeats=1, retry_storm_s=2.0, impressions_rounds=1,
+            overload_repeats=1, retry_storm_s=2.0, impressions_rounds=1, history_requests=[1, 4],
         )
 
     @property

@@ -48,9 +48,10 @@ class DefaultSession:
 
 
 def random_feed(runner: GraphRunner | DefaultSession, manifest: Manifest, rows: int,
-                rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Inputs of one request of ``rows`` candidates, as the feature kinds derive them: normal floats,
-    in-vocabulary indices, list lengths up to ``max_len`` (the user's side has one row)."""
+                rng: np.random.Generator, requests: int = 1) -> dict[str, np.ndarray]:
+    """Inputs of ``rows`` candidates as the feature kinds derive them (normal floats, in-vocabulary
+    indices, list lengths up to ``max_len``), in ``requests`` requests of consecutive rows, as the
+    batcher stacks them: the user's side has a row per request, ``request_index`` maps rows to them."""
     transform = FeatureTransform.from_manifest(manifest)
     facet = transform.item_facet
     inputs = kinds.graph_inputs(transform, {f: t.width for f, t in manifest.tables.items()},
@@ -59,7 +60,6 @@ def random_feed(runner: GraphRunner | DefaultSession, manifest: Manifest, rows: 
     vocab |= {f.name: len(f.vocabulary) + 1 for f in transform.lists if f.vocabulary is not None}
     max_len = {f.name: f.max_len for f in transform.lists}
     highs = {
-        "request_index": lambda i: [1],
         "ids": lambda i: [vocab[f] for f in i.fields],
         "list_ids": lambda i: [vocab[i.fields[0]]] * i.width[0],
         "list_len": lambda i: [max_len[i.fields[0]] + 1],
@@ -67,7 +67,10 @@ def random_feed(runner: GraphRunner | DefaultSession, manifest: Manifest, rows: 
     }
     feed = {}
     for i in inputs:
-        n = 1 if i.per_request else rows
+        if i.role == "request_index":
+            feed[i.name] = np.repeat(np.arange(requests, dtype=np.int64), -(-rows // requests))[:rows]
+            continue
+        n = requests if i.per_request else rows
         if i.dtype == "int64":
             columns = [rng.integers(0, h, n) for h in highs[i.role](i)]
             feed[i.name] = (np.stack(columns, axis=1) if i.width else columns[0]).astype(np.int64)
@@ -104,23 +107,46 @@ def bench_engine(vdir: Path, manifest: Manifest, graph: str, threads: int | None
     "ms_per_batch"}], "peak"}``; ``threads`` None = ONNX Runtime's default session options (the
     reference), else the service's :class:`GraphRunner` with that many intra-op threads (0: ORT's default count).
     """
-    path = vdir / manifest.graphs[graph].file
-    runner: GraphRunner | DefaultSession
-    if threads is None:
-        inputs = GraphRunner(path, device="cpu", intra_op_threads=1).inputs
-        runner = DefaultSession(path, inputs, device)
-    else:
-        runner = GraphRunner(path, device=device, intra_op_threads=threads)
-    rng = np.random.default_rng(0)
-    curve = []
-    for b in batch_sizes:
-        rate, cpu_rate = rows_per_second(runner, random_feed(runner, manifest, b, rng), b, min_time_s)
-        curve.append({"batch": b, "rows_per_s": round(rate, 1), "rows_per_cpu_s": round(cpu_rate, 1),
-                      "ms_per_batch": round(1000.0 * b / rate, 4)})
+    runner = _runner(vdir, manifest, graph, threads, device)
+    curve = [{k: v for k, v in p.items() if k != "requests"}
+             for p in _curve(runner, manifest, [(b, 1) for b in batch_sizes], min_time_s)]
     peak = max(curve, key=lambda p: p["rows_per_s"])
     return {"graph": graph, "threads": threads, "device": device, "provider": runner.provider,
             "session_options": "default" if threads is None else f"service ({threads or 'default'} intra-op threads)",
             "curve": curve, "peak": peak}
+
+
+def bench_engine_requests(vdir: Path, manifest: Manifest, graph: str, candidates: int, requests: tuple[int, ...],
+                          min_time_s: float, device: str = "cpu") -> dict:
+    """The reference's rows/s on batches the service's batcher makes of requests of ``candidates``
+    candidates: ``k`` requests stacked (``k × candidates`` rows, ``k`` rows of the user's side) for each
+    ``k`` of ``requests``. ``{"candidates", "provider", "curve": [{"batch", "requests", ...}], "peak"}``."""
+    runner = _runner(vdir, manifest, graph, None, device)
+    curve = _curve(runner, manifest, [(k * candidates, k) for k in requests], min_time_s)
+    return {"candidates": candidates, "provider": runner.provider, "curve": curve,
+            "peak": max(curve, key=lambda p: p["rows_per_s"])}
+
+
+def _runner(vdir: Path, manifest: Manifest, graph: str, threads: int | None,
+            device: str) -> GraphRunner | DefaultSession:
+    """ONNX Runtime's default session options (``threads`` None) or the service's session."""
+    path = vdir / manifest.graphs[graph].file
+    if threads is None:
+        inputs = GraphRunner(path, device="cpu", intra_op_threads=1).inputs
+        return DefaultSession(path, inputs, device)
+    return GraphRunner(path, device=device, intra_op_threads=threads)
+
+
+def _curve(runner: GraphRunner | DefaultSession, manifest: Manifest, shapes: list[tuple[int, int]],
+           min_time_s: float) -> list[dict]:
+    """Rows/s of each (rows, requests) shape, on random inputs (seeded)."""
+    rng = np.random.default_rng(0)
+    curve = []
+    for rows, requests in shapes:
+        rate, cpu_rate = rows_per_second(runner, random_feed(runner, manifest, rows, rng, requests), rows, min_time_s)
+        curve.append({"batch": rows, "requests": requests, "rows_per_s": round(rate, 1),
+                      "rows_per_cpu_s": round(cpu_rate, 1), "ms_per_batch": round(1000.0 * rows / rate, 4)})
+    return curve
 
 
 def rows_per_s_at(batches: list[int], rows_per_s: list[float], batch: float) -> float:

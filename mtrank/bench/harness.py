@@ -20,7 +20,10 @@ side in one run.
    100-candidate point on each per round, the order rotating (:mod:`mtrank.bench.impressions`);
 6. overload: a fresh server with ``MTRANK_REQUEST_TIMEOUT_MS`` at a realistic value, open loop at
    4 × the best closed-loop throughput of 500-candidate requests: goodput, 503 latency, accepted
-   p99, the server's RSS through the point and the ERROR lines of its log.
+   p99, the server's RSS through the point and the ERROR lines of its log;
+7. history workload, when the history model is there (or ``--prepare`` makes it): a model with
+   50-entry behaviour histories, the service against the engine on the same graph
+   (:mod:`mtrank.bench.history`; :func:`run_history_bench` runs it alone).
 
 This module runs those sections in order and writes the files; what a run measures is in
 :mod:`mtrank.bench.config`, the measuring in :mod:`mtrank.bench.measure`, the targets' arithmetic in
@@ -53,8 +56,9 @@ import numpy as np
 import orjson
 
 from mtrank import store_keys
-from mtrank.bench.config import BenchConfig, BenchError, config_for, target_names
+from mtrank.bench.config import BenchConfig, BenchError, config_for, history_target_names, target_names
 from mtrank.bench.engine import bench_engine
+from mtrank.bench.history import has_history_model, measure_history
 from mtrank.bench.impressions import impression_log_point
 from mtrank.bench.loadgen import write_bodies
 from mtrank.bench.lookups import bench_lookups
@@ -70,6 +74,7 @@ from mtrank.bench.measure import (
     tail_point,
 )
 from mtrank.bench.plots import write_plots
+from mtrank.bench.prepare import HISTORY_MODEL, history_repo_for
 from mtrank.bench.report import EngineRun, Lookups, ModelInfo, Report, Section, Workers, from_json, write_json
 from mtrank.bench.scoring import compute_informational, compute_ratios
 from mtrank.bench.workload import Catalog, RequestFactory
@@ -95,6 +100,8 @@ class _Run:
     """Request size → a file of request bodies."""
     scratch: Path
     """The run's temporary directory (request bodies, impression logs)."""
+    history: bool = False
+    """Whether the run measures the history workload."""
 
 
 def describe_machine() -> dict[str, Any]:
@@ -231,7 +238,7 @@ def _new_report(args: argparse.Namespace, run: _Run) -> Report:
         model=ModelInfo(repo=str(run.repo), name=run.model, version=manifest.version, kind=manifest.kind,
                         graphs=sorted(manifest.graphs)),
         machine=describe_machine(), config=run.cfg, service_defaults=_service_defaults(),
-        workers=_workers(getattr(args, "workers", 0)), target_names=target_names(run.cfg.sizes),
+        workers=_workers(getattr(args, "workers", 0)), target_names=target_names(run.cfg.sizes, history=run.history),
         load_at_start=load_average(), started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
@@ -307,11 +314,20 @@ def _measure_servers(report: Report, run: _Run) -> None:
     _measure_engine_again(report, run, "engine_again")
 
 
+def _measure_history(report: Report, repo: Path, cfg: BenchConfig, device: str, redis_url: str | None, prefix: str,
+                     scratch: Path) -> None:
+    """The history workload (:mod:`mtrank.bench.history`) with the servers' settings of the other sections."""
+    env = server_env(device, redis_url, prefix, cfg.request_timeout_ms) | {"MTRANK_WORKERS": str(report.workers.asked)}
+    with _section(report, "history"):
+        report.history = measure_history(report, repo, env, redis_url, prefix, cfg, device, scratch)
+
+
 def _write_outputs(report: Report, out: Path) -> None:
     """``bench.json`` first (so that a failing plot leaves the figures), then the plots and ``bench.md``."""
     write_json(report, out / "bench.json")
-    report.plots = write_plots(report, out)
-    write_json(report, out / "bench.json")
+    if report.mode != "history":
+        report.plots = write_plots(report, out)
+        write_json(report, out / "bench.json")
     write_markdown(report, out / "bench.md")
     for name, r in report.ratios.items():
         say(f"{name}: {r.value} (target {r.op} {r.target}: {'met' if r.met else 'NOT met'})")
@@ -326,9 +342,10 @@ def run_bench(args: argparse.Namespace) -> Report:
     repo, model, out = Path(args.repo), args.model, Path(args.out)
     _check_device(device)
     if getattr(args, "prepare", False):
-        from mtrank.bench.prepare import ensure_model
+        from mtrank.bench.prepare import ensure_history_model, ensure_model
 
         ensure_model(repo, model)
+        ensure_history_model(repo)
     vdir = version_dir(repo, model)
     manifest = load_manifest(vdir, verify=False)
     out.mkdir(parents=True, exist_ok=True)
@@ -339,7 +356,8 @@ def run_bench(args: argparse.Namespace) -> Report:
         run = _Run(cfg=cfg, device=device, redis_url=redis_url, repo=repo, model=model, vdir=vdir, manifest=manifest,
                    graph=graph, prefix=f"mtrank-bench-{uuid.uuid4().hex[:8]}", catalog=catalog,
                    bodies=_write_bodies(RequestFactory(catalog), sorted({*cfg.sizes, cfg.impressions_size}),
-                                        cfg.bodies_per_size, Path(tmp)), scratch=Path(tmp))
+                                        cfg.bodies_per_size, Path(tmp)), scratch=Path(tmp),
+                   history=has_history_model(repo))
         report = _new_report(args, run)
         say(f"{report.mode} run on {model} v{manifest.version} ({vdir}), device {device}; "
             f"load {report.load_at_start}")
@@ -348,9 +366,54 @@ def run_bench(args: argparse.Namespace) -> Report:
             if redis_url:
                 _measure_lookups(report, run)
             _measure_servers(report, run)
+            if run.history:
+                _measure_history(report, repo, cfg, device, redis_url, run.prefix, run.scratch)
+            else:
+                say(f"no history workload: {history_repo_for(repo)} has no {HISTORY_MODEL} (--prepare makes it)")
         finally:
             if redis_url:
                 report.redis_keys_deleted = _clean_redis(redis_url, run.prefix)
+    report.load_at_end = load_average()
+    report.seconds = round(time.time() - started, 1)
+    report.ratios = compute_ratios(report)
+    report.informational = compute_informational(report)
+    _write_outputs(report, out)
+    return report
+
+
+def run_history_bench(args: argparse.Namespace) -> Report:
+    """The history workload alone (``python -m mtrank.bench.run_history``): a report of ``mode`` "history" with
+    its section, its target and its other sizes, written to ``DIR/bench.json`` and ``bench.md``."""
+    cfg = BenchConfig.quick() if args.quick else BenchConfig()
+    if getattr(args, "sizes", None):
+        cfg.history_sizes = sorted(set(args.sizes))
+    device = getattr(args, "device", "cpu")
+    redis_url = None if str(args.redis).lower() in ("", "none") else args.redis
+    repo, out = Path(args.repo), Path(args.out)
+    _check_device(device)
+    if getattr(args, "prepare", False):
+        from mtrank.bench.prepare import ensure_history_model
+
+        ensure_history_model(repo)
+    if not has_history_model(repo):
+        raise BenchError(f"{history_repo_for(repo)} has no {HISTORY_MODEL} (run with --prepare to make it)")
+    manifest = load_manifest(version_dir(history_repo_for(repo), HISTORY_MODEL), verify=False)
+    out.mkdir(parents=True, exist_ok=True)
+    started, prefix = time.time(), f"mtrank-bench-{uuid.uuid4().hex[:8]}"
+    report = Report(
+        mode="history", device=device, store="redis" if redis_url else "in-process",
+        model=ModelInfo(repo=str(history_repo_for(repo)), name=HISTORY_MODEL, version=manifest.version,
+                        kind=manifest.kind, graphs=sorted(manifest.graphs)),
+        machine=describe_machine(), config=cfg, service_defaults=_service_defaults(),
+        workers=_workers(getattr(args, "workers", 0)), target_names=history_target_names(),
+        load_at_start=load_average(), started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    say(f"history workload alone, device {device}; load {report.load_at_start}")
+    with tempfile.TemporaryDirectory(prefix="mtrank-bench-") as tmp:
+        try:
+            _measure_history(report, repo, cfg, device, redis_url, prefix, Path(tmp))
+        finally:
+            if redis_url:
+                report.redis_keys_deleted = _clean_redis(redis_url, prefix)
     report.load_at_end = load_average()
     report.seconds = round(time.time() - started, 1)
     report.ratios = compute_ratios(report)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mtrank.bench.report import EngineRun, ImpressionLogPoint, LoadPoint, Overload, Ratio, Report
+from mtrank.bench.report import EngineRun, HistoryWorkload, ImpressionLogPoint, LoadPoint, Overload, Ratio, Report
 
 
 def _fmt(v: Any, digits: int = 1) -> str:
@@ -185,6 +185,27 @@ def _impressions(imp: ImpressionLogPoint) -> list[str]:
     ]
 
 
+def _history(h: HistoryWorkload) -> list[str]:
+    """The history workload: the engine on batches of requests of each size, each measurement, and the
+    service's points."""
+    lengths = ", ".join(f"`{name}` {lo}–{hi}" if lo != hi else f"`{name}` {lo}" for name, (lo, hi)
+                        in h.history_lengths.items())
+    rows, seen = [], {}
+    for c in h.engine:
+        seen[c.candidates] = seen.get(c.candidates, 0) + 1
+        rows += [[c.candidates, seen[c.candidates], p.requests, p.batch, p.rows_per_s, p.rows_per_cpu_s,
+                  f"{p.ms_per_batch:.3f}"] for p in c.curve]
+    return [
+        f"## History workload: `{h.model.name}` v{h.model.version}, graph `{h.graph}`", "",
+        f"Requests carry the user's history ({lengths} entries) and the items' tags; `mtrank serve` with the "
+        f"service's defaults from `{h.model.repo}`, closed loop at concurrency {h.concurrency}. The engine (ONNX "
+        "Runtime alone, default session options) runs the same graph on batches of whole requests, as the batcher "
+        "stacks them, before the service's points and after; a size's reference is its best.", "",
+        _table(["cands", "measurement", "requests per batch", "rows", "rows/s", "rows per CPU-s", "ms/batch"], rows),
+        "", _points_table(h.service), "",
+    ]
+
+
 def _overload(ov: Overload) -> list[str]:
     rss, best = ov.rss_kib, ov.best_closed_loop
     return [
@@ -254,12 +275,17 @@ def _lookups(report: Report) -> list[str]:
 
 def write_markdown(report: Report, path: Path) -> None:
     """Writes every table of ``report`` to ``path`` (``bench.md``), the plots linked at the end."""
+    if report.mode == "history":
+        path.write_text("\n".join(_header(report) + _servers(report) + _history(report.history)))
+        return
     parts = _header(report) + _servers(report) + _engine(report) + _service(report)
     if report.impressions is not None:
         parts += _impressions(report.impressions)
     if report.overload.repeats:
         parts += _overload(report.overload) + _retry_storm(report.overload)
     parts += _lookups(report)
+    if report.history is not None:
+        parts += _history(report.history)
     for plot in report.plots or []:
         parts += [f"![{plot}]({plot})", ""]
     path.write_text("\n".join(parts))

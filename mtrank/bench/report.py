@@ -301,6 +301,52 @@ class ImpressionLogPoint:
 
 
 @dataclass
+class ModelInfo:
+    """The model version under test."""
+
+    repo: str = ""
+    name: str = ""
+    version: int = 0
+    kind: str = ""
+    graphs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RequestBatchPoint(EnginePoint):
+    """The engine on ``requests`` requests stacked as the batcher stacks them (``batch`` rows in all)."""
+
+    requests: int = 1
+
+
+@dataclass
+class RequestBatchCurve:
+    """One measurement of the engine on batches of requests of ``candidates`` candidates
+    (:func:`mtrank.bench.engine.bench_engine_requests`)."""
+
+    candidates: int = 0
+    provider: str = ""
+    curve: list[RequestBatchPoint] = field(default_factory=list)
+    peak: RequestBatchPoint = field(default_factory=RequestBatchPoint)
+
+
+@dataclass
+class HistoryWorkload:
+    """The history workload (:mod:`mtrank.bench.history`): a model with users' behaviour histories,
+    served by ``mtrank serve`` and run alone in ONNX Runtime, the same graph, in the same run."""
+
+    model: ModelInfo = field(default_factory=ModelInfo)
+    """The history model (its repository beside the bench's)."""
+    graph: str = ""
+    history_lengths: dict[str, list[int]] = field(default_factory=dict)
+    """User-side list field → the fewest and the most entries it has in the request bodies."""
+    concurrency: int = 0
+    """Closed-loop connections of the service's points."""
+    engine: list[RequestBatchCurve] = field(default_factory=list)
+    """Every engine measurement (each size before the service's points, then after), in order."""
+    service: list[LoadPoint] = field(default_factory=list)
+
+
+@dataclass
 class LookupTiming:
     """Per-call times of one way to fetch the lookup ids (the median round)."""
 
@@ -355,17 +401,6 @@ class Ratio:
 
 
 @dataclass
-class ModelInfo:
-    """The model version under test."""
-
-    repo: str = ""
-    name: str = ""
-    version: int = 0
-    kind: str = ""
-    graphs: list[str] = field(default_factory=list)
-
-
-@dataclass
 class Workers:
     """MTRANK_WORKERS of the servers under test (0: the service's default) and the count it means here."""
 
@@ -406,6 +441,8 @@ class Report:
     overload: Overload = field(default_factory=Overload)
     impressions: ImpressionLogPoint | None = optional()
     """The impression log off, on and read-only (runs since issue 30)."""
+    history: HistoryWorkload | None = optional()
+    """The history workload (runs since issue 29 whose repository has the history model)."""
     redis_keys_deleted: int | None = optional()
     load_at_end: Load = field(default_factory=list)
     seconds: float = 0.0

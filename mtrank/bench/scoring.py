@@ -12,12 +12,15 @@ from typing import Any
 
 from mtrank.bench.config import (
     ENGINE_POINTS,
+    HISTORY_RATIO,
+    HISTORY_SPEC,
     IMPRESSION_TARGETS,
     INFORMATIONAL,
     PER_SIZE_TARGETS,
     TAIL_KEPT_UP,
     TARGETS,
     TargetSpec,
+    history_target_names,
     target_names,
 )
 from mtrank.bench.engine import rows_per_s_at
@@ -33,14 +36,20 @@ def ratio(spec: TargetSpec, value: float | None, target: float | None = None, **
 
 
 def compute_ratios(report: Report) -> dict[str, Ratio]:
-    """Every target of :func:`~mtrank.bench.config.target_names`, each with the figures it is made of."""
+    """Every target of :func:`~mtrank.bench.config.target_names`, each with the figures it is made of
+    (a run of the history workload alone: its target only)."""
+    history = history_ratios(report) if report.history is not None else {}
+    if report.mode == "history":
+        return {name: history[name] for name in history_target_names()}
     ratios = {"batching_vs_naive_p50_20_c1": _c1_ratio(report), **_engine_ratios(report), **_overload_ratios(report)}
     for size in report.config.sizes:
         ratios[f"batching_vs_naive_{size}"] = _batching_ratio(report, size)
         ratios[f"p99_over_p50_at_70pct_{size}"] = _tail_ratio(report, size)
     if report.impressions is not None:
         ratios |= _impression_ratios(report)
-    return {name: ratios[name] for name in target_names(report.config.sizes, report.impressions is not None)}
+    ratios |= history
+    return {name: ratios[name] for name in target_names(report.config.sizes, report.impressions is not None,
+                                                        report.history is not None)}
 
 
 def _c1_ratio(report: Report) -> Ratio:
@@ -171,11 +180,41 @@ def _tail_ratio(report: Report, size: int) -> Ratio:
     return tail
 
 
+def history_ratios(report: Report) -> dict[str, Ratio]:
+    """The history workload at each of its sizes: the service's rows/s ÷ the best engine rows/s on
+    batches of requests of that size (the best of the run's measurements), with the engine at the
+    service's own batch size and both per CPU-second beside it."""
+    h, out = report.history, {}
+    for size in report.config.history_sizes:
+        name, spec = HISTORY_RATIO.format(size=size), HISTORY_SPEC.for_size(size)
+        svc = point_at(h.service, size, h.concurrency)
+        curves = [c for c in h.engine if c.candidates == size]
+        if svc is None or not curves:
+            out[name] = ratio(spec, None, missing=f"no history point or engine curve at {size} candidates")
+            continue
+        best = max(curves, key=lambda c: c.peak.rows_per_s)
+        peak = best.peak
+        at = rows_per_s_at([p.batch for p in best.curve], [p.rows_per_s for p in best.curve],
+                           max(svc.mean_batch_rows, 1.0))
+        out[name] = ratio(
+            spec, svc.rows_per_s / peak.rows_per_s, service_rows_per_s=svc.rows_per_s, concurrency=svc.concurrency,
+            engine_rows_per_s=peak.rows_per_s, engine_batch=peak.batch, engine_requests=peak.requests,
+            engine_peaks=[c.peak.rows_per_s for c in curves], service_mean_batch_rows=svc.mean_batch_rows,
+            engine_rows_per_s_at_that_batch=round(at, 1), vs_engine_at_that_batch=round(svc.rows_per_s / at, 3),
+            service_rows_per_server_cpu_s=svc.rows_per_server_cpu_s, engine_rows_per_cpu_s=peak.rows_per_cpu_s,
+            service_p50_ms=svc.p50_ms, load=svc.load)
+    return out
+
+
 def compute_informational(report: Report) -> dict[str, Ratio]:
-    """Figures beside the targets: the Redis lookup against redis-benchmark, the retry storm's goodput and
-    the serving floor against the engine."""
+    """Figures beside the targets: the Redis lookup against redis-benchmark, the retry storm's goodput,
+    the serving floor against the engine and the history workload's sizes other than its target's."""
+    history = {name: r for name, r in (history_ratios(report) if report.history is not None else {}).items()
+               if name not in history_target_names()}
+    if report.mode == "history":
+        return history
     return {"lookup_vs_redis_benchmark_500": _lookup_ratio(report), "retry_storm_goodput": _storm_ratio(report),
-            **{f"floor_vs_engine_{size}_c{c}": _floor_ratio(report, size, c) for size, c in ENGINE_POINTS}}
+            **{f"floor_vs_engine_{size}_c{c}": _floor_ratio(report, size, c) for size, c in ENGINE_POINTS}, **history}
 
 
 def _floor_ratio(report: Report, size: int, concurrency: int) -> Ratio:
