@@ -193,6 +193,8 @@ class _FileSet:
         self._writer: Any = None
         self._sink: Any = None
         self._paths: tuple[Path, Path] | None = None
+        self._open_error = ""
+        """Why the last file could not be opened."""
         self._opened = 0.0
         self._written = 0
         self._pending: list[pa.RecordBatch] = []
@@ -200,13 +202,15 @@ class _FileSet:
         self._pending_since = 0.0
 
     def add(self, records: list[Record]) -> None:
+        # Open at the first record: a directory that cannot be written shows at once, and its
+        # records are counted dropped before any CPU is spent building them.
+        if self._writer is None and not self._open():
+            self._drops.drop("write_error", len(records), self._open_error)
+            return
         if not self._pending:
             self._pending_since = time.monotonic()
         self._pending.append(record_batch(records, self._schema))
         self._pending_records += len(records)
-        # Open at the first record: a directory that cannot be written shows at once.
-        if self._writer is None and not self._open():
-            return
         if self._pending_records >= ROW_GROUP_RECORDS:
             self._flush()
 
@@ -264,7 +268,8 @@ class _FileSet:
             self._writer = pq.ParquetWriter(self._sink, self._schema, compression="zstd",
                                             use_dictionary=list(DICTIONARY_COLUMNS))
         except Exception as e:  # noqa: BLE001 - OSError, or pyarrow's errors of the same disk
-            self.abandon(_describe(e))
+            self._open_error = _describe(e)
+            self.abandon(self._open_error)
             return False
         self._opened = time.monotonic()
         return True
