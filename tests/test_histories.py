@@ -24,7 +24,7 @@ from mtrank import histories, store_keys
 from mtrank.bench.server import RemoteServer
 from mtrank.export.store_loader import load_embeddings
 from tests import test_lists
-from tests.cluster import RedisNode, redis_binaries
+from tests.cluster import LocalCluster, RedisNode, redis_binaries
 from tests.server import build_toy_version
 from tests.test_lists import MAX_LEN, TOLERANCE, _requests, _rows
 from tests.test_raw_parity import _torch_scores
@@ -106,7 +106,37 @@ def _missing_records(metrics_text: str) -> float:
 @pytest.mark.parametrize("model", ["ple", "mfh"])
 def test_histories_from_the_store_rank_like_pytorch(model, store, list_runs, list_data, tmp_path, request):
     run_dir, repo = list_runs(model)
-    rows = _rows(list_data)
+    env: dict[str, str] = {}
+    if store == "redis":
+        url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+        load_embeddings(repo, model, url, prefix=prefix, progress=False)
+        env = {"MTRANK_STORE_URL": url, "MTRANK_STORE_PREFIX": prefix}
+    _check_parity(model, run_dir, repo, _rows(list_data), env, tmp_path)
+    if store == "inprocess":
+        assert histories.local_path(repo / model / "1").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_histories_on_a_sharded_cluster_version_rank_like_pytorch(list_runs, list_data, tmp_path):
+    """Each record lives under its user's shard tag, beside its shard's meta key (3 primaries)."""
+    redis_binaries()
+    run_dir, repo = list_runs("ple")
+    cluster = LocalCluster(tmp_path / "cluster").start()
+    try:
+        assert load_embeddings(repo, "ple", cluster.url, progress=False, shards=3)["shards"] == 3
+        env = {"MTRANK_STORE_URL": cluster.url}
+        _check_parity("ple", run_dir, repo, _rows(list_data), env, tmp_path)
+        metas = [k for node in cluster.primaries() for k in node.client().scan_iter(match="mtrank:meta:*@hist")]
+        assert len(metas) == 3, metas
+    finally:
+        cluster.stop()
+
+
+def _check_parity(model: str, run_dir: Path, repo: Path, rows: pd.DataFrame, env: dict[str, str],
+                  tmp_path: Path) -> None:
+    """Load the rows' histories (but one user's) with the CLI, send the requests without them and
+    compare with PyTorch; one request sends ``[]`` and one user has no record: empty histories."""
     no_record, explicit_empty = _cases(rows)
     with_history, empty = _expected(run_dir, rows, {no_record, explicit_empty})
     # The user's scores depend on their history: the test can tell a record from none.
@@ -115,20 +145,13 @@ def test_histories_from_the_store_rank_like_pytorch(model, store, list_runs, lis
     expected = {task: np.where(rows["user_id"].isin([no_record, explicit_empty]).to_numpy(), empty[task], scores)
                 for task, scores in with_history.items()}
     table = _history_table(rows, tmp_path / "histories.parquet", leave_out={no_record})
-    env: dict[str, str] = {}
-    if store == "redis":
-        url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
-        load_embeddings(repo, model, url, prefix=prefix, progress=False)
-        env = {"MTRANK_STORE_URL": url, "MTRANK_STORE_PREFIX": prefix}
     done = _load_histories("--repo", str(repo), "--model", model, "--table", str(table), env=env)
     assert done.returncode == 0, done.stderr
     assert f"{rows['user_id'].nunique() - 1} users" in done.stdout, done.stdout
-    if store == "inprocess":
-        assert histories.local_path(repo / model / "1").is_file()
     with RemoteServer(repo, env=env) as server:
         worst = _worst_diff(server, _bodies_without_histories(rows, explicit_empty), expected)
         missing = _missing_records(server.metrics())
-    assert worst <= TOLERANCE, f"{model} ({store}): max abs diff {worst}"
+    assert worst <= TOLERANCE, f"{model} ({env.get('MTRANK_STORE_URL', 'in-process')}): max abs diff {worst}"
     assert missing == 1, f"one request's user has no record, {missing} counted"
 
 

@@ -112,26 +112,35 @@ class Ranker:
         history = HistoryQuery(lv.name, lv.version, lv.dir, query.user_id, fields) if absent else None
         if not feed.needs and history is None:
             return feed.arrays, False
+        started = time.perf_counter()
         found, record, degraded = await self._lookup(lv, feed, ctx, history)
         arrays = feed.resolve(found)
-        if record is None:
-            return arrays, degraded
+        if record is not None:
+            from_record, record_degraded = await self._history_arrays(lv, graph, absent, record, ctx)
+            arrays.update(from_record)
+            degraded = degraded or record_degraded
+        self._lookup_seconds.observe(time.perf_counter() - started)
+        return arrays, degraded
+
+    async def _history_arrays(
+        self, lv: LoadedVersion, graph: GroupGraph, absent: list[str], record: HistoryAnswer, ctx: RequestContext
+    ) -> tuple[dict[str, np.ndarray], bool]:
+        """The graph inputs of the ``absent`` sequence fields from the user's record (none: the
+        request's feed already holds empty histories), and whether their lookup was degraded."""
         if record.status == MISSING:
             metrics.MISSING.labels(HISTORY_TABLE).inc()
         if record.status != FOUND:
-            return arrays, degraded  # empty histories (what the request's feed already holds)
-        # The entries' own vectors (a history sharing a store table) can only be asked for now:
-        # a second lookup, which the in-process cache mostly answers.
+            return {}, False
+        fields = _history_fields(lv.transform)
         user = {name: [record.lists[j]] for j, name in enumerate(fields.names) if name in absent}
         wanted = {name: i for name, i in graph.inputs.items() if user.keys() & set(i.fields)}
-        history_feed = _feed(transform, kinds.Rows({}, user, 0, 1, np.zeros(0, dtype=np.int64)), wanted)
-        more_degraded = False
-        if history_feed.needs:
-            history_found, _, more_degraded = await self._lookup(lv, history_feed, ctx, None)
-            arrays.update(history_feed.resolve(history_found))
-        else:
-            arrays.update(history_feed.arrays)
-        return arrays, degraded or more_degraded
+        feed = _feed(lv.transform, kinds.Rows({}, user, 0, 1, np.zeros(0, dtype=np.int64)), wanted)
+        if not feed.needs:
+            return feed.arrays, False
+        # The entries' own vectors (a history sharing a store table) can only be asked for once the
+        # record is known: a second lookup, which the in-process cache mostly answers.
+        found, _, degraded = await self._lookup(lv, feed, ctx, None)
+        return feed.resolve(found), degraded
 
     async def _lookup(
         self, lv: LoadedVersion, feed: kinds.Feed, ctx: RequestContext, history: HistoryQuery | None
@@ -141,11 +150,9 @@ class Ranker:
         keys: dict[str, list[str]] = {}
         for need in feed.needs:
             keys.setdefault(need.table, []).extend(need.keys)
-        started = time.perf_counter()
         with tracing.span("lookup", store=self.store.name, fields=len(keys)):
             lookups, record, degraded = await self.store.lookup_with_history(
                 [(lv.tables[t], k) for t, k in keys.items()], history)
-        self._lookup_seconds.observe(time.perf_counter() - started)
         found, taken = {}, dict.fromkeys(keys, 0)
         vectors = {t: r.vectors for t, r in zip(keys, lookups, strict=True)}
         for need in feed.needs:
