@@ -10,15 +10,19 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
 from mtrank import store_keys
+from mtrank.export.history_loader import load_histories
 from mtrank.export.store_loader import load_embeddings, loaded_version
-from mtrank.manifest import load_manifest
+from mtrank.histories import HistoryFields
+from mtrank.manifest import ListInfo, load_manifest, write_manifest
 from mtrank.service.app import create_app
 from mtrank.service.settings import load_settings
-from mtrank.service.stores import KeyValueStore, LocalTable, open_store
+from mtrank.service.stores import HistoryAnswer, HistoryQuery, KeyValueStore, LocalTable, open_store
+from mtrank.service.stores.histories import FOUND, MISSING, UNSERVED
 from mtrank.stores import KeyGroup, StoreBackend, backend_class, register, schemes
 from tests.server import TOY_ITEMS, build_toy_version, rank_body
 
@@ -182,3 +186,61 @@ def test_readiness_and_answers_follow_the_backend(repo):
     assert "the dict store unreachable" in ready.json()["reason"]
     assert answer["degraded"] is True and len(answer["items"]) == 10
     assert recovered == {"ready": True}
+
+
+def _with_a_history_field(vdir) -> HistoryFields:
+    """Give a toy version a sequence field in its manifest: ``hist_item_id``, 4 entries of the
+    store's item table (the loader and the store read only the manifest)."""
+    manifest = load_manifest(vdir)
+    manifest.lists = [ListInfo(name="hist_item_id", kind="sequence", side="user", max_len=4, pooling="mean",
+                               share="item_id", location="store")]
+    write_manifest(vdir, manifest)
+    return HistoryFields.of(manifest.lists)
+
+
+def test_history_records_go_through_the_backend_and_ride_with_the_embeddings(repo, tmp_path):
+    url = "dict://histories"
+    vdir = repo / "toy" / "1"
+    fields = _with_a_history_field(vdir)
+    load_embeddings(repo, "toy", url, version=1, progress=False)
+    table = tmp_path / "histories.parquet"
+    pd.DataFrame({"user_id": ["u1", "u2"], "hist_item_id": [["v1", "v2", "v3", "v4", "v5"], []]}).to_parquet(table)
+    stats = load_histories(repo, "toy", table, version=1, store_url=url, progress=False)
+    assert stats["users"] == 2 and stats["truncated"] == 1
+    backing = DictBackend.stores["histories"]
+    meta_key = store_keys.history_meta_keys(store_keys.DEFAULT_PREFIX, "toy", 1, store_keys.VersionLayout())[0]
+    tables = _tables(repo, 1)
+
+    def query(user: str) -> HistoryQuery:
+        return HistoryQuery("toy", 1, vdir, user, fields)
+
+    async def main():
+        store = KeyValueStore(DictBackend(url), retry_s=RETRY_S, cache_size=0)
+        try:
+            assert await store.version_problem(list(tables.values())) is None
+            reads = backing.reads
+            _, found, degraded = await store.lookup_with_history([(tables["item_id"], ["v1", "v9"])], query("u1"))
+            one_read = backing.reads - reads == 1
+            answers = [(await store.lookup_with_history([], query(u)))[1] for u in ("u2", "u3")]
+            meta = backing.data.pop(meta_key)  # a load under way: no record, not an error
+            _, loading, loading_degraded = await store.lookup_with_history([], query("u1"))
+            backing.data[meta_key] = meta
+            backing.down = True
+            _, outage, outage_degraded = await store.lookup_with_history([], query("u1"))
+            return found, degraded, one_read, answers, loading, loading_degraded, outage, outage_degraded
+        finally:
+            await store.close()
+
+    found, degraded, one_read, (empty, none), loading, loading_degraded, outage, outage_degraded = asyncio.run(main())
+    # The record is read in the same back-end call as the embeddings, cut at max_len (most recent first).
+    assert one_read and not degraded and found == HistoryAnswer(FOUND, (["v1", "v2", "v3", "v4"],))
+    assert empty == HistoryAnswer(FOUND, ([],)) and none.status == MISSING
+    assert loading.status == MISSING and not loading_degraded
+    assert outage.status == UNSERVED and outage_degraded
+    backing.down = False
+
+    # A re-load replaces the version's records; its meta key is written after them.
+    pd.DataFrame({"user_id": ["u3"], "hist_item_id": [["v7"]]}).to_parquet(table)
+    load_histories(repo, "toy", table, version=1, store_url=url, progress=False)
+    history_keys = [k for k in backing.data if store_keys.HISTORY_SEGMENT in k]
+    assert history_keys == [history_keys[0].rsplit(":", 1)[0] + ":u3", meta_key], history_keys
