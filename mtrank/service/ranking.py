@@ -17,6 +17,7 @@ import numpy as np
 from mtrank import fusion, kinds
 from mtrank.fusion import BucketConfig
 from mtrank.histories import HistoryFields
+from mtrank.kinds import sequence
 from mtrank.service import errors, metrics, tracing
 from mtrank.service.errors import NotReady, RequestError
 from mtrank.service.schemas import ModelRef, RankedItem, RankQuery, RankResponse, task_scores_type
@@ -133,8 +134,15 @@ class Ranker:
             return {}, False
         fields = _history_fields(lv.transform)
         user = {name: [record.lists[j]] for j, name in enumerate(fields.names) if name in absent}
-        wanted = {name: i for name, i in graph.inputs.items() if user.keys() & set(i.fields)}
-        feed = _feed(lv.transform, kinds.Rows({}, user, 0, 1, np.zeros(0, dtype=np.int64)), wanted)
+        wanted = {name for name, i in graph.inputs.items() if user.keys() & set(i.fields)}
+        feed = kinds.Feed()
+        # Only the sequence kind: the record holds nothing else (its lists are already cut at max_len).
+        try:
+            sequence.feed(lv.transform, kinds.Rows({}, user, 0, 1, np.zeros(0, dtype=np.int64)), feed)
+        except TransformError as e:
+            raise RequestError(_located(lv.transform, e)) from None
+        feed.arrays = {k: v for k, v in feed.arrays.items() if k in wanted}
+        feed.needs = [n for n in feed.needs if n.input in wanted]
         if not feed.needs:
             return feed.arrays, False
         # The entries' own vectors (a history sharing a store table) can only be asked for once the
