@@ -339,7 +339,7 @@ def _torch_reference(
     out = {}
     for b in PARITY_BATCH_SIZES:
         logits = model(torch.from_numpy(dense[:b]), torch.from_numpy(sparse[:b]), group=group)
-        row_item = torch.from_numpy(item[:b]) if model.uses_item_facet else None
+        row_item = torch.tensor(item[:b]) if model.uses_item_facet else None
         out[b] = module.outputs(model.group_task_logits(logits, group, row_item)).numpy()
     return out
 
