@@ -342,7 +342,8 @@ def test_the_run_of_record_reads_back_as_it_was_written():
     written = json.loads(json.dumps(to_json(from_json(Report, recorded))))
     added = [k for k in written["config"] if k not in recorded["config"]]
     assert added == ["floor_points", "c1_pairs", "impressions_size", "impressions_concurrency", "impressions_rounds",
-                     "impressions_sample", "history_sizes", "history_concurrency", "history_requests"]
+                     "impressions_sample", "history_sizes", "history_concurrency", "history_requests",
+                     "history_engine_min_time_s"]
     assert {k: v for k, v in written["config"].items() if k not in added} == recorded["config"]
     assert {**written, "config": recorded["config"]} == recorded
     assert list(written) == list(recorded)

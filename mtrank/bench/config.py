@@ -199,6 +199,10 @@ class BenchConfig:
     history_requests: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     """Requests per batch at which the engine runs the history graph (the batcher stacks up to
     ``max_batch_rows`` rows of whole requests; the reference is the best of these)."""
+    history_engine_min_time_s: float = 1.5
+    """Seconds the engine runs the history graph at each batch (a batch of 500-candidate requests takes
+    30-60 ms here: at 0.4 s a repeat was a handful of batches, and one size read 14k and 42k rows/s
+    in two runs minutes apart)."""
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -209,6 +213,7 @@ class BenchConfig:
             engine_twice=False, c1_pairs=1,
             lookup_calls=200, lookup_rounds=1, overload_s=3.0, overload_warmup_s=0.5, tail_repeats=1,
             overload_repeats=1, retry_storm_s=2.0, impressions_rounds=1, history_requests=[1, 4],
+            history_engine_min_time_s=0.03,
         )
 
     @property

@@ -64,7 +64,8 @@ def _engine_curves(vdir: Path, manifest: Manifest, workload: HistoryWorkload, cf
     """One engine measurement of every size, appended to ``workload.engine``."""
     for size in cfg.history_sizes:
         curve = from_json(RequestBatchCurve, bench_engine_requests(
-            vdir, manifest, workload.graph, size, tuple(cfg.history_requests), cfg.engine_min_time_s, device=device))
+            vdir, manifest, workload.graph, size, tuple(cfg.history_requests), cfg.history_engine_min_time_s,
+            device=device))
         workload.engine.append(curve)
         say(f"history engine size={size}: {curve.peak.rows_per_s:.0f} rows/s at {curve.peak.requests} "
             f"request(s) per batch ({curve.provider}); "
