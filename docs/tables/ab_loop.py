@@ -53,6 +53,11 @@ AA_REQUESTS, AA_CANDIDATES = 4000, 20
 AB_RUNS = {"ab-c20": (20_000, 20), "ab": (30_000, 100)}
 """A/B experiments: requests and candidates per request. The SRM experiments thin the log of "ab"."""
 LOSSES = (0.10, 0.20)
+LARGE_ROWS, LARGE_REQUESTS, LARGE_CANDIDATES = 1_000_000, 40_000, 20
+"""The SRM experiments again in the world of a 1M-row data set (25 000 users), on an A/A log: what a
+loss shows when the users are not the limit. Its PLE is trained for one epoch (the SRM check does
+not depend on the ranking)."""
+LARGE_BUCKETS = [{"name": "control", "share": 50}, {"name": "treatment", "share": 50}]
 """Shares of the treatment's records lost in the SRM experiments."""
 SHARES = "a=50,b=50"
 AA_BUCKETS = [{"name": "a", "share": 50}, {"name": "b", "share": 50}]
@@ -196,6 +201,23 @@ def srm_experiment(ab_dir: Path, unit: str, fraction: float) -> dict[str, Any]:
     return result
 
 
+def srm_large() -> dict[str, Any]:
+    """The SRM experiments on an A/A log of the 1M-row data set's world (``LARGE_*``)."""
+    data = ensure_data(SEED, rows=LARGE_ROWS)
+    root = RUNS_ROOT / data.name / "ab-loop"
+    run = RUNS_ROOT / data.name / "ple-1epoch"
+    if not (run / "metrics.json").is_file():
+        mtrank("train", "--model", "ple", "--data", str(data), "--out", str(run), "--config",
+               str(REPO_ROOT / "configs" / "ple.yaml"), "--epochs", "1", "--seed", str(SEED))
+    repo = root / "repo"
+    if not (repo / "ple" / "1" / "manifest.json").is_file():
+        mtrank("export", "--run", str(run), "--repo", str(repo), "--name", "ple")
+    whole = run_experiment(root / "aa", data, repo, LARGE_BUCKETS, "srm-large", 300, LARGE_REQUESTS,
+                           LARGE_CANDIDATES, "control=50,treatment=50")
+    srm = [srm_experiment(root / "aa", unit, f) for f in LOSSES[:1] for unit in ("request_id", "user_id")]
+    return {"data": data.name, "whole": whole, "srm": srm}
+
+
 def main() -> None:
     data, repo, tuned = prepare()
     root = RUNS_ROOT / data.name / "ab-loop"
@@ -209,7 +231,8 @@ def main() -> None:
             ab[name]["oracle"] = oracle_lift(data, root / name / "log", root / name / "feedback.parquet", tuned)
             (root / name / "result.json").write_text(json.dumps(ab[name], indent=1))
     srm = [srm_experiment(root / "ab", unit, f) for f in LOSSES for unit in ("request_id", "user_id")]
-    body = tables(data, tuned, aa, ab, srm)
+    large = srm_large()
+    body = tables(data, tuned, aa, ab, srm, large)
     print(write_generated_block(DOC, BEGIN, END, body, "The A/B report"))
 
 
@@ -264,11 +287,11 @@ def expected_chi2(whole: dict[str, Any], unit: str, fraction: float) -> float:
     return sum(whole["requests"]["observed"].values()) * factor / whole["requests"]["design_effect"]
 
 
-def srm_table(srm: list[dict[str, Any]], whole: dict[str, Any]) -> list[str]:
+def srm_table(srm: list[dict[str, Any]], whole: dict[str, Any], label: str) -> list[str]:
     lines = ["| records of the treatment lost | lost | users control / treatment | χ², p (users) | "
              "requests control / treatment | design effect | χ², p (requests) | expected χ², p | flagged |",
              "|---|---|---|---|---|---|---|---|---|"]
-    rows = [("none (the `ab` log)", "0", whole, "–")]
+    rows = [(f"none ({label})", "0", whole, "–")]
     for r in srm:
         what = (f"{100 * r['loss']:.0f} % of its requests" if r["unit"] == "request_id"
                 else f"all requests of {100 * r['loss']:.0f} % of its users")
@@ -285,7 +308,7 @@ def srm_table(srm: list[dict[str, Any]], whole: dict[str, Any]) -> list[str]:
 
 
 def tables(data: Path, tuned: list[dict[str, Any]], aa: list[dict[str, Any]], ab: dict[str, Any],
-           srm: list[dict[str, Any]]) -> list[str]:
+           srm: list[dict[str, Any]], large: dict[str, Any]) -> list[str]:
     diffs = [r["report"]["differences"]["b"]["value"] for r in aa]
     covered = sum(d["lo"] <= 0 <= d["hi"] for d in diffs)
     passed = sum(not r["report"]["srm"]["flagged"] for r in aa)
@@ -324,7 +347,15 @@ def tables(data: Path, tuned: list[dict[str, Any]], aa: list[dict[str, Any]], ab
         "",
         "#### SRM: the `ab` log with records of the treatment lost, configured 50/50",
         "",
-        *srm_table(srm, main_ab["report"]["srm"]),
+        *srm_table(srm, main_ab["report"]["srm"], "the `ab` log"),
+        "",
+        f"#### SRM in a larger world: `{large['data']}` ({LARGE_ROWS // 40} users), an A/A log of "
+        f"{LARGE_REQUESTS} requests of {LARGE_CANDIDATES} candidates, configured 50/50",
+        "",
+        *srm_table(large["srm"], large["whole"]["report"]["srm"], "the A/A log"),
+        "",
+        f"Load average {_loads([large['whole']])} (traffic), "
+        + ", ".join(f"{r['load'][0]:.1f}" for r in large["srm"]) + " (reports).",
     ]
 
 
