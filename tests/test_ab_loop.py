@@ -134,8 +134,7 @@ def raw_rows_parity(run_dir: Path, repo: Path, data_dir: Path, work: Path, seed:
     test = pd.read_parquet(data_dir / "test.parquet")
     test["item_state"] = ""  # _raw_rows drops it (both sides derive it); the log does not keep it
     test.to_parquet(work / "test.parquet")
-    with pd.option_context("future.infer_string", False):  # object id columns take the unseen integer ids
-        rows = _raw_rows(work, seed=seed)
+    rows = _raw_rows(work, seed=seed)
     expected = _torch_scores(run_dir, rows)
     bodies = _string_id_requests(rows)
     worst, offset = 0.0, 0
@@ -165,10 +164,11 @@ def test_a_model_trained_on_the_joined_log_ranks_raw_rows_like_pytorch(exported_
     with RemoteServer(exported_repo("ple"), env={"MTRANK_IMPRESSION_LOG": str(log)}) as server:
         # As many rows as the data set, in requests of 5, so that the training requests reach nearly
         # every user, as the data's independent rows do (1000 requests of 20 candidates left many
-        # users unseen: average AUC 0.6285 against 0.6502).
+        # users unseen: average AUC 0.6285 against 0.6502). One request at a time: the log's time
+        # order makes the splits, and concurrent answers would change it from run to run (0.638-0.650).
         assert main(["simulate", "--url", server.url, "--data", str(synth_dir), "--requests", "4000",
                      "--candidates", "5", "--position-discount", "none", "--out", str(feedback), "--seed", "5",
-                     "--concurrency", "8"]) == 0
+                     "--concurrency", "1"]) == 0
     assert main(["join-log", "--impressions", str(log), "--feedback", str(feedback), "--out", str(joined),
                  "--spec", str(synth_dir / "spec.yaml")]) == 0
     config = tmp_path / "config.yaml"
@@ -178,7 +178,7 @@ def test_a_model_trained_on_the_joined_log_ranks_raw_rows_like_pytorch(exported_
     from_log = evaluate_run(tmp_path / "run", synth_dir, split="test")["avg_auc"]
     from_data = json.loads((trained_run("ple") / "metrics.json").read_text())["avg_auc"]
     print(f"avg test AUC: trained on the log {from_log:.4f}, on the data {from_data:.4f}")
-    assert abs(from_log - from_data) < 0.01  # measured: 0.6499 against 0.6502
+    assert abs(from_log - from_data) < 0.01  # measured: 0.6495 against 0.6502
     export_run(tmp_path / "run", tmp_path / "repo", name="ple", progress=False)
     parity = raw_rows_parity(tmp_path / "run", tmp_path / "repo", joined, tmp_path / "parity")
     print(f"raw-rows parity of the log-trained model: {parity}")

@@ -81,8 +81,8 @@ def _raw_rows(data_dir: Path, seed: int) -> pd.DataFrame:
     rows = rows.drop(columns=["user_group", "item_state"])  # both sides derive them from the rules
     rng = np.random.default_rng(seed)
     n = len(rows)
-    rows["author_id"] = rows["author_id"].astype(object)
-    rows["category"] = rows["category"].astype(object)
+    for name in ("item_id", "author_id", "category"):  # they take ids of another type below
+        rows[name] = rows[name].astype(object)
     rows.loc[rng.random(n) < 0.15, "author_id"] = 10**6 + 7  # an author nobody has seen
     rows.loc[rng.random(n) < 0.1, "author_id"] = None
     rows.loc[rng.random(n) < 0.1, "category"] = "c-never-seen"
