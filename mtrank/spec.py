@@ -285,6 +285,9 @@ class FeatureSpec:
         names = [f.name for f in (*self.dense, *self.sparse, *self.multi, *self.sequence)]
         if len(set(names)) != len(names):
             raise SpecError(f"spec {self.name!r}: duplicate feature names in {names}")
+        reserved = [n for n in names if n.startswith("@")]
+        if reserved:  # the store keeps history records under "@hist" beside the tables' fields
+            raise SpecError(f"spec {self.name!r}: feature names starting with '@' are reserved: {reserved}")
         self._check_lists()
         if not self.tasks:
             raise SpecError(f"spec {self.name!r}: no tasks")
