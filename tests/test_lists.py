@@ -245,3 +245,25 @@ def list_server(list_runs):
     _, repo = list_runs("ple")
     with RemoteServer(repo) as server:
         yield server
+
+
+INPUT_NAMES = {"DENSE_INPUT", "USER_DENSE_INPUT", "IDS_INPUT", "USER_IDS_INPUT", "EMB_PREFIX", "LIST_PREFIX",
+               "LEN_PREFIX", "emb_input"}
+
+
+def test_the_service_and_the_exporter_never_name_a_graph_input():
+    """They take the inputs the kinds derive and handle each by its role: no module of theirs imports
+    an input name or spells one (``"dense"``, ``"emb.…"``) outside a role comparison."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "mtrank"
+    offenders = []
+    for path in [*root.glob("service/**/*.py"), *root.glob("export/*.py")]:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "mtrank.manifest":
+                offenders += [f"{path.name}: imports {a.name}" for a in node.names if a.name in INPUT_NAMES]
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and (
+                    node.value.startswith(("emb.", "list.", "len.")) or node.value in ("user_dense", "user_ids")):
+                offenders.append(f"{path.name}:{node.lineno}: {node.value!r}")
+    assert offenders == []
