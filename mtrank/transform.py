@@ -382,6 +382,12 @@ def facet_index(facet: Facet, columns: Mapping[str, Column], n: int, defaults: M
     return facet.assign(features)
 
 
+def _dense_state(fields: list[DenseInfo]) -> tuple[list[DenseInfo], list[int], np.ndarray, np.ndarray]:
+    return (fields, [k for k, d in enumerate(fields) if d.transform == "log1p"],
+            np.array([d.mean for d in fields], dtype=np.float64),
+            np.array([d.std or 1.0 for d in fields], dtype=np.float64))
+
+
 @contextmanager
 def _naming(feature: str):
     """A :class:`TransformError` raised inside names ``feature`` when it named none."""
@@ -450,8 +456,9 @@ class FeatureTransform:
         self.graph_fields = [s for s in self.sparse if s.location == "graph"]
         self.store_fields = {s.name: s for s in self.sparse if s.location == "store"}
         self.dense_defaults = {d.name: d.default for d in self.dense}
-        self._mean = np.array([d.mean for d in self.dense], dtype=np.float64)
-        self._std = np.array([d.std or 1.0 for d in self.dense], dtype=np.float64)
+        self._dense_sides = {side: _dense_state([d for d in self.dense if side is None or d.side == side])
+                             for side in (None, "user", "item")}
+        """Per side (None: every field): the fields, their log1p columns, means and stds."""
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> FeatureTransform:
@@ -471,22 +478,16 @@ class FeatureTransform:
 
     def dense_matrix(self, columns: Mapping[str, Column], n: int, side: str | None = None) -> np.ndarray:
         """``[n, n_dense]`` float32 model input (the fields of ``side`` only, when given)."""
-        which = [j for j, d in enumerate(self.dense) if side is None or d.side == side]
-        raw = np.empty((n, len(which)), dtype=np.float64)
-        for k, j in enumerate(which):
-            d = self.dense[j]
+        fields, log1p, mean, std = self._dense_sides[side]
+        raw = np.empty((n, len(fields)), dtype=np.float64)
+        for k, d in enumerate(fields):
             raw[:, k] = numeric_column(columns.get(d.name), n, d.default, d.name)
-        log1p = [k for k, j in enumerate(which) if self.dense[j].transform == "log1p"]
         if log1p:
             raw[:, log1p] = pre_standardise(raw[:, log1p], "log1p")
-        raw -= self._mean[which]
-        raw /= self._std[which]
+        raw -= mean
+        raw /= std
         np.clip(raw, -DENSE_LIMIT, DENSE_LIMIT, out=raw)
         return raw.astype(np.float32)
-
-    def graph_ids(self, columns: Mapping[str, Column], n: int) -> np.ndarray:
-        """``[n, n_graph_fields]`` int64 vocabulary indices of the graph-held fields (the ``ids`` input)."""
-        return self.indices(self.graph_fields, columns, n)
 
     def sparse_ids(self, columns: Mapping[str, Column], n: int) -> np.ndarray:
         """``[n, n_sparse]`` int64 vocabulary indices of every sparse field (training: all tables in the model)."""

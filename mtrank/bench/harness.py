@@ -373,6 +373,11 @@ def run_bench(args: argparse.Namespace) -> Report:
         finally:
             if redis_url:
                 report.redis_keys_deleted = _clean_redis(redis_url, run.prefix)
+    return _finish(report, out, started)
+
+
+def _finish(report: Report, out: Path, started: float) -> Report:
+    """Close a run: the load at its end, its duration, the scored ratios; bench.json and bench.md."""
     report.load_at_end = load_average()
     report.seconds = round(time.time() - started, 1)
     report.ratios = compute_ratios(report)
@@ -414,9 +419,4 @@ def run_history_bench(args: argparse.Namespace) -> Report:
         finally:
             if redis_url:
                 report.redis_keys_deleted = _clean_redis(redis_url, prefix)
-    report.load_at_end = load_average()
-    report.seconds = round(time.time() - started, 1)
-    report.ratios = compute_ratios(report)
-    report.informational = compute_informational(report)
-    _write_outputs(report, out)
-    return report
+    return _finish(report, out, started)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
-
 from mtrank.kinds import dense, multi, sequence, sparse
 from mtrank.kinds.base import Feed, GraphInput, Kind, Rows, StoreNeed
 from mtrank.manifest import BATCH_AXIS, ITEM_FACET_INPUT, REQUEST_INDEX_INPUT
@@ -43,8 +41,3 @@ def feed(t: FeatureTransform, rows: Rows, wanted: Mapping[str, GraphInput] | Non
         out.arrays = {k: v for k, v in out.arrays.items() if k in wanted}
         out.needs = [n for n in out.needs if n.input in wanted]
     return out
-
-
-def empty_like(inputs: list[GraphInput], rows: int, requests: int) -> dict[str, np.ndarray]:
-    """Zero arrays of every input (``rows`` candidates of ``requests`` requests): warm-up feeds."""
-    return {i.name: np.zeros((requests if i.per_request else rows, *i.width), dtype=i.dtype) for i in inputs}

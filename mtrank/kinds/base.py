@@ -75,11 +75,6 @@ class Rows:
         """A request: one user (scalar or list values) and ``n`` candidates."""
         return cls(item, {k: [v] for k, v in user.items()}, n, 1, np.zeros(n, dtype=np.int64))
 
-    @classmethod
-    def each_its_own_request(cls, columns: Mapping[str, Column], n: int) -> Rows:
-        """Logged rows, each with its own user: every column serves both sides."""
-        return cls(columns, columns, n, n, np.arange(n, dtype=np.int64))
-
 
 @dataclass
 class StoreNeed:

@@ -31,8 +31,6 @@ class DeviceError(RuntimeError):
 class InputSpec:
     name: str
     dtype: type
-    width: int | None
-    """Size of the second axis; None for a 1-D input."""
     tail: tuple[int, ...] = ()
     """Every size after the first axis (a history's entry vectors have two)."""
     per_request: bool = False
@@ -98,8 +96,7 @@ class GraphRunner:
 
 def _input_spec(i) -> InputSpec:
     tail = tuple(d if isinstance(d, int) else 0 for d in i.shape[1:])
-    width = tail[0] if len(tail) == 1 and isinstance(i.shape[1], int) else None
-    return InputSpec(i.name, _DTYPES[i.type], width, tail, i.shape[0] == REQUESTS_AXIS)
+    return InputSpec(i.name, _DTYPES[i.type], tail, i.shape[0] == REQUESTS_AXIS)
 
 
 BATCH_SIZES = (1, 64, 128, 256, 512, 1024, 2048, 4096)

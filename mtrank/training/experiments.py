@@ -8,6 +8,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +81,12 @@ def write_generated_block(doc: Path, begin: str, end: str, body: list[str], titl
     head, rest = text.split(begin, 1)
     doc.write_text(head + generated + rest.split(end, 1)[1])
     return generated
+
+
+def mtrank(*args: str) -> str:
+    """``mtrank ARGS`` in a subprocess (this interpreter's install); its stdout. A failure stops the
+    experiment with the command and the end of its stderr."""
+    done = subprocess.run([sys.executable, "-m", "mtrank.cli", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"mtrank {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return done.stdout
