@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mtrank.impression_log import FEEDBACK_KEYS, FILE_GLOB, FeedbackError, read_feedback
+from mtrank.impression_log import FEEDBACK_KEYS, FeedbackError, LogError, log_files, read_feedback
 
 KEYS = FEEDBACK_KEYS
 Z95 = 1.959963984540054
@@ -190,9 +190,10 @@ def read_shown(impressions: Path, feedback: Path, k: int) -> Shown:
 
     if k < 1:
         raise ReportError(f"--k must be ≥ 1, got {k}")
-    files = sorted(Path(impressions).glob(FILE_GLOB)) if Path(impressions).is_dir() else []
-    if not files:
-        raise ReportError(f"{impressions}: no impression log files ({FILE_GLOB})")
+    try:
+        files = log_files(Path(impressions))
+    except LogError as e:
+        raise ReportError(str(e)) from None
     log = ds.dataset([str(f) for f in files], format="parquet").to_table(
         columns=["request_id", "bucket", "user_id", "items"])
     requests = dict(zip(*np.unique(log["bucket"].to_numpy(zero_copy_only=False), return_counts=True), strict=True))

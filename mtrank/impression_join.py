@@ -15,14 +15,14 @@ Requests go to the splits in time order (the oldest to ``train``), each request 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
-from mtrank.impression_log import FEEDBACK_KEYS, FILE_GLOB, FeedbackError, read_feedback
+from mtrank.impression_log import FEEDBACK_KEYS, FeedbackError, LogError, log_files, read_feedback
 from mtrank.manifest import load_manifest
 from mtrank.spec import DenseField, FeatureSpec, SparseField, SpecError, Task
 from mtrank.transform import sparse_keys
@@ -109,9 +109,10 @@ def join_log(impressions: Path, feedback: Path, out: Path, spec: FeatureSpec | N
 def _read_log(directory: Path) -> dict[str, list]:
     import pyarrow.dataset as ds
 
-    files = sorted(directory.glob(FILE_GLOB))
-    if not files:
-        raise SpecError(f"{directory}: no impression log files ({FILE_GLOB})")
+    try:
+        files = log_files(directory)
+    except LogError as e:
+        raise SpecError(str(e)) from None
     table = ds.dataset([str(f) for f in files], format="parquet").to_table()
     return table.to_pydict()
 
@@ -125,11 +126,12 @@ def _impression_rows(log: dict[str, list], spec: FeatureSpec) -> dict[str, Any]:
     features: dict[str, list] = {name: [] for name in (*user_side, *item_side)}
     groups: list[str | None] = []
     for r in range(len(log["request_id"])):
-        user = json.loads(log["user_features"][r])
-        candidates = {c["item_id"]: c for c in log["candidates"][r]}
+        request = orjson.loads(log["request"][r])
+        user = request["user"].get("features", {})
+        candidates = {c["item_id"]: c for c in request["candidates"]}
         for item in log["items"][r]:
             candidate = candidates[item["item_id"]]
-            item_features = json.loads(candidate["features"])
+            item_features = candidate.get("features", {})
             for name in LOG_COLUMNS:
                 columns[name].append(item[name] if name in ("rank", "score") else log[name][r])
             columns["item_id"].append(item["item_id"])

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pyarrow as pa
 
-FORMAT = "mtrank.impressions/1"
+FORMAT = "mtrank.impressions/2"
 """The files' ``format`` metadata key: bumped when the schema changes incompatibly."""
 FILE_GLOB = "impressions-*.parquet"
 """Complete files; a file being written has a hidden temporary name that this does not match."""
@@ -22,6 +22,32 @@ FEEDBACK_KEYS = ("request_id", "item_id")
 
 class FeedbackError(ValueError):
     """A feedback table that cannot be used; the message is one line naming the file."""
+
+
+class LogError(ValueError):
+    """An impression log that cannot be read; the message is one line naming the directory or file."""
+
+
+def log_files(directory: Path) -> list[Path]:
+    """The complete files of the log under ``directory``, each checked to be of this :data:`FORMAT`
+    (its footer's metadata; nothing else is read). Raises :class:`LogError` for a directory without
+    log files, or a file of another format (the message names it and both formats)."""
+    import pyarrow.parquet as pq
+
+    directory = Path(directory)
+    files = sorted(directory.glob(FILE_GLOB)) if directory.is_dir() else []
+    if not files:
+        raise LogError(f"{directory}: no impression log files ({FILE_GLOB})")
+    for path in files:
+        try:
+            metadata = pq.read_metadata(path).metadata or {}
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a file that is not Parquet
+            raise LogError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+        found = metadata.get(b"format", b"none").decode(errors="replace")
+        if found != FORMAT:
+            raise LogError(f"{path}: impression log format {found}, this mtrank reads {FORMAT} "
+                           "(files of another version: read them with that version, or move them aside)")
+    return files
 
 
 def read_feedback(path: Path) -> pa.Table:
@@ -65,7 +91,6 @@ def schema() -> pa.Schema:
     """A record's Arrow schema: one row per answered request."""
     import pyarrow as pa
 
-    candidate = pa.struct([("item_id", pa.string()), ("video_len", pa.float64()), ("features", pa.string())])
     item = pa.struct([("item_id", pa.string()), ("rank", pa.int32()), ("score", pa.float64()),
                       ("tasks", pa.map_(pa.string(), pa.float32()))])
     return pa.schema([
@@ -76,7 +101,6 @@ def schema() -> pa.Schema:
         ("version", pa.int32()),
         ("user_group", pa.string()),
         ("user_id", pa.string()),
-        ("user_features", pa.string()),
-        ("candidates", pa.list_(candidate)),
+        ("request", pa.string()),
         ("items", pa.list_(item)),
     ], metadata={"format": FORMAT})

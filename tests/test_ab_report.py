@@ -204,9 +204,9 @@ def _write_log(directory: Path, rng: np.random.Generator, requests: int) -> tupl
         items = [{"item_id": f"i{r}-{j}", "rank": j + 1, "score": 1.0 - j / 10,
                   "tasks": [("vtr", p), ("finish", p / 2), ("vcr", 0.5)]} for j in range(3)]
         records.append({"time": 1_765_000_000_000 + r, "request_id": f"r{r}", "bucket": bucket, "model": "m",
-                        "version": 1, "user_group": None, "user_id": f"u{user}", "user_features": "{}",
-                        "candidates": [{"item_id": f"i{r}-{j}", "video_len": 30.0, "features": "{}"}
-                                       for j in range(4)], "items": items})
+                        "version": 1, "user_group": None, "user_id": f"u{user}",
+                        "request": json.dumps({"user": {"user_id": f"u{user}"}, "candidates": [
+                            {"item_id": f"i{r}-{j}", "video_len": 30.0} for j in range(4)]}), "items": items})
         for item in items:
             if rng.random() < 0.6:
                 feedback.append({"request_id": f"r{r}", "item_id": item["item_id"], "vtr": int(rng.random() < p),

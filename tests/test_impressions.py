@@ -79,7 +79,7 @@ def _threads(pid: int) -> list[str]:
     return [(t / "comm").read_text().strip() for t in Path(f"/proc/{pid}/task").iterdir()]
 
 
-def _rank(server: RemoteServer, body: dict, **kwargs) -> dict:
+def _rank(server: RemoteServer, body: dict | None, **kwargs) -> dict:
     r = server.post("/v1/rank", json=body, **kwargs)
     assert r.status_code == 200, r.text
     return r.json()
@@ -97,13 +97,19 @@ def test_each_answered_request_is_one_record_with_what_was_received_and_answered
         body["return_task_scores"] = i % 3 != 0
         if i == 5:
             del body["request_id"]  # the id then comes from X-Request-ID
+        if i == 7:
+            del body["candidates"][1]["features"]
+            body["user"]["features"]["device"] = "iPhone – ünïcode"
         bodies.append(body)
+    # Body 7 goes indented, with raw UTF-8: the log keeps the request's text as it came.
+    sent = [json.dumps(b, indent=2 if i == 7 else None, ensure_ascii=i != 7).encode() for i, b in enumerate(bodies)]
     with RemoteServer(toy_repo, env=_log_env(log_dir, rotate_s="0.3")) as server:
         assert THREAD_NAME in _threads(server.proc.pid)
         answers, times, scored = [], [], []
         for i, body in enumerate(bodies):
             before = time.time()
-            answers.append(_rank(server, body, headers={"X-Request-ID": f"hdr-{i}"}))
+            answers.append(_rank(server, None, content=sent[i], headers={"X-Request-ID": f"hdr-{i}",
+                                                                          "Content-Type": "application/json"}))
             times.append((before, time.time()))
             # The same candidates with every task's score in the answer: predictions to compare with.
             scored.append(_rank(server, {**body, "request_id": f"again-{i}", "return_task_scores": True}))
@@ -119,9 +125,7 @@ def test_each_answered_request_is_one_record_with_what_was_received_and_answered
         assert times[i][0] * 1000 - 1 <= rec["time"].timestamp() * 1000 <= times[i][1] * 1000 + 1
         assert (rec["bucket"], rec["model"], rec["version"]) == ("default", "toy", 1)
         assert rec["user_group"] == answer["user_group"] and rec["user_id"] == body["user"]["user_id"]
-        assert json.loads(rec["user_features"]) == body["user"]["features"]
-        assert [(c["item_id"], c["video_len"], json.loads(c["features"])) for c in rec["candidates"]] == [
-            (c["item_id"], c["video_len"], c["features"]) for c in body["candidates"]]
+        assert rec["request"].encode() == sent[i]  # the body byte for byte, whatever its layout
         assert [(it["item_id"], it["rank"], it["score"]) for it in rec["items"]] == [
             (it["item_id"], it["rank"], it["score"]) for it in answer["items"]]
         full = {it["item_id"]: it["tasks"] for it in scored[i]["items"]}
@@ -248,16 +252,18 @@ def _records_by_file(directory: Path) -> dict[str, list[str]]:
 
 
 def test_size_rotation_completes_a_file_once_a_row_group_fills_it(tmp_path):
-    query = decode_request(json.dumps(rank_body("u1", n=3)).encode(), 100)
+    body = json.dumps(rank_body("u1", n=3)).encode()
+    query = decode_request(body, 100)
     rows = np.array([2, 1, 0])
-    ctx = RequestContext("x", served_rows=rows, task_scores={"vtr": np.array([0.1, 0.2, 0.3], np.float32)})
+    ctx = RequestContext("x", served_rows=rows, served_ids=[query.item_ids[r] for r in rows],
+                         scores=np.array([0.5, 0.4, 0.3]), task_scores={"vtr": np.array([0.1, 0.2, 0.3], np.float32)})
     impressions = ImpressionLog(tmp_path, rotate_bytes=1, rotate_s=3600.0)
 
     def offer(count: int, prefix: str) -> None:
         for i in range(count):
             items = [RankedItem(f"v{r}", k + 1, 0.5) for k, r in enumerate(rows.tolist())]
-            impressions.offer(ctx, query, RankResponse(f"{prefix}-{i}", ModelRef("toy", 1), "default", None,
-                                                       False, 0, items))
+            impressions.offer(ctx, body, query, RankResponse(f"{prefix}-{i}", ModelRef("toy", 1), "default", None,
+                                                         False, 0, items))
 
     offer(5000, "big")  # more than a row group: written at once, and the file is over 1 byte
     _wait_for(lambda: _files(tmp_path), what="the first file")
@@ -474,3 +480,55 @@ def _toy_spec() -> dict:
                         "rules": [{"value": r.value, "feature": r.feature, "op": r.op, "threshold": r.threshold}
                                   for r in TOY_GROUPS.rules], "default": TOY_GROUPS.default},
     }
+
+
+# -- readers ----------------------------------------------------------------------------------
+
+
+def test_duckdb_reads_the_log_with_the_documented_queries(toy_repo, tmp_path):
+    """docs/impressions.md's DuckDB queries, on a real log: shown items with a task's prediction,
+    and every candidate's features out of the request as received."""
+    import duckdb
+
+    log_dir = tmp_path / "log"
+    body = {**rank_body("u3", n=4), "request_id": "d-1", "top_k": 3}
+    with RemoteServer(toy_repo, env=_log_env(log_dir)) as server:
+        answer = _rank(server, body)
+    files = f"{log_dir}/*.parquet"
+    shown = duckdb.sql(f"""
+        SELECT r.request_id, r.bucket, it.item_id, it.rank, it.score, it.tasks['vtr'] AS vtr
+        FROM read_parquet('{files}') r, unnest(r.items) AS u(it)
+        ORDER BY r.request_id, it.rank""").fetchall()
+    assert [(s[0], s[2], s[3], s[4]) for s in shown] == [
+        ("d-1", it["item_id"], it["rank"], it["score"]) for it in answer["items"]]
+    assert [s[5] for s in shown] == pytest.approx([it["tasks"]["vtr"] for it in answer["items"]], rel=1e-6)
+    candidates = duckdb.sql(f"""
+        SELECT r.request_id, c->>'item_id' AS item_id, (c->>'video_len')::DOUBLE AS video_len,
+               c->'features'->>'author_id' AS author_id
+        FROM read_parquet('{files}') r, unnest(from_json(r.request->'candidates', '["json"]')) AS u(c)""").fetchall()
+    assert sorted(candidates) == sorted(("d-1", c["item_id"], c["video_len"], c["features"]["author_id"])
+                                       for c in body["candidates"])
+
+
+def test_readers_refuse_a_log_of_another_format_in_one_line(toy_repo, tmp_path, capsys):
+    from mtrank.cli import main
+
+    log_dir = tmp_path / "log"
+    with RemoteServer(toy_repo, env=_log_env(log_dir)) as server:
+        answer = _rank(server, {**rank_body("u1", n=4), "request_id": "f-1"})
+    pq.write_table(pa.table({"request_id": ["f-1"], "item_id": [answer["items"][0]["item_id"]], "vtr": [1]}),
+                   tmp_path / "feedback.parquet")
+    (written,) = _files(log_dir)
+    old = pq.read_table(written)
+    old = old.replace_schema_metadata({"format": "mtrank.impressions/1"})
+    pq.write_table(old, log_dir / "impressions-20261201T000000Z-host-1-000001.parquet")
+    for argv in (["join-log", "--impressions", str(log_dir), "--feedback", str(tmp_path / "feedback.parquet"),
+                  "--out", str(tmp_path / "data"), "--repo", str(toy_repo)],
+                 ["ab-report", "--impressions", str(log_dir), "--feedback", str(tmp_path / "feedback.parquet"),
+                  "--out", str(tmp_path / "ab")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert "impressions-20261201T000000Z-host-1-000001.parquet: impression log format mtrank.impressions/1, " \
+               "this mtrank reads mtrank.impressions/2" in err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "ab").exists()

@@ -137,7 +137,7 @@ def oracle_lift(data: Path, log: Path, feedback: Path, buckets: list[dict[str, A
     means = {b: float(per_item[shown.bucket == b].mean()) for b in (control, treatment)}
     discount = 1.0 / np.log2(np.arange(1, K + 1) + 1.0)
     records = ds.dataset([str(f) for f in sorted(log.glob(FILE_GLOB))], format="parquet").to_table(
-        columns=["user_id", "candidates", "items"]).to_pylist()
+        columns=["user_id", "request", "items"]).to_pylist()
     paired = {b["name"]: [] for b in buckets}
     for rec in records:
         ids = [it["item_id"] for it in rec["items"]]
@@ -145,7 +145,7 @@ def oracle_lift(data: Path, log: Path, feedback: Path, buckets: list[dict[str, A
         item_value = sum(v * truth[t] for t, v in value.items())
         tasks = [dict(it["tasks"]) for it in rec["items"]]
         predictions = {t: np.array([x[t] for x in tasks]) for t in tasks[0]}
-        length = {c["item_id"]: c["video_len"] for c in rec["candidates"]}
+        length = {c["item_id"]: c["video_len"] for c in json.loads(rec["request"])["candidates"]}
         video_len = np.array([length[i] for i in ids])
         for b in buckets:
             weights = b.get("weights") or dict.fromkeys(predictions, 1.0)

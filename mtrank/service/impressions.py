@@ -1,13 +1,17 @@
 """The impression log (docs/impressions.md): one Parquet record per answered ``POST /v1/rank``.
 
-On the event loop, :meth:`ImpressionLog.offer` only appends what the handler already holds (the
-decoded query, the answer, the ranker's returned rows and task scores) to a bounded queue: no
-encoding there. A writer thread drains the queue every :data:`WRITER_INTERVAL_S`, builds Arrow
-columns, writes them as row groups into a hidden temporary file and renames it into place when it
-is complete (``MTRANK_IMPRESSION_ROTATE_MB`` or ``_ROTATE_S``), so a reader sees whole files or
-none. File names carry the start time, the host and the pid: every worker and replica writes a
-file set of its own. A full queue or a failing disk drops records (counted in
-``mtrank_impressions_dropped_total{reason}``, a warning at most every 10 s); ranking goes on.
+On the event loop, :meth:`ImpressionLog.offer` only appends what the handler holds anyway to a
+bounded queue: the request body as received (the bytes themselves: the log keeps the request
+verbatim), the answer's labels, the returned ids, and arrays of rows, scores and predictions. No
+encoding there, and no decoded request kept alive: the event loop frees it at once, as with the
+log off (holding tens of thousands of small objects until the writer freed them cost the server
+more CPU than writing the log). A writer thread drains the queue every :data:`WRITER_INTERVAL_S`,
+builds Arrow columns, writes them as row groups into a hidden temporary file and renames it into
+place when it is complete (``MTRANK_IMPRESSION_ROTATE_MB`` or ``_ROTATE_S``), so a reader sees
+whole files or none. File names carry the start time, the host
+and the pid: every worker and replica writes a file set of its own. A full queue or a failing disk
+drops records (counted in ``mtrank_impressions_dropped_total{reason}``, a warning at most every
+10 s); ranking goes on.
 
 pyarrow is imported only when the log is on: a service without it never loads Arrow.
 """
@@ -26,11 +30,10 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import msgspec
 import numpy as np
 
 from mtrank.impression_log import schema
@@ -52,15 +55,43 @@ ROW_GROUP_RECORDS = 4096
 :data:`ROW_GROUP_S`)."""
 ROW_GROUP_S = 5.0
 WARN_EVERY_S = 10.0
-DICTIONARY_COLUMNS = ("bucket", "model", "user_group", "items.list.element.tasks.key_value.key")
+DICTIONARY_COLUMNS = ("bucket", "model", "user_group")
 """The Parquet columns of few distinct values, dictionary-encoded. The others (ids, JSON texts,
 numbers) are mostly distinct: a dictionary costs a hash of every value (twice the write time of a
-100-candidate record) and ends up larger than plain zstd."""
+100-candidate record) and ends up larger than plain compression. The task names of the items' maps
+repeat, but hashing six hundred of them per 100-candidate record cost 5 µs of the items' 30."""
+STATISTICS_COLUMNS = ("time", "bucket", "model", "version", "user_group")
+"""The columns whose row groups carry min/max statistics, for readers that skip row groups by time,
+bucket or model. Statistics of the long columns (JSON texts, ids) would cost more than their
+compression (30 µs of 80 per 100-candidate record) and prune nothing."""
 THREAD_NAME = "mtrank-implog"
 """The writer thread's name, also given to the OS (``/proc/PID/task/*/comm``)."""
 
-Record = tuple[float, "RankQuery", "RankResponse", np.ndarray, dict[str, np.ndarray]]
-"""(answer time in s since the epoch, query, answer, returned rows in rank order, task scores)."""
+
+
+class Record(NamedTuple):
+    """One answered request, as queued: what the handler holds anyway (the body, the returned ids,
+    arrays), so that the event loop frees the decoded request at once, as with the log off."""
+
+    time: float
+    """Answer time, seconds since the epoch."""
+    body: bytes
+    """The request body as received: valid UTF-8 JSON (it was decoded to be answered)."""
+    candidates: int
+    request_id: str
+    bucket: str
+    model: str
+    version: int
+    user_group: str | None
+    user_id: str
+    served_ids: list[str]
+    """The returned item ids, in rank order."""
+    served_rows: np.ndarray
+    """The returned candidates' indices in the request, in rank order."""
+    scores: np.ndarray
+    """The returned items' scores, in rank order."""
+    task_scores: dict[str, np.ndarray]
+    """Each task's predictions for every candidate, in request order."""
 
 
 def open_impression_log(settings: Settings) -> ImpressionLog | None:
@@ -75,9 +106,10 @@ def open_impression_log(settings: Settings) -> ImpressionLog | None:
         log.warning("impression log: cannot create %s (%s); records are dropped until it can be written",
                     directory, e.strerror or e)
     impressions = ImpressionLog(directory, settings.impression_sample, settings.impression_queue_rows,
-                                int(settings.impression_rotate_mb * (1 << 20)), settings.impression_rotate_s)
-    log.info("impression log: %s, sample %g, files of %g MiB or %g s", directory, settings.impression_sample,
-             settings.impression_rotate_mb, settings.impression_rotate_s)
+                                int(settings.impression_rotate_mb * (1 << 20)), settings.impression_rotate_s,
+                                settings.impression_compression)
+    log.info("impression log: %s, sample %g, files of %g MiB or %g s, %s", directory, settings.impression_sample,
+             settings.impression_rotate_mb, settings.impression_rotate_s, settings.impression_compression)
     return impressions
 
 
@@ -85,7 +117,7 @@ class ImpressionLog:
     """A bounded queue of records and the thread that writes them (:class:`_FileSet`)."""
 
     def __init__(self, directory: Path, sample: float = 1.0, queue_rows: int = 100_000,
-                 rotate_bytes: int = 64 << 20, rotate_s: float = 60.0):
+                 rotate_bytes: int = 64 << 20, rotate_s: float = 60.0, compression: str = "lz4"):
         import pyarrow  # noqa: F401 - fail at start-up, not in the writer, when it is missing
 
         self._threshold = None if sample >= 1.0 else int(sample * 2**32)
@@ -97,22 +129,27 @@ class ImpressionLog:
         self._full = 0
         self._full_reported = 0
         self._drops = _DropReport()
-        self._files = _FileSet(Path(directory), rotate_bytes, rotate_s, self._drops)
+        self._files = _FileSet(Path(directory), rotate_bytes, rotate_s, self._drops, compression)
+        _warm_up(self._files.schema)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         self._thread.start()
 
-    def offer(self, ctx: RequestContext, query: RankQuery, response: RankResponse) -> None:
-        """On the event loop, for an answered request: queue its record, or count it dropped."""
+    def offer(self, ctx: RequestContext, body: bytes, query: RankQuery, response: RankResponse) -> None:
+        """On the event loop, for an answered request (``body`` as received, decoded into
+        ``query``): queue its record, or count it dropped."""
         # mtrank.impression_log.sampled's rule, with the threshold computed once.
-        if self._threshold is not None and zlib.crc32(response.request_id.encode()) >= self._threshold:
+        request_id = response.request_id
+        if self._threshold is not None and zlib.crc32(request_id.encode()) >= self._threshold:
             return
         n = query.n
         if self._rows_in - self._rows_out + n > self._capacity:
             self._full += 1
             return
         self._rows_in += n
-        self._queue.append((time.time(), query, response, ctx.served_rows, ctx.task_scores))
+        self._queue.append(Record(time.time(), body, n, request_id, response.bucket, response.model.name,
+                                  response.model.version, response.user_group, query.user_id, ctx.served_ids,
+                                  ctx.served_rows, ctx.scores, ctx.task_scores))
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Write what is queued, complete the open file and stop the writer (blocks)."""
@@ -132,7 +169,7 @@ class ImpressionLog:
         queue = self._queue
         while queue:
             record = queue.popleft()
-            self._rows_out += record[1].n
+            self._rows_out += record.candidates
             records.append(record)
         full = self._full
         if full > self._full_reported:
@@ -180,8 +217,10 @@ class _FileSet:
     ``.<name>.tmp`` (hidden from globs and from pyarrow's and DuckDB's directory readers) and
     renamed when complete."""
 
-    def __init__(self, directory: Path, rotate_bytes: int, rotate_s: float, drops: _DropReport):
+    def __init__(self, directory: Path, rotate_bytes: int, rotate_s: float, drops: _DropReport,
+                 compression: str = "lz4"):
         self.directory = directory
+        self.compression = compression
         self.rotate_bytes = rotate_bytes
         self.rotate_s = rotate_s
         self._drops = drops
@@ -189,7 +228,7 @@ class _FileSet:
         host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
         self._prefix = f"impressions-{started}-{host}-{os.getpid()}"
         self._seq = 0
-        self._schema = schema()
+        self.schema = schema()
         self._writer: Any = None
         self._sink: Any = None
         self._paths: tuple[Path, Path] | None = None
@@ -209,7 +248,7 @@ class _FileSet:
             return
         if not self._pending:
             self._pending_since = time.monotonic()
-        self._pending.append(record_batch(records, self._schema))
+        self._pending.append(record_batch(records, self.schema))
         self._pending_records += len(records)
         if self._pending_records >= ROW_GROUP_RECORDS:
             self._flush()
@@ -265,8 +304,9 @@ class _FileSet:
         self._paths = (self.directory / f".{name}.tmp", self.directory / name)
         try:
             self._sink = pa.OSFile(str(self._paths[0]), "wb")
-            self._writer = pq.ParquetWriter(self._sink, self._schema, compression="zstd",
-                                            use_dictionary=list(DICTIONARY_COLUMNS))
+            self._writer = pq.ParquetWriter(self._sink, self.schema, compression=self.compression,
+                                            use_dictionary=list(DICTIONARY_COLUMNS),
+                                            write_statistics=list(STATISTICS_COLUMNS))
         except Exception as e:  # noqa: BLE001 - OSError, or pyarrow's errors of the same disk
             self._open_error = _describe(e)
             self.abandon(self._open_error)
@@ -277,7 +317,7 @@ class _FileSet:
     def _flush(self, rotate: bool = True) -> None:
         import pyarrow as pa
 
-        table = pa.Table.from_batches(self._pending, self._schema)
+        table = pa.Table.from_batches(self._pending, self.schema)
         try:
             self._writer.write_table(table, row_group_size=max(1, table.num_rows))
             size = self._sink.tell()
@@ -291,98 +331,73 @@ class _FileSet:
 
 
 def record_batch(records: list[Record], schema: pa.Schema) -> pa.RecordBatch:
-    """The records as Arrow columns (one row per request; lists of candidates and of items)."""
+    """The records as Arrow columns (one row per request; a list of the returned items)."""
     import pyarrow as pa
 
-    queries = [r[1] for r in records]
-    answers = [r[2] for r in records]
-    candidates, candidate_ids, starts = _candidates(queries, schema.field("candidates").type)
     columns = [
-        pa.array([int(r[0] * 1000) for r in records], pa.int64()).cast(schema.field("time").type),
-        pa.array([a.request_id for a in answers], pa.string()),
-        pa.array([a.bucket for a in answers], pa.string()),
-        pa.array([a.model.name for a in answers], pa.string()),
-        pa.array([a.model.version for a in answers], pa.int32()),
-        pa.array([a.user_group for a in answers], pa.string()),
-        pa.array([q.user_id for q in queries], pa.string()),
-        _json_texts([q.user_features for q in queries]),
-        candidates,
-        _items(records, schema.field("items").type, candidate_ids, starts),
+        pa.array([int(r.time * 1000) for r in records], pa.int64()).cast(schema.field("time").type),
+        pa.array([r.request_id for r in records], pa.string()),
+        pa.array([r.bucket for r in records], pa.string()),
+        pa.array([r.model for r in records], pa.string()),
+        pa.array([r.version for r in records], pa.int32()),
+        pa.array([r.user_group for r in records], pa.string()),
+        pa.array([r.user_id for r in records], pa.string()),
+        _texts([r.body for r in records]),
+        _items(records, schema.field("items").type),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
-_JSON = msgspec.json.Encoder()
-
-
-def _json_texts(values: Iterable[Any]) -> pa.Array:
-    """One JSON text per value, as an Arrow string array. One encoder call for all of them (JSON
-    lines: a newline inside a string is escaped) and C kernels for the split: a call per value
-    costs ~3 µs, 60 µs for a 20-candidate request."""
+def _texts(texts: list[bytes]) -> pa.Array:
+    """UTF-8 texts as one Arrow string array: one copy into a buffer and the offsets, not a Python
+    string each (request bodies: valid UTF-8, they were decoded to be answered)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    data = _JSON.encode_lines(values)
-    ends = np.flatnonzero(np.frombuffer(data, np.uint8) == ord("\n"))
-    offsets = np.zeros(len(ends) + 1, dtype=np.int32)
-    offsets[1:] = ends + 1
-    lines = pa.StringArray.from_buffers(len(ends), pa.py_buffer(offsets), pa.py_buffer(data))
-    return pc.utf8_rtrim(lines, characters="\n")
+    data = b"".join(texts)
+    offsets = _offsets(list(map(len, texts)))
+    return pa.StringArray.from_buffers(len(texts), pa.py_buffer(offsets), pa.py_buffer(data))
 
 
-def _offsets(lengths: Iterable[int] | np.ndarray) -> np.ndarray:
+def _offsets(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     return offsets
 
 
-def _candidates(queries: list[RankQuery], kind: pa.ListType) -> tuple[pa.Array, pa.Array, np.ndarray]:
-    """Every candidate as received: item id, video length and its features as JSON text. Returns the
-    list column, the candidates' ids and each request's first candidate (and the end) in them."""
-    import pyarrow as pa
-
-    ids = pa.array(list(itertools.chain.from_iterable(q.item_ids for q in queries)), pa.string())
-    lengths = pa.array(np.concatenate([q.video_len for q in queries]), pa.float64())
-    features = _json_texts(itertools.chain.from_iterable(q.item_features for q in queries))
-    values = pa.StructArray.from_arrays([ids, lengths, features], fields=list(kind.value_type))
-    offsets = _offsets([q.n for q in queries])
-    return pa.ListArray.from_arrays(pa.array(offsets), values, type=kind), ids, offsets
-
-
-def _items(records: list[Record], kind: pa.ListType, candidate_ids: pa.Array, starts: np.ndarray) -> pa.Array:
-    """The returned items in rank order: id, rank, score and each task's prediction (a map).
-    ``candidate_ids`` and ``starts``: the batch's candidates and each request's first one in them."""
+def _items(records: list[Record], kind: pa.ListType) -> pa.Array:
+    """The returned items in rank order: id, rank, score and each task's prediction (a map)."""
     import pyarrow as pa
 
     fields = list(kind.value_type)
-    answers = [r[2] for r in records]
-    counts = [len(a.items) for a in answers]
-    # Each returned item is a candidate of its request: its index among the batch's candidates.
-    rows = np.concatenate([r[3] + start for r, start in zip(records, starts[:-1].tolist(), strict=True)])
-    ids = candidate_ids.take(pa.array(rows))
+    counts = [len(r.served_rows) for r in records]
+    ids = pa.array(list(itertools.chain.from_iterable(r.served_ids for r in records)), pa.string())
     ranks = pa.array(np.concatenate([np.arange(1, k + 1, dtype=np.int32) for k in counts]), pa.int32())
-    scores = pa.array([it.score for a in answers for it in a.items], pa.float64())
-    tasks = _task_maps(records, rows).cast(fields[3].type)
+    scores = pa.array(np.concatenate([r.scores for r in records]).astype(np.float64, copy=False), pa.float64())
+    tasks = _task_maps(records).cast(fields[3].type)
     values_array = pa.StructArray.from_arrays([ids, ranks, scores, tasks], fields=fields)
     return pa.ListArray.from_arrays(pa.array(_offsets(counts)), values_array, type=kind)
 
 
-def _task_maps(records: list[Record], rows: np.ndarray) -> pa.MapArray:
-    """Each returned item's task predictions (``rows``: the items' indices among the batch's
-    candidates) as a map, item-major so that each item's map is contiguous."""
+def _task_maps(records: list[Record]) -> pa.MapArray:
+    """Each returned item's task predictions as a map, item-major so that each item's map is
+    contiguous."""
     import pyarrow as pa
 
-    names = list(records[0][4])
-    if all(list(r[4]) == names for r in records):
-        # One model's tasks throughout (the usual batch): a column per task for the whole batch.
-        values = np.stack([np.concatenate([r[4][t] for r in records])[rows] for t in names], axis=1)
+    names = list(records[0].task_scores)
+    if all(list(r.task_scores) == names for r in records):
+        # One model's tasks throughout (the usual batch): a column per task for the whole batch,
+        # indexed by the returned items' positions among all the batch's candidates.
+        starts = _offsets([r.candidates for r in records])[:-1].tolist()
+        rows = np.concatenate([r.served_rows + start for r, start in zip(records, starts, strict=True)])
+        values = np.stack([np.concatenate([r.task_scores[t] for r in records])[rows] for t in names], axis=1)
         keys = np.tile(np.arange(len(names), dtype=np.int32), len(rows))
         offsets = np.arange(len(rows) + 1, dtype=np.int32) * len(names)
     else:
         # Task names as indices into the names seen (taken in C), not a Python string per item and task.
         seen: dict[str, int] = {}
         key_parts, value_parts, per_item = [], [], []
-        for _, _, _, served, task_scores in records:
+        for r in records:
+            served, task_scores = r.served_rows, r.task_scores
             k = len(served)
             index = np.array([seen.setdefault(t, len(seen)) for t in task_scores], dtype=np.int32)
             key_parts.append(np.tile(index, k))
@@ -393,6 +408,18 @@ def _task_maps(records: list[Record], rows: np.ndarray) -> pa.MapArray:
         offsets = _offsets(np.concatenate(per_item))
     key_array = pa.array(names, pa.string()).take(pa.array(keys))
     return pa.MapArray.from_arrays(pa.array(offsets), key_array, pa.array(values.astype(np.float32).ravel()))
+
+
+def _warm_up(schema: pa.Schema) -> None:
+    """Build one record's columns at start-up: the first ``pa.array`` of Python objects imports
+    pyarrow's pandas shim (pandas itself where installed, about a second of CPU), which would
+    otherwise land on the first minute of traffic. The Parquet module is imported here too."""
+    import pyarrow.parquet  # noqa: F401
+
+    body = b'{"user":{"user_id":"u"},"candidates":[{"item_id":"i","video_len":1.0}]}'
+    rows = np.zeros(1, dtype=np.int64)
+    record_batch([Record(time.time(), body, 1, "warm-up", "b", "m", 1, None, "u", ["i"], rows, np.ones(1),
+                         {"t": np.ones(1, dtype=np.float32)})], schema)
 
 
 def _describe(e: BaseException) -> str:

@@ -47,6 +47,10 @@ class RequestContext:
     missing_ids: int = 0
     served_rows: np.ndarray | None = None
     """The returned candidates' indices in rank order (the impression log reads them)."""
+    served_ids: list[str] | None = None
+    """The returned item ids, in rank order."""
+    scores: np.ndarray | None = None
+    """The returned candidates' scores, in rank order."""
     task_scores: dict[str, np.ndarray] | None = None
     """Each task's predictions for every candidate, in request order."""
 
@@ -83,7 +87,9 @@ class Ranker:
         if query.top_k is not None:
             order = order[: query.top_k]
         metrics.record_predictions(bucket.name, lv.name, lv.version, task_scores, order, lv.fusion_ranges)
-        ctx.served_rows, ctx.task_scores = order, task_scores
+        ids, scores = query.item_ids, np.exp(log_score[order])
+        served_ids = [ids[i] for i in order.tolist()]
+        ctx.served_rows, ctx.served_ids, ctx.scores, ctx.task_scores = order, served_ids, scores, task_scores
         return RankResponse(
             request_id=query.request_id or ctx.request_id,
             model=ModelRef(lv.name, lv.version),
@@ -91,7 +97,7 @@ class Ranker:
             user_group=group,
             degraded=degraded,
             missing_ids=ctx.missing_ids,
-            items=_items(query, order, np.exp(log_score[order]), task_scores if query.return_task_scores else None),
+            items=_items(served_ids, order, scores, task_scores if query.return_task_scores else None),
         )
 
     def _bucket(self, user_id: str) -> BucketConfig:
@@ -234,11 +240,10 @@ def _weights(bucket: BucketConfig, task_scores: dict[str, np.ndarray]) -> dict[s
 
 
 def _items(
-    query: RankQuery, order: np.ndarray, scores: np.ndarray, task_scores: dict[str, np.ndarray] | None
+    item_ids: list[str], order: np.ndarray, scores: np.ndarray, task_scores: dict[str, np.ndarray] | None
 ) -> list[RankedItem]:
-    """The ranked items, built column-wise: ``map`` calls the struct types from C."""
-    ids = query.item_ids
-    item_ids = [ids[i] for i in order.tolist()]
+    """The ranked items (``item_ids``: the candidates' ids at ``order``), built column-wise: ``map``
+    calls the struct types from C."""
     ranks = range(1, len(item_ids) + 1)
     if task_scores is None:
         return list(map(RankedItem, item_ids, ranks, scores.tolist()))

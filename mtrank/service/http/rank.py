@@ -75,7 +75,7 @@ class RankEndpoint:
             async with asyncio.timeout(deadline - time.monotonic()):
                 result = await unless_disconnected(receive, serving.ranker.rank(query, deadline, ctx))
             if serving.impressions is not None:
-                serving.impressions.offer(ctx, query, result)
+                serving.impressions.offer(ctx, body, query, result)
             return Response(RESPONSE_ENCODER.encode(result), media_type="application/json")
         except Overloaded:
             refused = True
