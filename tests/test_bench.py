@@ -44,27 +44,37 @@ def _check_points(report: dict, section: str) -> None:
 
 
 def _check_impressions(report: dict) -> None:
-    """The impression-log point: each server once per round, the order rotating; the log-on server's files
-    hold every answered request; the read-only server answered every request and counted each record dropped."""
+    """The impression-log point: each point once per round, the order rotating; the log-on server logged
+    exactly the requests whose ids it samples; the read-only server answered every request and counted
+    each record dropped."""
     imp, cfg = report["impressions"], report["config"]
-    labels = ["log_off", "log_on", "log_read_only"]
+    names = ["log_on", "sampled_out", "log_off", "log_read_only"]
+    servers = ["log_off", "log_on", "log_read_only"]
     assert (imp["size"], imp["concurrency"]) == (cfg["impressions_size"], cfg["impressions_concurrency"])
-    assert imp["orders"] == [labels[i % 3:] + labels[: i % 3] for i in range(cfg["impressions_rounds"])]
-    assert set(imp["points"]) == set(labels) and set(labels) <= set(report["servers"])
+    assert imp["orders"] == [names[i % 4:] + names[: i % 4] for i in range(cfg["impressions_rounds"])]
+    assert set(imp["points"]) == set(names) and set(servers) <= set(report["servers"])
     for label, points in imp["points"].items():
         assert len(points) == cfg["impressions_rounds"], label
         for p in points:
             assert p["size"] == 100 and p["concurrency"] == imp["concurrency"] and p["errors"] == 0, (label, p)
             _finite_positive(p["throughput_rps"], f"impressions {label} req/s")
-    assert imp["on_vs_off"] == [round(on["throughput_rps"] / off["throughput_rps"], 4)
-                                for on, off in zip(imp["points"]["log_on"], imp["points"]["log_off"], strict=True)]
-    env = {label: report["servers"][label]["env"] for label in labels}
+
+    def ratios_of(a: str, b: str) -> list[float]:
+        return [round(x["throughput_rps"] / y["throughput_rps"], 4)
+                for x, y in zip(imp["points"][a], imp["points"][b], strict=True)]
+
+    assert imp["on_vs_off"] == ratios_of("log_on", "sampled_out")
+    assert imp["on_vs_off_server"] == ratios_of("log_on", "log_off")
+    assert imp["sampled_out_vs_off_server"] == ratios_of("sampled_out", "log_off")
+    env = {label: report["servers"][label]["env"] for label in servers}
     assert "MTRANK_IMPRESSION_LOG" not in env["log_off"]
-    assert env["log_on"]["MTRANK_IMPRESSION_SAMPLE"] == env["log_read_only"]["MTRANK_IMPRESSION_SAMPLE"] == "1.0"
+    assert (env["log_on"]["MTRANK_IMPRESSION_SAMPLE"], env["log_read_only"]["MTRANK_IMPRESSION_SAMPLE"]) == (
+        str(imp["sample"]), "1.0")
     assert imp["read_only"]["mode"] == "0555" and imp["read_only"]["probe_error"] in ("EACCES", "EROFS")
     on, ro = imp["servers"]["log_on"], imp["servers"]["log_read_only"]
-    assert on["records_in_files"] > 0
-    assert on["records_in_files"] + sum(on["dropped"].values()) == on["statuses"]["200"]
+    # Both copies were answered, and only the logged copy's ids are in the files, every one of them kept.
+    assert 0 < on["records_in_files"] < on["statuses"]["200"] and on["records_sampled_out"] == 0
+    assert on["records_in_files"] == on["answered_logged"] and sum(on["dropped"].values()) == 0
     assert set(ro["statuses"]) <= {"200", "499"} and ro["statuses"]["200"] > 0
     assert ro["dropped"] == {"queue_full": 0, "write_error": ro["statuses"]["200"]} and ro["logged"] == 0
     ratios = report["ratios"]
@@ -260,7 +270,8 @@ def test_target_ratios_from_hand_made_figures():
         "servers": {"overload": {"error_lines": 2, "error_examples": ["x ERROR y"]}, "service": {"error_lines": 0}},
         "impressions": {  # three rounds; the ratios 0.9, 1.0 and 0.96: the median round is the third
             "size": 100, "concurrency": 16, "on_vs_off": [0.9, 1.0, 0.96],
-            "points": {"log_off": [_hand_point(100, 16, r, 20.0, 40.0) for r in (500.0, 480.0, 500.0)],
+            "points": {"sampled_out": [_hand_point(100, 16, r, 20.0, 40.0) for r in (500.0, 480.0, 500.0)],
+                       "log_off": [_hand_point(100, 16, r, 20.0, 40.0) for r in (510.0, 490.0, 490.0)],
                        "log_on": [_hand_point(100, 16, r, 21.0, 45.0) for r in (450.0, 480.0, 480.0)],
                        "log_read_only": [_hand_point(100, 16, r, 21.0, 45.0) for r in (470.0, 470.0, 470.0)]},
             "servers": {"log_read_only": {"statuses": {"200": 9000, "499": 16, "503": 1},
@@ -342,8 +353,7 @@ def test_the_run_of_record_reads_back_as_it_was_written():
     written = json.loads(json.dumps(to_json(from_json(Report, recorded))))
     added = [k for k in written["config"] if k not in recorded["config"]]
     assert added == ["floor_points", "c1_pairs", "impressions_size", "impressions_concurrency", "impressions_rounds",
-                     "impressions_sample", "history_sizes", "history_concurrency", "history_requests",
-                     "history_engine_min_time_s"]
+                     "history_sizes", "history_concurrency", "history_requests", "history_engine_min_time_s"]
     assert {k: v for k, v in written["config"].items() if k not in added} == recorded["config"]
     assert {**written, "config": recorded["config"]} == recorded
     assert list(written) == list(recorded)

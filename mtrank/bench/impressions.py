@@ -2,10 +2,17 @@
 cannot be written does to ranking.
 
 Three ``mtrank serve`` processes with the same settings run side by side: the log off, the log on
-(``MTRANK_IMPRESSION_LOG`` in a fresh directory, every request sampled) and the log on in a
-directory that cannot be written. One closed-loop point of ``cfg.impressions_size`` candidates is
-measured on each, ``cfg.impressions_rounds`` rounds, the order rotating from round to round, so the
-on ÷ off ratio of a round compares the same minutes of the host. Afterwards each server's own
+(``MTRANK_IMPRESSION_LOG`` in a fresh directory) and the log on in a directory that cannot be
+written. The log-on server samples half of the request ids (:data:`SPLIT_SAMPLE`), and the point's
+request bodies come in two copies that differ only in their ids: ids it logs and ids it leaves out
+(:func:`split_bodies`). Its points with the logged copy have every request logged; its points with
+the other copy have the log off for every request, in the same process. The target compares those
+two: two server processes with the same settings differ by more than the log costs (two log-on
+servers of one run read 0.93 of each other over five rounds, the same one in four of them), and
+the same process with the log on and off does not carry that difference. The server without the
+log gives the cross-server figure beside it. Each round measures one closed-loop point of
+``cfg.impressions_size`` candidates for each of :data:`POINTS`, the order rotating from round to
+round, so that each ratio compares the same minutes of the host. Afterwards each server's own
 counters say what was answered, logged and dropped.
 
 A read-only directory is a directory of mode 0555. Modes do not stop a process that holds
@@ -33,7 +40,12 @@ from mtrank.bench.report import ImpressionLogPoint, ImpressionServer, LoadPoint,
 from mtrank.bench.server import RemoteServer
 
 LABELS = ("log_off", "log_on", "log_read_only")
-"""The three servers of the point, in the order of the first round."""
+"""The three servers of the point."""
+POINTS = {"log_on": ("log_on", "logged"), "sampled_out": ("log_on", "sampled_out"),
+          "log_off": ("log_off", "sampled_out"), "log_read_only": ("log_read_only", "logged")}
+"""Each round's points, in the first round's order: point → (server, bodies)."""
+SPLIT_SAMPLE = 0.5
+"""``MTRANK_IMPRESSION_SAMPLE`` of the log-on server: the share of request ids it logs."""
 CAP_DAC_OVERRIDE = 1
 """Bit of the capability that lets a process write where the file modes say it may not."""
 _PROBE = ("import errno, os, sys\n"
@@ -115,13 +127,36 @@ def impression_counters(metrics_text: str) -> tuple[int, dict[str, int]]:
     return logged, dropped
 
 
-def records_in_files(directory: Path) -> int:
-    """Records in the complete impression files of ``directory`` (their Parquet footers' row counts)."""
-    import pyarrow.parquet as pq
+def logged_ids(directory: Path) -> list[str]:
+    """The request ids of the records in the complete impression files of ``directory``."""
+    import pyarrow.dataset as ds
 
     from mtrank.impression_log import FILE_GLOB
 
-    return sum(pq.ParquetFile(path).metadata.num_rows for path in directory.glob(FILE_GLOB))
+    files = [str(f) for f in sorted(directory.glob(FILE_GLOB))]
+    return ds.dataset(files, format="parquet").to_table(columns=["request_id"]).column(0).to_pylist() if files else []
+
+
+def split_bodies(bodies: Path, out: Path, rate: float = SPLIT_SAMPLE) -> dict[str, Path]:
+    """Two copies of the request bodies in ``bodies``: ``logged``, each id changed (a suffix) until a
+    log sampling ``rate`` logs it, and ``sampled_out``, until it leaves it out. Files in ``out``."""
+    import orjson
+
+    from mtrank.bench.loadgen import read_bodies, write_bodies
+    from mtrank.impression_log import sampled
+
+    copies: dict[str, list[bytes]] = {"logged": [], "sampled_out": []}
+    for body in read_bodies(bodies):
+        doc = orjson.loads(body)
+        for name, logged in (("logged", True), ("sampled_out", False)):
+            k = 0
+            while sampled(f"{doc['request_id']}-{k}", rate) != logged:
+                k += 1
+            copies[name].append(orjson.dumps({**doc, "request_id": f"{doc['request_id']}-{k}"}))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, docs in copies.items():
+        write_bodies(out / f"{name}.bodies", docs)
+    return {name: out / f"{name}.bodies" for name in copies}
 
 
 def writer_cpu_seconds(pids: list[int]) -> float:
@@ -164,45 +199,67 @@ def _settle(server: RemoteServer, label: str, cpu_before: tuple[float, float],
 
 
 def _round_orders(rounds: int) -> list[list[str]]:
-    """The labels rotated by one each round, so that each server goes first, second and third in turn."""
-    return [[*LABELS[i % 3:], *LABELS[: i % 3]] for i in range(rounds)]
+    """The points rotated by one each round, so that each goes first, second... in turn."""
+    names = list(POINTS)
+    return [[*names[i % len(names):], *names[: i % len(names)]] for i in range(rounds)]
+
+
+def _ratios(points: dict[str, list[LoadPoint]], a: str, b: str) -> list[float]:
+    return [round(x.throughput_rps / y.throughput_rps, 4) if y.throughput_rps else 0.0
+            for x, y in zip(points[a], points[b], strict=True)]
 
 
 def impression_log_point(report: Report, repo: Path, env: dict[str, str], bodies: Path, cfg: BenchConfig,
                          device: str, scratch: Path) -> ImpressionLogPoint:
-    """The three servers, ``cfg.impressions_rounds`` rounds of one closed-loop point each, and what each
-    server's counters say afterwards. ``scratch`` holds the log directories (removed afterwards)."""
+    """The three servers, ``cfg.impressions_rounds`` rounds of :data:`POINTS`, and what each server's
+    counters say afterwards. ``scratch`` holds the log directories and the bodies' copies (removed
+    afterwards)."""
     size, concurrency = cfg.impressions_size, cfg.impressions_concurrency
-    sample = {"MTRANK_IMPRESSION_SAMPLE": str(cfg.impressions_sample)}
-    out = ImpressionLogPoint(size=size, concurrency=concurrency, sample=cfg.impressions_sample)
+    out = ImpressionLogPoint(size=size, concurrency=concurrency, sample=SPLIT_SAMPLE)
+    copies = split_bodies(bodies, scratch / "bodies")
     with ExitStack() as stack:
         ro_dir, wrapper, probe = stack.enter_context(read_only_directory(scratch / "read-only"))
         out.read_only = {"mode": "0555", "server_wrapper": " ".join(wrapper) or "none (no CAP_DAC_OVERRIDE here)",
                          "probe_error": probe}
-        envs = {"log_off": env, "log_on": env | sample | {"MTRANK_IMPRESSION_LOG": str(scratch / "on")},
-                "log_read_only": env | sample | {"MTRANK_IMPRESSION_LOG": str(ro_dir)}}
+        envs = {"log_off": env,
+                "log_on": env | {"MTRANK_IMPRESSION_LOG": str(scratch / "on"),
+                                 "MTRANK_IMPRESSION_SAMPLE": str(SPLIT_SAMPLE)},
+                "log_read_only": env | {"MTRANK_IMPRESSION_LOG": str(ro_dir), "MTRANK_IMPRESSION_SAMPLE": "1.0"}}
         servers = {label: stack.enter_context(server_under_test(
             report, label, repo, envs[label], device, wrapper=wrapper if label == "log_read_only" else ()))
             for label in LABELS}
         if wrapper and holds_dac_override(servers["log_read_only"].proc.pid):
             raise BenchError("the read-only log server still holds CAP_DAC_OVERRIDE")
         cpu_before = {label: _cpu(server) for label, server in servers.items()}
-        points: dict[str, list[LoadPoint]] = {label: [] for label in LABELS}
+        points: dict[str, list[LoadPoint]] = {name: [] for name in POINTS}
+        answered_logged = 0  # the log-on server's 200s to ids it logs, warm-ups included
         for i, order in enumerate(_round_orders(max(1, cfg.impressions_rounds))):
-            for label in order:
-                p = measure_point(servers[label], bodies, size, cfg, concurrency=concurrency)
-                points[label].append(p)
-                say(f"impressions round {i + 1} {label:13s}: {p.throughput_rps:7.1f} req/s p50={p.p50_ms:6.2f} "
+            for name in order:
+                server, copy = POINTS[name]
+                before = rank_statuses(servers[server].metrics()).get("200", 0)
+                p = measure_point(servers[server], copies[copy], size, cfg, concurrency=concurrency)
+                if name == "log_on":
+                    answered_logged += rank_statuses(servers[server].metrics()).get("200", 0) - before
+                points[name].append(p)
+                say(f"impressions round {i + 1} {name:13s}: {p.throughput_rps:7.1f} req/s p50={p.p50_ms:6.2f} "
                     f"p99={p.p99_ms:6.2f} ms, {p.rows_per_server_cpu_s:,.0f} rows per server CPU-s"
                     f"{' errors=' + str(p.errors) if p.errors else ''}")
             out.orders.append(order)
         out.points = points
         out.servers = {label: _settle(server, label, cpu_before[label]) for label, server in servers.items()}
-    # Stopped: the log-on server has completed its last file, and what it logged can be counted.
-    out.servers["log_on"].records_in_files = records_in_files(scratch / "on")
-    out.on_vs_off = [round(on.throughput_rps / off.throughput_rps, 4) if off.throughput_rps else 0.0
-                     for on, off in zip(points["log_on"], points["log_off"], strict=True)]
+    # Stopped: the log-on server has completed its last file, and what it logged can be read.
+    ids = logged_ids(scratch / "on")
+    from mtrank.impression_log import sampled
+
+    on = out.servers["log_on"]
+    on.answered_logged = answered_logged
+    on.records_in_files, on.records_sampled_out = len(ids), sum(not sampled(rid, SPLIT_SAMPLE) for rid in ids)
+    out.on_vs_off = _ratios(points, "log_on", "sampled_out")
+    out.on_vs_off_server = _ratios(points, "log_on", "log_off")
+    out.sampled_out_vs_off_server = _ratios(points, "sampled_out", "log_off")
     shutil.rmtree(scratch / "on", ignore_errors=True)
-    say(f"impression log on ÷ off, {size} candidates at concurrency {concurrency}, by round: "
-        + ", ".join(f"{r:.3f}" for r in out.on_vs_off) + f"; read-only server: {out.servers['log_read_only']}")
+    shutil.rmtree(scratch / "bodies", ignore_errors=True)
+    say(f"impression log on ÷ off (one process), {size} candidates at concurrency {concurrency}, by round: "
+        + ", ".join(f"{r:.3f}" for r in out.on_vs_off) + "; ÷ the server without the log: "
+        + ", ".join(f"{r:.3f}" for r in out.on_vs_off_server) + f"; read-only server: {out.servers['log_read_only']}")
     return out

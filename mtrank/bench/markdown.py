@@ -156,32 +156,43 @@ def _service(report: Report) -> list[str]:
 
 
 def _impressions(imp: ImpressionLogPoint) -> list[str]:
-    """The impression log off, on and read-only: each round's points, the on ÷ off ratios and each
-    server's counters."""
+    """The impression log on and off in one process, the server without the log and the read-only one:
+    each round's points, the ratios and each server's counters."""
     rows = []
     for i, order in enumerate(imp.orders):
         for label in order:
             p = imp.points[label][i]
             rows.append([i + 1, label, p.throughput_rps, f"{p.p50_ms:.2f}", f"{p.p99_ms:.2f}",
                          f"{p.server_cpu_cores:.2f}", p.rows_per_server_cpu_s, p.errors, str(p.load)])
-    counters = [[label, str(s.statuses), s.logged, str(s.dropped), _fmt(s.records_in_files), s.cpu_s,
+    counters = [[label, str(s.statuses), _fmt(s.answered_logged), s.logged, str(s.dropped),
+                 _fmt(s.records_in_files), _fmt(s.records_sampled_out), s.cpu_s,
                  f"{s.writer_cpu_s:.2f} ({s.writer_cpu_s / s.cpu_s:.1%})" if s.cpu_s else "–"]
                 for label, s in imp.servers.items()]
     ro = imp.read_only
+
+    def listed(values: list[float]) -> str:
+        return ", ".join(f"{r:.3f}" for r in values)
+
     return [
-        f"## Impression log: off, on and read-only, {imp.size} candidates at concurrency {imp.concurrency}", "",
-        f"Three servers with the same settings: the log off, on (`MTRANK_IMPRESSION_SAMPLE={imp.sample:g}`) and on "
+        f"## Impression log: on and off, {imp.size} candidates at concurrency {imp.concurrency}", "",
+        f"Three servers with the same settings: the log on (`MTRANK_IMPRESSION_SAMPLE={imp.sample:g}`), off, and on "
         f"in a directory of mode {ro.get('mode', '?')} that the server cannot write (command prefix: "
-        f"{ro.get('server_wrapper', '?')}; a probe file there got {ro.get('probe_error', '?')}). One point on each "
-        "per round, in the order shown; on ÷ off by round: "
-        + ", ".join(f"{r:.3f}" for r in imp.on_vs_off) + ".", "",
-        _table(["round", "server", "req/s", "p50 ms", "p99 ms", "server CPU (cores)", "rows per server CPU-s",
+        f"{ro.get('server_wrapper', '?')}; a probe file there got {ro.get('probe_error', '?')}). The log-on server "
+        "gets two copies of the bodies, differing only in their request ids: `log_on` sends ids it logs (every "
+        "request logged), `sampled_out` ids its sampling leaves out (the log off for every request, in the same "
+        "process); `log_off` is the server without the log, `log_read_only` the read-only one. One point of each "
+        "per round, in the order shown.", "",
+        f"- on ÷ off in one process (`log_on` ÷ `sampled_out`), the target's, by round: {listed(imp.on_vs_off)}",
+        f"- on ÷ the server without the log (`log_on` ÷ `log_off`): {listed(imp.on_vs_off_server)}",
+        f"- two processes without the log (`sampled_out` ÷ `log_off`): {listed(imp.sampled_out_vs_off_server)}", "",
+        _table(["round", "point", "req/s", "p50 ms", "p99 ms", "server CPU (cores)", "rows per server CPU-s",
                 "errors", "load"], rows), "",
-        "Each server's counters after the point (answers by status include warm-ups; logged: in completed files "
-        "while it ran; in files: complete files once it stopped; CPU seconds of all its processes through the "
-        "rounds, and of the impression writer threads among them):", "",
-        _table(["server", "/v1/rank answers", "logged", "dropped", "records in files", "CPU s",
-                "writer thread CPU s"], counters), "",
+        "Each server's counters after the points (answers by status include warm-ups; answered, logged ids: the "
+        "log-on server's 200s to the ids it logs; logged: in completed files while it ran; in files: complete "
+        "files once it stopped, and of those, records of ids its sampling leaves out; CPU seconds of all its "
+        "processes through the rounds, and of the impression writer threads among them):", "",
+        _table(["server", "/v1/rank answers", "answered, logged ids", "logged", "dropped", "records in files",
+                "of which sampled out", "CPU s", "writer thread CPU s"], counters), "",
     ]
 
 

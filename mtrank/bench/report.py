@@ -271,8 +271,12 @@ class ImpressionServer:
     """``mtrank_impressions_logged_total``: records in completed files while the server ran."""
     dropped: dict[str, int] = field(default_factory=dict)
     """``mtrank_impressions_dropped_total`` by reason."""
+    answered_logged: int | None = optional()
+    """Log on: its 200 answers to the request ids it logs (warm-ups included)."""
     records_in_files: int | None = optional()
     """Log on: the records in the directory's complete files once the server stopped."""
+    records_sampled_out: int | None = optional()
+    """Log on: of those, records whose request id its sampling rate leaves out (none, when it holds)."""
     cpu_s: float = 0.0
     """CPU seconds of the server's processes (all threads) through the rounds."""
     writer_cpu_s: float = 0.0
@@ -281,22 +285,30 @@ class ImpressionServer:
 
 @dataclass
 class ImpressionLogPoint:
-    """The impression log off, on and in a read-only directory: one closed-loop point per server and
-    round, the order rotating from round to round."""
+    """The impression log on and off in one server process, a server without the log and one whose
+    log directory is read-only: one closed-loop point each per round, the order rotating
+    (:mod:`mtrank.bench.impressions`)."""
 
     size: int = 0
     concurrency: int = 0
     sample: float = 1.0
-    """``MTRANK_IMPRESSION_SAMPLE`` of the two servers with the log."""
+    """``MTRANK_IMPRESSION_SAMPLE`` of the log-on server; its ``log_on`` points send ids it logs (all
+    of them), its ``sampled_out`` points ids it leaves out."""
     read_only: dict[str, str] = field(default_factory=dict)
     """How the read-only directory was made (mode, the server's command prefix) and the error a write
     probe under that prefix got."""
     orders: list[list[str]] = field(default_factory=list)
     """The servers' order in each round."""
     points: dict[str, list[LoadPoint]] = field(default_factory=dict)
-    """Server → its point in each round."""
+    """Point (``log_on``, ``sampled_out``, ``log_off``, ``log_read_only``) → its measurement in each round."""
     on_vs_off: list[float] = field(default_factory=list)
-    """Each round's req/s with the log on ÷ off."""
+    """Each round's req/s of the log-on server, its requests logged ÷ sampled out (the log on ÷ off in
+    one process): the target's."""
+    on_vs_off_server: list[float] = field(default_factory=list)
+    """Each round's req/s of the log-on server's logged requests ÷ the server without the log."""
+    sampled_out_vs_off_server: list[float] = field(default_factory=list)
+    """Each round's req/s of the log-on server's sampled-out requests ÷ the server without the log: two
+    processes, neither logging (what differs between servers, and the sampling check)."""
     servers: dict[str, ImpressionServer] = field(default_factory=dict)
 
 

@@ -115,9 +115,10 @@ def _overload_ratios(report: Report) -> dict[str, Ratio]:
 
 
 def _impression_ratios(report: Report) -> dict[str, Ratio]:
-    """The log on ÷ off (the median round) and the failed requests of the server with a read-only log."""
+    """The log on ÷ off in one process (the median round) and the failed requests of the server with a
+    read-only log."""
     imp = report.impressions
-    on, off = imp.points.get("log_on", []), imp.points.get("log_off", [])
+    on, off = imp.points.get("log_on", []), imp.points.get("sampled_out", [])
     spec = IMPRESSION_TARGETS["impression_log_on_vs_off"]
     if not imp.on_vs_off:
         on_vs_off = ratio(spec, None, missing="no round of the impression-log point")
@@ -130,7 +131,9 @@ def _impression_ratios(report: Report) -> dict[str, Ratio]:
             cpu_per_row_on_vs_off=round(off[mid].rows_per_server_cpu_s / on[mid].rows_per_server_cpu_s, 3)
             if on[mid].rows_per_server_cpu_s else None,
             load=on[mid].load, dropped_with_log_on=log_on.dropped if log_on else None,
-            writer_cpu_share=round(log_on.writer_cpu_s / log_on.cpu_s, 3) if log_on and log_on.cpu_s else None)
+            writer_cpu_share=round(log_on.writer_cpu_s / log_on.cpu_s, 3) if log_on and log_on.cpu_s else None,
+            on_vs_off_server_median=_median_or_none(imp.on_vs_off_server),
+            sampled_out_vs_off_server_median=_median_or_none(imp.sampled_out_vs_off_server))
     ro = imp.servers.get("log_read_only")
     points = imp.points.get("log_read_only", [])
     spec = IMPRESSION_TARGETS["impression_log_read_only_failures"]
@@ -145,6 +148,10 @@ def _impression_ratios(report: Report) -> dict[str, Ratio]:
                          failed=failed, client_closed_499=ro.statuses.get("499", 0), client_errors=client_errors,
                          dropped=ro.dropped, logged=ro.logged, read_only=imp.read_only)
     return {"impression_log_on_vs_off": on_vs_off, "impression_log_read_only_failures": failures}
+
+
+def _median_or_none(values: list[float]) -> float | None:
+    return sorted(values)[len(values) // 2] if values else None
 
 
 def _batching_ratio(report: Report, size: int) -> Ratio:
