@@ -14,7 +14,7 @@ from mtrank.bench.server import RemoteServer
 from mtrank.cli import main
 from mtrank.training.simulate import position_discount
 from mtrank.training.synth import BINARY_TASKS, TASKS, build_world, simulate
-from tests.conftest import SYNTH_ROWS, SYNTH_SEED
+from tests.conftest import FAST_MODEL_CONFIGS, SYNTH_ROWS, SYNTH_SEED
 
 
 def _index(ids) -> np.ndarray:
@@ -146,3 +146,90 @@ def test_simulated_feedback_is_the_same_at_any_concurrency(exported_repo, synth_
     one, six = (pd.read_parquet(tmp_path / f"fb{c}.parquet") for c in (1, 6))
     assert len(one) > 300
     pd.testing.assert_frame_equal(one, six)
+
+
+# -- a data set with behaviour histories ----------------------------------------------------
+
+HISTORY_ROWS, HISTORY_SEED = 3000, 6
+
+
+@pytest.fixture(scope="module")
+def history_data(tmp_path_factory):
+    from mtrank.training.synth import generate
+
+    out = tmp_path_factory.mktemp("synth-history")
+    generate(out, rows=HISTORY_ROWS, seed=HISTORY_SEED, progress=False, history=True)
+    return out
+
+
+def test_a_history_world_rebuilt_by_simulate_gives_the_data_sets_oracles_exactly(history_data):
+    """simulate's world of a --history data set, given each row's history as the data holds it,
+    has the data set's oracle of every row: the history term included, as the labels were drawn."""
+    from mtrank.training.frames import read_table
+    from mtrank.training.simulate import load_world
+    from mtrank.training.synth_history import histories_from_frame
+
+    frame = pd.concat([read_table(history_data / f"{s}.parquet") for s in ("train", "valid", "test")],
+                      ignore_index=True)
+    world = load_world(history_data)
+    assert world.taste is not None
+    u, i = _index(frame["user_id"]), _index(frame["item_id"])
+    with_history = world.oracles(u, i, histories_from_frame(frame))
+    for name in TASKS:
+        np.testing.assert_array_equal(with_history[name], frame[f"oracle_{name}"].to_numpy())
+    # The term is there to be found: without the histories most rows' oracles differ.
+    assert np.mean(world.oracles(u, i)["vtr"] != with_history["vtr"]) > 0.5
+
+
+def test_simulated_traffic_of_a_history_world_carries_each_users_history_and_tags(history_data, tmp_path):
+    """A model with target attention over the history serves simulate's requests: each body carries
+    a history drawn for its user and the candidates' tags as the data set spells them, and the
+    feedback is drawn from the truth given that request's history."""
+    from mtrank.export.exporter import export_run
+    from mtrank.training.simulate import draw_requests, feedback, load_world, position_discount
+    from mtrank.training.trainer import train
+
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(FAST_MODEL_CONFIGS))
+    train("ple", history_data, tmp_path / "run", config_path=config, seed=1, progress=False)
+    repo = tmp_path / "repo"
+    export_run(tmp_path / "run", repo, name="ple")
+    log_dir, fb_path = tmp_path / "log", tmp_path / "feedback.parquet"
+    with RemoteServer(repo, env={"MTRANK_IMPRESSION_LOG": str(log_dir)}) as server:
+        assert main(["simulate", "--url", server.url, "--data", str(history_data), "--requests", "200",
+                     "--candidates", "6", "--out", str(fb_path), "--seed", "3",
+                     "--position-discount", "none"]) == 0
+    log = ds.dataset(str(log_dir), format="parquet").to_table().to_pylist()
+    sent = {r["request_id"]: json.loads(r["request"]) for r in log}
+    assert len(sent) == 200
+
+    world = load_world(history_data)
+    taste = world.taste
+    rng = np.random.default_rng([3, 30])  # run_simulation's stream for --seed 3
+    drawn, histories = draw_requests(world, rng, 200, 6, prefix="sim3")
+    lengths = []
+    for k, (_, body) in enumerate(drawn):
+        assert sent[body["request_id"]] == body  # what simulate sent is what the world drew
+        features = body["user"]["features"]
+        entries = histories.items[histories.offsets[k]:histories.offsets[k + 1]]
+        assert features["hist_item_id"] == [f"v{e}" for e in entries]
+        assert features["hist_category"] == [f"c{taste.item_category[e]}" for e in entries]
+        for c in body["candidates"]:
+            i = int(c["item_id"][1:])
+            assert c["features"]["tags"] == [f"t{t}" for t in taste.tags[taste.tag_offsets[i]:taste.tag_offsets[i + 1]]]
+        lengths.append(len(entries))
+    assert max(lengths) > 10 and min(lengths) == 0  # long histories, and some users without one
+
+    # The feedback is the truth given each request's history: drawn again from the same stream with
+    # the answers' ranks it is the same table, and without the histories it is not.
+    rows = [(r["request_id"], it["item_id"], it["rank"], int(sent[r["request_id"]]["user"]["user_id"][1:]),
+             int(it["item_id"][1:]), int(r["request_id"].rsplit("-", 1)[1])) for r in log for it in r["items"]]
+    shown = pd.DataFrame(rows, columns=["request_id", "item_id", "rank", "user", "item", "request"])
+    shown = shown.sort_values(["request", "rank"]).reset_index(drop=True)  # as simulate lists them
+    got = pd.read_parquet(fb_path)
+    again, _ = feedback(world, rng, shown, position_discount("none"), histories)
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), again.astype(got.dtypes.to_dict()), check_dtype=False)
+    rng_without = np.random.default_rng([3, 30])
+    draw_requests(world, rng_without, 200, 6, prefix="sim3")
+    without, _ = feedback(world, rng_without, shown, position_discount("none"))
+    assert not without["vtr"].equals(got["vtr"])

@@ -11,6 +11,11 @@ generator draws a row's labels (``played``, then the six tasks; ``vcr`` only whe
 unseen item gets no feedback row, so it counts as no event: ranking matters because the better
 items shown first are seen more often.
 
+A data set made with ``--history`` has a world with users' interests and items' tags: each request
+then also carries its user's session history (``hist_item_id``, ``hist_category``, most recent
+first, drawn as the generator draws a row's) and each candidate its ``tags``, and the truth of a
+seen item includes the history term for that request's history, as the data set's labels do.
+
 The feedback table has one row per seen item: ``request_id``, ``item_id``, ``rank``, ``played`` and
 the task columns — the format ``mtrank join-log`` and ``mtrank ab-report`` read. Every request is
 drawn before the first is sent (``concurrency`` at a time) and the feedback after the last answer,
@@ -32,6 +37,7 @@ import pandas as pd
 
 from mtrank.spec import FeatureSpec
 from mtrank.training.synth import BINARY_TASKS, DEVICES, TASKS, World, build_world, draw_labels, exposure
+from mtrank.training.synth_history import Histories, HistoryParams
 
 DISCOUNTS = "log2 (1/log2(r+1)), none (1), geometric:G (G^(r-1)), power:A (r^-A)"
 
@@ -60,7 +66,8 @@ def load_world(data: Path) -> World:
     extra = spec.extra or {}
     if extra.get("generator") != "mtrank.training.synth":
         raise ValueError(f"{data}: not a data set of mtrank synth (spec.extra.generator is {extra.get('generator')!r})")
-    world = build_world(int(extra["rows"]), int(extra["seed"]))
+    history = HistoryParams(**extra["history"]) if extra.get("history") else None
+    world = build_world(int(extra["rows"]), int(extra["seed"]), history=history)
     solved = {k: round(v, 6) for k, v in world.intercepts.items()}
     if solved != {k: float(v) for k, v in extra.get("intercepts", {}).items()}:
         raise ValueError(f"{data}: its intercepts differ from this generator's: made by another version of it")
@@ -92,19 +99,33 @@ def _candidate(world: World, i: int) -> dict[str, Any]:
     }
 
 
+def _names(prefix: str, indices: np.ndarray) -> list[str]:
+    return [f"{prefix}{int(k)}" for k in indices]
+
+
 def draw_requests(world: World, rng: np.random.Generator, n: int, candidates: int,
-                  prefix: str) -> list[tuple[int, dict[str, Any]]]:
-    """``n`` request bodies, each with its user's index: users and candidates drawn by exposure."""
+                  prefix: str) -> tuple[list[tuple[int, dict[str, Any]]], Histories | None]:
+    """``n`` request bodies, each with its user's index: users and candidates drawn by exposure; in a
+    world with histories, each request's history (returned too, one per request) and the candidates'
+    tags are in the bodies."""
     if not 1 <= candidates <= world.n_items:
         raise ValueError(f"--candidates must be in [1, {world.n_items}] (the world's items), got {candidates}")
     user_p, item_p = exposure(world.users, world.items, world.params)
     users = rng.choice(world.n_users, size=n, p=user_p)
+    taste = world.taste
+    histories = None if taste is None else world.draw_histories(users, rng)
     out = []
     for k, u in enumerate(users):
         items = rng.choice(world.n_items, size=candidates, replace=False, p=item_p)
-        out.append((int(u), {"request_id": f"{prefix}-{k}", "user": _user(world, int(u)),
-                             "candidates": [_candidate(world, int(i)) for i in items]}))
-    return out
+        user, cands = _user(world, int(u)), [_candidate(world, int(i)) for i in items]
+        if histories is not None:
+            entries = histories.items[histories.offsets[k]:histories.offsets[k + 1]]
+            user["features"] |= {"hist_item_id": _names("v", entries),
+                                 "hist_category": _names("c", taste.item_category[entries])}
+            for c, i in zip(cands, items, strict=True):
+                c["features"]["tags"] = _names("t", taste.tags[taste.tag_offsets[i]:taste.tag_offsets[i + 1]])
+        out.append((int(u), {"request_id": f"{prefix}-{k}", "user": user, "candidates": cands}))
+    return out, histories
 
 
 def send(url: str, bodies: list[dict[str, Any]], timeout_s: float = 30.0,
@@ -152,24 +173,28 @@ def _checked(url: str, r: httpx.Response) -> dict[str, Any]:
 
 
 def feedback(world: World, rng: np.random.Generator, shown: pd.DataFrame,
-             discount: Callable[[np.ndarray], np.ndarray]) -> tuple[pd.DataFrame, np.ndarray]:
-    """Feedback of the seen items of ``shown`` (columns request_id, item_id, rank, user, item), and
-    which of them were seen."""
+             discount: Callable[[np.ndarray], np.ndarray],
+             histories: Histories | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """Feedback of the seen items of ``shown`` (columns request_id, item_id, rank, user, item, and
+    with ``histories`` (one per request) ``request``, the row's index in them), and which of them
+    were seen."""
     seen = rng.random(len(shown)) < discount(shown["rank"].to_numpy())
     rows = shown[seen].reset_index(drop=True)
-    p_play, q = world.truth(rows["user"].to_numpy(), rows["item"].to_numpy())
+    history = None if histories is None else histories.take(rows["request"].to_numpy())
+    p_play, q = world.truth(rows["user"].to_numpy(), rows["item"].to_numpy(), history)
     labels = draw_labels(rng, p_play, q, world.params.vcr_concentration)
     return pd.DataFrame({"request_id": rows["request_id"], "item_id": rows["item_id"],
                          "rank": rows["rank"].astype(np.int32), **labels}), seen
 
 
 def expected_feedback(world: World, users: np.ndarray, items: np.ndarray, ranks: np.ndarray,
-                      discount: str = "log2") -> dict[str, np.ndarray]:
+                      discount: str = "log2", history: Histories | None = None) -> dict[str, np.ndarray]:
     """Each binary task's expected label of the items ``items`` shown to ``users`` at ``ranks`` (the
     world's indices; rank 1 = first), as :func:`feedback` draws it: P(seen at the rank) × the
-    oracle (an unseen item has no feedback row, which counts as no event)."""
+    oracle (an unseen item has no feedback row, which counts as no event). ``history``: each row's
+    request history, in a world with histories."""
     seen = position_discount(discount)(np.asarray(ranks))
-    oracles = world.oracles(np.asarray(users), np.asarray(items))
+    oracles = world.oracles(np.asarray(users), np.asarray(items), history)
     return {t: seen * oracles[t] for t in BINARY_TASKS}
 
 
@@ -186,14 +211,14 @@ def run_simulation(url: str, data: Path, requests: int, candidates: int, out: Pa
     start = time.perf_counter()
     world = load_world(data)
     rng = np.random.default_rng([seed, 30])
-    drawn = draw_requests(world, rng, requests, candidates, prefix=f"sim{seed}")
+    drawn, histories = draw_requests(world, rng, requests, candidates, prefix=f"sim{seed}")
     answers = send(url, [body for _, body in drawn], concurrency=concurrency)
     shown = pd.DataFrame(
-        [(body["request_id"], it["item_id"], it["rank"], u, int(it["item_id"][1:]))
-         for (u, body), answer in zip(drawn, answers, strict=True) for it in answer["items"]],
-        columns=["request_id", "item_id", "rank", "user", "item"],
+        [(body["request_id"], it["item_id"], it["rank"], u, int(it["item_id"][1:]), k)
+         for k, ((u, body), answer) in enumerate(zip(drawn, answers, strict=True)) for it in answer["items"]],
+        columns=["request_id", "item_id", "rank", "user", "item", "request"],
     )
-    table, seen = feedback(world, rng, shown, curve)
+    table, seen = feedback(world, rng, shown, curve, histories)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".csv":
         table.to_csv(out, index=False)
