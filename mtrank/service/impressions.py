@@ -8,10 +8,9 @@ log off (holding tens of thousands of small objects until the writer freed them 
 more CPU than writing the log). A writer thread drains the queue every :data:`WRITER_INTERVAL_S`,
 builds Arrow columns, writes them as row groups into a hidden temporary file and renames it into
 place when it is complete (``MTRANK_IMPRESSION_ROTATE_MB`` or ``_ROTATE_S``), so a reader sees
-whole files or none. File names carry the start time, the host
-and the pid: every worker and replica writes a file set of its own. A full queue or a failing disk
-drops records (counted in ``mtrank_impressions_dropped_total{reason}``, a warning at most every
-10 s); ranking goes on.
+whole files or none. File names carry the start time, the host and the pid: every worker and
+replica writes a file set of its own. A full queue or a failing disk drops records (counted in
+``mtrank_impressions_dropped_total{reason}``, a warning at most every 10 s); ranking goes on.
 
 pyarrow is imported only when the log is on: a service without it never loads Arrow.
 """
@@ -66,7 +65,6 @@ bucket or model. Statistics of the long columns (JSON texts, ids) would cost mor
 compression (30 µs of 80 per 100-candidate record) and prune nothing."""
 THREAD_NAME = "mtrank-implog"
 """The writer thread's name, also given to the OS (``/proc/PID/task/*/comm``)."""
-
 
 
 class Record(NamedTuple):
