@@ -89,7 +89,22 @@ def _load_embeddings(a: argparse.Namespace) -> None:
     url = _store_flag(a, "load-embeddings") or os.environ.get("MTRANK_STORE_URL") or os.environ.get("MTRANK_REDIS_URL")
     if not url:
         sys.exit("mtrank load-embeddings: no store URL: pass --store or set MTRANK_STORE_URL")
-    load_embeddings(a.repo, a.model, url, version=a.version, prune=a.prune, shards=a.shards)
+    load_embeddings(a.repo, a.model, url, version=a.version, prune=a.prune, shards=a.shards,
+                    prefix=_store_prefix(a))
+
+
+def _store_prefix(a: argparse.Namespace) -> str:
+    """``--prefix``, else the service's ``MTRANK_STORE_PREFIX`` (or its old name), else ``mtrank``:
+    the loaders write where a service with the same environment reads."""
+    from mtrank import store_keys
+
+    return (a.prefix or os.environ.get("MTRANK_STORE_PREFIX") or os.environ.get("MTRANK_REDIS_PREFIX")
+            or store_keys.DEFAULT_PREFIX)
+
+
+def _add_prefix(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--prefix", help="key prefix in the store, as the service's MTRANK_STORE_PREFIX "
+                                    "(default MTRANK_STORE_PREFIX, else mtrank)")
 
 
 def _store_flag(a: argparse.Namespace, command: str) -> str | None:
@@ -253,6 +268,7 @@ def _add_load_embeddings(sub: argparse._SubParsersAction) -> None:
                    help="hash tags per version, shared by its tables (default: from the version's size and "
                         "the Redis Cluster's primaries, one per 64 MiB of vectors up to one per primary; "
                         "1 on a single Redis)")
+    _add_prefix(s)
     s.set_defaults(func=_load_embeddings)
 
 
@@ -267,16 +283,14 @@ def _add_load_histories(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--user-column", default="user_id", help="the table's user id column (default user_id)")
     s.add_argument("--store", help="embedding store URL (default MTRANK_STORE_URL; unset or inprocess://: the "
                                    "in-process store's file REPO/<model>/<version>.histories)")
-    s.add_argument("--prefix", help="key prefix in the store, as the service's MTRANK_STORE_PREFIX "
-                                    "(default MTRANK_STORE_PREFIX, else mtrank)")
+    _add_prefix(s)
 
     def load(a: argparse.Namespace) -> None:
         from mtrank.export.history_loader import load_histories
 
         url = a.store or os.environ.get("MTRANK_STORE_URL") or os.environ.get("MTRANK_REDIS_URL")
-        prefix = a.prefix or os.environ.get("MTRANK_STORE_PREFIX") or os.environ.get("MTRANK_REDIS_PREFIX") or "mtrank"
         load_histories(a.repo, a.model, a.table, version=a.version, user_column=a.user_column, store_url=url,
-                       prefix=prefix)
+                       prefix=_store_prefix(a))
 
     s.set_defaults(func=load)
 

@@ -192,7 +192,7 @@ def test_a_truncated_table_is_refused_before_anything_is_written(tmp_path, redis
 
 @pytest.mark.parametrize("flag", ["--store", "--redis"])
 def test_cli_load_embeddings_prints_a_summary(tmp_path, redis_url, client, backend, capsys, flag):
-    model = f"cli{uuid.uuid4().hex[:8]}"  # the CLI writes under the default prefix: a model of its own
+    model = f"cli{uuid.uuid4().hex[:8]}"  # under the default prefix: a model of its own
     write_version(tmp_path, model, 1)
     try:
         assert cli_main(["load-embeddings", "--repo", str(tmp_path), "--model", model, flag, redis_url]) == 0
@@ -204,6 +204,23 @@ def test_cli_load_embeddings_prints_a_summary(tmp_path, redis_url, client, backe
     finally:
         prune_versions(backend, model, keep=0)
         client.delete(store_keys.pointer_key(store_keys.DEFAULT_PREFIX, model))
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_cli_load_embeddings_writes_under_the_services_prefix(tmp_path, redis_url, redis_prefix, client, backend,
+                                                             monkeypatch, how):
+    """--prefix, or MTRANK_STORE_PREFIX as the service reads it: the keys land where the service looks."""
+    model = f"cli{uuid.uuid4().hex[:8]}"
+    write_version(tmp_path, model, 1)
+    argv = ["load-embeddings", "--repo", str(tmp_path), "--model", model, "--store", redis_url]
+    if how == "flag":
+        argv += ["--prefix", redis_prefix]
+    else:
+        monkeypatch.setenv("MTRANK_STORE_PREFIX", redis_prefix)
+    assert cli_main(argv) == 0
+    assert loaded_version(backend, model, prefix=redis_prefix) == 1
+    assert loaded_version(backend, model) is None  # nothing under the default prefix
+    assert keys_under(client, redis_prefix)
 
 
 # --------------------------------------------------------------------------------------------
