@@ -32,12 +32,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from mtrank.bench.config import BenchConfig, BenchError
+from mtrank.bench.loadgen import read_bodies, write_bodies
 from mtrank.bench.measure import cpu_seconds, measure_point, say, server_under_test
 from mtrank.bench.report import ImpressionLogPoint, ImpressionServer, LoadPoint, Report
 from mtrank.bench.server import RemoteServer
+from mtrank.impression_log import FILE_GLOB, sampled
 
 LABELS = ("log_off", "log_on", "log_read_only")
 """The three servers of the point."""
@@ -131,8 +134,6 @@ def logged_ids(directory: Path) -> list[str]:
     """The request ids of the records in the complete impression files of ``directory``."""
     import pyarrow.dataset as ds
 
-    from mtrank.impression_log import FILE_GLOB
-
     files = [str(f) for f in sorted(directory.glob(FILE_GLOB))]
     return ds.dataset(files, format="parquet").to_table(columns=["request_id"]).column(0).to_pylist() if files else []
 
@@ -140,11 +141,6 @@ def logged_ids(directory: Path) -> list[str]:
 def split_bodies(bodies: Path, out: Path, rate: float = SPLIT_SAMPLE) -> dict[str, Path]:
     """Two copies of the request bodies in ``bodies``: ``logged``, each id changed (a suffix) until a
     log sampling ``rate`` logs it, and ``sampled_out``, until it leaves it out. Files in ``out``."""
-    import orjson
-
-    from mtrank.bench.loadgen import read_bodies, write_bodies
-    from mtrank.impression_log import sampled
-
     copies: dict[str, list[bytes]] = {"logged": [], "sampled_out": []}
     for body in read_bodies(bodies):
         doc = orjson.loads(body)
@@ -249,8 +245,6 @@ def impression_log_point(report: Report, repo: Path, env: dict[str, str], bodies
         out.servers = {label: _settle(server, label, cpu_before[label]) for label, server in servers.items()}
     # Stopped: the log-on server has completed its last file, and what it logged can be read.
     ids = logged_ids(scratch / "on")
-    from mtrank.impression_log import sampled
-
     on = out.servers["log_on"]
     on.answered_logged = answered_logged
     on.records_in_files, on.records_sampled_out = len(ids), sum(not sampled(rid, SPLIT_SAMPLE) for rid in ids)
