@@ -25,7 +25,7 @@ from mtrank.impression_log import FILE_GLOB
 from mtrank.training.fusion_tuning import parse_task_values
 from mtrank.training.simulate import expected_feedback, load_world
 from tests.conftest import FAST_MODEL_CONFIGS
-from tests.test_raw_parity import ITEM_FEATURES, TOLERANCE, USER_FEATURES, _json_value, _raw_rows, _torch_scores
+from tests.test_raw_parity import TOLERANCE, _raw_rows, _requests, _torch_scores
 
 VALUE = "vtr=1,finish=2,like=5,share=10,skip=-1"
 REQUESTS, CANDIDATES, K = 1500, 10, 3
@@ -110,22 +110,6 @@ def test_srm_flags_a_log_that_lost_one_buckets_users_and_not_the_whole_log(ab_tr
 # -- a model trained on the log ---------------------------------------------------------------
 
 
-def _string_id_requests(rows: pd.DataFrame) -> list[dict[str, Any]]:
-    """test_raw_parity's requests for ids that are strings (``u12``; its ``_requests`` sends integers)."""
-    bodies = []
-    for user_id, part in rows.groupby("user_id", sort=False):
-        first = part.iloc[0]
-        features = {k: _json_value(k, first[k], 1) for k in USER_FEATURES}
-        candidates = []
-        for i, (_, r) in enumerate(part.iterrows()):
-            item = {k: _json_value(k, r[k], i) for k in ITEM_FEATURES}
-            candidates.append({"item_id": str(r["item_id"]), "video_len": float(r["video_len"]),
-                               "features": {k: v for k, v in item.items() if v is not None}})
-        user = {"user_id": str(user_id), "features": {k: v for k, v in features.items() if v is not None}}
-        bodies.append({"user": user, "candidates": candidates, "return_task_scores": True})
-    return bodies
-
-
 def raw_rows_parity(run_dir: Path, repo: Path, data_dir: Path, work: Path, seed: int = 3) -> dict[str, Any]:
     """tests/test_raw_parity.py's check on a model trained from a joined log: raw rows of the log's
     test split (features knocked out, unseen ids, mixed id types) sent to a real ``mtrank serve`` of
@@ -136,7 +120,7 @@ def raw_rows_parity(run_dir: Path, repo: Path, data_dir: Path, work: Path, seed:
     test.to_parquet(work / "test.parquet")
     rows = _raw_rows(work, seed=seed)
     expected = _torch_scores(run_dir, rows)
-    bodies = _string_id_requests(rows)
+    bodies = _requests(rows, id_text=str)  # the log's ids are strings (u12)
     worst, offset = 0.0, 0
     with RemoteServer(repo) as server:
         for body in bodies:

@@ -107,7 +107,13 @@ def _json_value(name: str, v, row_index: int):
     return v
 
 
-def _requests(rows: pd.DataFrame) -> list[dict]:
+def _integer_id(v) -> str:
+    return str(int(v))
+
+
+def _requests(rows: pd.DataFrame, id_text=_integer_id) -> list[dict]:
+    """One request per user of ``rows``; ``id_text`` spells a user or item id (default: the integer
+    ids of the synthetic data; ``str`` for ids that are strings already, ``u12``)."""
     bodies = []
     for user_id, part in rows.groupby("user_id", sort=False):
         first = part.iloc[0]
@@ -116,13 +122,13 @@ def _requests(rows: pd.DataFrame) -> list[dict]:
         for i, (_, r) in enumerate(part.iterrows()):
             features = {k: _json_value(k, r[k], i) for k in ITEM_FEATURES}
             candidates.append({
-                "item_id": str(int(r["item_id"])),
+                "item_id": id_text(r["item_id"]),
                 "video_len": float(r["video_len"]),
                 "features": {k: v for k, v in features.items() if v is not None},
             })
         features = {k: v for k, v in user_features.items() if v is not None}
         bodies.append({
-            "user": {"user_id": str(int(user_id)), "features": features},
+            "user": {"user_id": id_text(user_id), "features": features},
             "candidates": candidates,
             "return_task_scores": True,
         })
